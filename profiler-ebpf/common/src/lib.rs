@@ -1,0 +1,160 @@
+//! The ABI shared by heapbpf's eBPF programs and its user-space loader.
+//!
+//! Every type here is `#[repr(C)]` with explicit padding, and a compile-time
+//! size guard sits next to it: the kernel side and the user side must agree on
+//! every byte. Keep this crate tiny: types and constants, no logic.
+#![no_std]
+
+/// Deepest user stack kept per allocation site (the kernel's default
+/// `perf_event_max_stack`).
+pub const MAX_STACK_DEPTH: usize = 127;
+
+/// Stack id recorded when the user stack could not be captured.
+pub const NO_STACK: u64 = 0;
+
+/// What the return probe must do with the call recorded at entry.
+pub mod kind {
+    /// `malloc`, `calloc`, `valloc`, `pvalloc`, `memalign`, `aligned_alloc`: the
+    /// return value is the new block.
+    pub const PLAIN: u32 = 0;
+    /// `realloc`, `reallocarray`: frees `old_ptr` and returns the new block.
+    pub const REALLOC: u32 = 1;
+    /// `posix_memalign`: returns 0 on success, the block is stored at `out_ptr`.
+    pub const POSIX_MEMALIGN: u32 = 2;
+}
+
+/// Indexes into [`TargetState::counters`]: why an event could not be recorded.
+pub mod drop_reason {
+    /// The live-allocation map was full.
+    pub const ALLOCS_FULL: usize = 0;
+    /// The stack map was full: the allocation is kept, its stack is unknown.
+    pub const STACKS_FULL: usize = 1;
+    /// `bpf_get_stack` failed: the allocation is kept, its stack is unknown.
+    pub const STACK_ERROR: usize = 2;
+    /// The per-thread pending-call map was full: the call was not recorded.
+    pub const PENDING_FULL: usize = 3;
+    /// The per-stack statistics map was full.
+    pub const STATS_FULL: usize = 4;
+    /// `posix_memalign`'s result could not be read from the target.
+    pub const READ_ERROR: usize = 5;
+    /// Number of reasons.
+    pub const COUNT: usize = 6;
+}
+
+/// Informational counters (not losses), indexes into [`TargetState::counters`]
+/// after the drop reasons.
+pub mod info_counter {
+    use super::drop_reason;
+    /// Allocator calls made from inside another probed allocator call.
+    pub const NESTED: usize = drop_reason::COUNT;
+    /// An allocation landed on an address still recorded as live (its free
+    /// went through a path heapbpf does not hook); the old record was retired.
+    pub const STALE_REPLACED: usize = drop_reason::COUNT + 1;
+    /// Frees of blocks heapbpf never saw allocated (allocated before attach).
+    pub const UNTRACKED_FREES: usize = drop_reason::COUNT + 2;
+    /// Total number of counters.
+    pub const COUNT: usize = drop_reason::COUNT + 3;
+}
+
+/// Key of the live-allocation map: one block of one process.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AllocKey {
+    pub tgid: u32,
+    pub _pad: u32,
+    pub addr: u64,
+}
+const _: () = assert!(core::mem::size_of::<AllocKey>() == 16);
+
+/// A live block: its requested size, where it was allocated and when.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AllocInfo {
+    pub size: u64,
+    pub stack_id: u64,
+    /// `CLOCK_MONOTONIC` nanoseconds (`bpf_ktime_get_ns`).
+    pub timestamp_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<AllocInfo>() == 24);
+
+/// Key of the per-stack statistics map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct StackKey {
+    pub tgid: u32,
+    pub _pad: u32,
+    pub stack_id: u64,
+}
+const _: () = assert!(core::mem::size_of::<StackKey>() == 16);
+
+/// Cumulative figures of one stack since attach. Only ever incremented (atomic
+/// adds), so live figures are `allocated - freed`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StackStats {
+    pub allocated_bytes: u64,
+    pub allocations: u64,
+    pub freed_bytes: u64,
+    pub frees: u64,
+}
+const _: () = assert!(core::mem::size_of::<StackStats>() == 32);
+
+/// A user stack: `len` return addresses, innermost first.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct StackTrace {
+    pub len: u64,
+    pub ips: [u64; MAX_STACK_DEPTH],
+}
+const _: () = assert!(core::mem::size_of::<StackTrace>() == 1024);
+
+/// An allocator call seen at entry and waiting for its return, per thread.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Pending {
+    /// Nesting depth of probed allocator calls on this thread; only the
+    /// outermost call (depth 1) is recorded.
+    pub depth: u32,
+    pub kind: u32,
+    pub size: u64,
+    /// `realloc`: the block being resized (0 for `realloc(NULL, n)`).
+    pub old_ptr: u64,
+    /// `posix_memalign`: where the result will be stored.
+    pub out_ptr: u64,
+    /// `realloc`: the record of `old_ptr`, taken out at entry so that a block
+    /// another thread gets at the same address cannot be confused with it;
+    /// put back if the call fails.
+    pub old_info: AllocInfo,
+    /// 1 when `old_info` holds a record.
+    pub has_old: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<Pending>() == 64);
+
+/// Per-target state; its presence in the targets map is what marks a process
+/// as traced.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TargetState {
+    pub allocated_bytes: u64,
+    pub allocations: u64,
+    pub freed_bytes: u64,
+    pub frees: u64,
+    /// Indexed by [`drop_reason`] and then [`info_counter`].
+    pub counters: [u64; info_counter::COUNT],
+    pub _reserved: [u64; 7],
+}
+const _: () = assert!(core::mem::size_of::<TargetState>() == 8 * (4 + 9 + 7));
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are repr(C), made of integers, with explicit padding.
+    unsafe impl aya::Pod for AllocKey {}
+    unsafe impl aya::Pod for AllocInfo {}
+    unsafe impl aya::Pod for StackKey {}
+    unsafe impl aya::Pod for StackStats {}
+    unsafe impl aya::Pod for StackTrace {}
+    unsafe impl aya::Pod for Pending {}
+    unsafe impl aya::Pod for TargetState {}
+}

@@ -1,0 +1,35 @@
+//! Every map of heapbpf, in one place. Sizes are defaults; user space may
+//! resize the large ones before loading.
+
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    macros::map,
+    maps::{HashMap, PerCpuArray},
+};
+use heapbpf_common::{AllocInfo, AllocKey, Pending, StackKey, StackStats, StackTrace, TargetState};
+
+/// Traced processes by tgid. A process absent here is ignored.
+#[map]
+pub static TARGETS: HashMap<u32, TargetState> = HashMap::with_max_entries(1024, 0);
+
+/// Live blocks. Allocated on demand: an idle profiler costs little memory.
+#[map]
+pub static ALLOCS: HashMap<AllocKey, AllocInfo> =
+    HashMap::with_max_entries(1 << 21, BPF_F_NO_PREALLOC);
+
+/// Unique user stacks, keyed by a 64-bit hash of their addresses.
+#[map]
+pub static STACKS: HashMap<u64, StackTrace> = HashMap::with_max_entries(1 << 16, BPF_F_NO_PREALLOC);
+
+/// Cumulative figures per (process, stack).
+#[map]
+pub static STACK_STATS: HashMap<StackKey, StackStats> =
+    HashMap::with_max_entries(1 << 17, BPF_F_NO_PREALLOC);
+
+/// Allocator calls between entry and return, per thread (pid_tgid).
+#[map]
+pub static PENDING: HashMap<u64, Pending> = HashMap::with_max_entries(1 << 15, 0);
+
+/// Scratch space for one stack (too large for the 512-byte BPF stack).
+#[map]
+pub static SCRATCH: PerCpuArray<StackTrace> = PerCpuArray::with_max_entries(1, 0);

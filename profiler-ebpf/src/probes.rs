@@ -1,0 +1,360 @@
+//! The allocator hooks. User space attaches them from a table (symbol,
+//! program, entry/return); see `profiler/src/ebpf/probes.rs`.
+
+use core::intrinsics::{atomic_xadd, AtomicOrdering};
+
+use aya_ebpf::{
+    bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
+    helpers::{bpf_get_current_pid_tgid, bpf_get_stack, bpf_ktime_get_ns, bpf_probe_read_user},
+    macros::{uprobe, uretprobe},
+    programs::{ProbeContext, RetProbeContext},
+    EbpfContext,
+};
+use heapbpf_common::{
+    drop_reason, info_counter, kind, AllocInfo, AllocKey, Pending, StackKey, StackStats,
+    TargetState, MAX_STACK_DEPTH, NO_STACK,
+};
+
+use crate::maps::{ALLOCS, PENDING, SCRATCH, STACKS, STACK_STATS, TARGETS};
+
+#[inline(always)]
+fn add(field: &mut u64, value: u64) {
+    // SAFETY: `field` points into a map value, valid and 8-byte aligned; other
+    // CPUs update it concurrently, hence the atomic add. The BPF target has no
+    // `AtomicU64::fetch_add`; the intrinsic lowers to BPF's atomic add (the
+    // result is unused, so no fetch is needed).
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(field as *mut u64, value) };
+}
+
+#[inline(always)]
+fn count(state: *mut TargetState, counter: usize) {
+    if counter < info_counter::COUNT {
+        // SAFETY: `state` comes from a successful map lookup.
+        add(unsafe { &mut (*state).counters[counter] }, 1);
+    }
+}
+
+#[inline(always)]
+fn target(tgid: u32) -> Option<*mut TargetState> {
+    TARGETS.get_ptr_mut(tgid)
+}
+
+/// Records the start of an allocator call. Only the outermost call of a
+/// thread is recorded; nested ones only deepen the nesting.
+#[inline(always)]
+fn enter(kind: u32, size: u64, old_ptr: u64, out_ptr: u64) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    let Some(state) = target(tgid) else { return 0 };
+    if let Some(pending) = PENDING.get_ptr_mut(pid_tgid) {
+        // SAFETY: valid map value; only this thread touches its own entry.
+        let pending = unsafe { &mut *pending };
+        if pending.depth > 0 {
+            pending.depth += 1;
+            count(state, info_counter::NESTED);
+            return 0;
+        }
+    }
+    let mut pending = Pending {
+        depth: 1,
+        kind,
+        size,
+        old_ptr,
+        out_ptr,
+        old_info: AllocInfo {
+            size: 0,
+            stack_id: 0,
+            timestamp_ns: 0,
+        },
+        has_old: 0,
+        _pad: 0,
+    };
+    if kind == kind::REALLOC && old_ptr != 0 {
+        let key = AllocKey {
+            tgid,
+            _pad: 0,
+            addr: old_ptr,
+        };
+        // SAFETY: plain data copied out of the map.
+        if let Some(info) = unsafe { ALLOCS.get(key) } {
+            pending.old_info = *info;
+            pending.has_old = 1;
+            let _ = ALLOCS.remove(key);
+        }
+    }
+    if PENDING.insert(pid_tgid, pending, 0).is_err() {
+        // The block taken out above must not vanish with the lost call.
+        if pending.has_old == 1 {
+            let key = AllocKey {
+                tgid,
+                _pad: 0,
+                addr: old_ptr,
+            };
+            let _ = ALLOCS.insert(key, pending.old_info, 0);
+        }
+        count(state, drop_reason::PENDING_FULL);
+    }
+    0
+}
+
+#[uprobe]
+pub fn alloc_size0_enter(ctx: ProbeContext) -> u32 {
+    let size: u64 = ctx.arg(0).unwrap_or(0);
+    enter(kind::PLAIN, size, 0, 0)
+}
+
+#[uprobe]
+pub fn alloc_size1_enter(ctx: ProbeContext) -> u32 {
+    let size: u64 = ctx.arg(1).unwrap_or(0);
+    enter(kind::PLAIN, size, 0, 0)
+}
+
+#[uprobe]
+pub fn calloc_enter(ctx: ProbeContext) -> u32 {
+    let n: u64 = ctx.arg(0).unwrap_or(0);
+    let size: u64 = ctx.arg(1).unwrap_or(0);
+    // An overflowing product fails inside calloc; the return probe sees NULL.
+    enter(kind::PLAIN, n.wrapping_mul(size), 0, 0)
+}
+
+#[uprobe]
+pub fn realloc_enter(ctx: ProbeContext) -> u32 {
+    let old: u64 = ctx.arg(0).unwrap_or(0);
+    let size: u64 = ctx.arg(1).unwrap_or(0);
+    enter(kind::REALLOC, size, old, 0)
+}
+
+#[uprobe]
+pub fn reallocarray_enter(ctx: ProbeContext) -> u32 {
+    let old: u64 = ctx.arg(0).unwrap_or(0);
+    let n: u64 = ctx.arg(1).unwrap_or(0);
+    let size: u64 = ctx.arg(2).unwrap_or(0);
+    enter(kind::REALLOC, n.wrapping_mul(size), old, 0)
+}
+
+#[uprobe]
+pub fn posix_memalign_enter(ctx: ProbeContext) -> u32 {
+    let out: u64 = ctx.arg(0).unwrap_or(0);
+    let size: u64 = ctx.arg(2).unwrap_or(0);
+    enter(kind::POSIX_MEMALIGN, size, 0, out)
+}
+
+#[uprobe]
+pub fn free_enter(ctx: ProbeContext) -> u32 {
+    let ptr: u64 = ctx.arg(0).unwrap_or(0);
+    if ptr == 0 {
+        return 0;
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    let Some(state) = target(tgid) else { return 0 };
+    if let Some(pending) = PENDING.get_ptr(pid_tgid) {
+        // SAFETY: valid map value.
+        if unsafe { (*pending).depth } > 0 {
+            // Freed by the allocator itself (realloc(p, 0)): the outer call
+            // accounts for it.
+            count(state, info_counter::NESTED);
+            return 0;
+        }
+    }
+    release(state, tgid, ptr);
+    0
+}
+
+/// Retires the record of a freed block, if heapbpf saw it allocated.
+#[inline(always)]
+fn release(state: *mut TargetState, tgid: u32, ptr: u64) {
+    let key = AllocKey {
+        tgid,
+        _pad: 0,
+        addr: ptr,
+    };
+    // SAFETY: plain data copied out of the map.
+    let Some(info) = (unsafe { ALLOCS.get(key) }).copied() else {
+        count(state, info_counter::UNTRACKED_FREES);
+        return;
+    };
+    if ALLOCS.remove(key).is_err() {
+        // Another thread retired it first (a double free in the target).
+        return;
+    }
+    account_free(state, tgid, &info);
+}
+
+#[inline(always)]
+fn account_free(state: *mut TargetState, tgid: u32, info: &AllocInfo) {
+    // SAFETY: valid map value.
+    let s = unsafe { &mut *state };
+    add(&mut s.freed_bytes, info.size);
+    add(&mut s.frees, 1);
+    let key = StackKey {
+        tgid,
+        _pad: 0,
+        stack_id: info.stack_id,
+    };
+    if let Some(stats) = STACK_STATS.get_ptr_mut(key) {
+        // SAFETY: valid map value.
+        let stats = unsafe { &mut *stats };
+        add(&mut stats.freed_bytes, info.size);
+        add(&mut stats.frees, 1);
+    }
+}
+
+/// Captures the user stack of the current call site and interns it.
+#[inline(always)]
+fn stack_id<C: EbpfContext>(ctx: &C, state: *mut TargetState) -> u64 {
+    let Some(buf) = SCRATCH.get_ptr_mut(0) else {
+        count(state, drop_reason::STACK_ERROR);
+        return NO_STACK;
+    };
+    // SAFETY: per-CPU scratch value, ours for the duration of this program.
+    let buf = unsafe { &mut *buf };
+    let bytes = unsafe {
+        bpf_get_stack(
+            ctx.as_ptr(),
+            buf.ips.as_mut_ptr() as *mut _,
+            (MAX_STACK_DEPTH * 8) as u32,
+            BPF_F_USER_STACK as u64,
+        )
+    };
+    if bytes <= 0 {
+        count(state, drop_reason::STACK_ERROR);
+        return NO_STACK;
+    }
+    let len = (bytes as u64) / 8;
+    buf.len = len;
+    // FNV-1a over the addresses; 0 is reserved for "no stack".
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for i in 0..MAX_STACK_DEPTH {
+        if i as u64 >= len {
+            break;
+        }
+        hash = (hash ^ buf.ips[i]).wrapping_mul(0x0100_0000_01b3);
+    }
+    hash = (hash ^ len).wrapping_mul(0x0100_0000_01b3);
+    if hash == NO_STACK {
+        hash = 1;
+    }
+    match STACKS.insert(hash, &*buf, BPF_NOEXIST as u64) {
+        Ok(()) => hash,
+        Err(e) if e == -17 => hash, // EEXIST: already interned
+        Err(_) => {
+            count(state, drop_reason::STACKS_FULL);
+            NO_STACK
+        }
+    }
+}
+
+/// Records a new live block of `size` bytes at `addr`.
+#[inline(always)]
+fn record<C: EbpfContext>(ctx: &C, state: *mut TargetState, tgid: u32, addr: u64, size: u64) {
+    let stack_id = stack_id(ctx, state);
+    let key = AllocKey {
+        tgid,
+        _pad: 0,
+        addr,
+    };
+    // A block still recorded at this address was freed by a path heapbpf does
+    // not see; retire it so its stack does not grow forever.
+    // SAFETY: plain data copied out of the map.
+    if let Some(stale) = (unsafe { ALLOCS.get(key) }).copied() {
+        account_free(state, tgid, &stale);
+        count(state, info_counter::STALE_REPLACED);
+    }
+    let info = AllocInfo {
+        size,
+        stack_id,
+        timestamp_ns: unsafe { bpf_ktime_get_ns() },
+    };
+    if ALLOCS.insert(key, info, 0).is_err() {
+        count(state, drop_reason::ALLOCS_FULL);
+        return;
+    }
+    // SAFETY: valid map value.
+    let s = unsafe { &mut *state };
+    add(&mut s.allocated_bytes, size);
+    add(&mut s.allocations, 1);
+    let skey = StackKey {
+        tgid,
+        _pad: 0,
+        stack_id,
+    };
+    let stats = match STACK_STATS.get_ptr_mut(skey) {
+        Some(stats) => stats,
+        None => {
+            let _ = STACK_STATS.insert(skey, StackStats::default(), BPF_NOEXIST as u64);
+            match STACK_STATS.get_ptr_mut(skey) {
+                Some(stats) => stats,
+                None => {
+                    count(state, drop_reason::STATS_FULL);
+                    return;
+                }
+            }
+        }
+    };
+    // SAFETY: valid map value.
+    let stats = unsafe { &mut *stats };
+    add(&mut stats.allocated_bytes, size);
+    add(&mut stats.allocations, 1);
+}
+
+#[uretprobe]
+pub fn alloc_return(ctx: RetProbeContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    let Some(state) = target(tgid) else { return 0 };
+    let Some(pending) = PENDING.get_ptr_mut(pid_tgid) else {
+        // A call that entered before the entry probes were attached.
+        return 0;
+    };
+    // SAFETY: valid map value; only this thread touches its own entry.
+    let p = unsafe { &mut *pending };
+    if p.depth > 1 {
+        p.depth -= 1;
+        return 0;
+    }
+    let call = *p;
+    let _ = PENDING.remove(pid_tgid);
+    let ret: u64 = ctx.ret();
+    match call.kind {
+        kind::REALLOC => {
+            let failed = ret == 0 && call.size != 0;
+            if call.has_old == 1 {
+                if failed {
+                    // A failed realloc leaves the old block as it was.
+                    let key = AllocKey {
+                        tgid,
+                        _pad: 0,
+                        addr: call.old_ptr,
+                    };
+                    if ALLOCS.insert(key, call.old_info, 0).is_err() {
+                        count(state, drop_reason::ALLOCS_FULL);
+                    }
+                } else {
+                    account_free(state, tgid, &call.old_info);
+                }
+            } else if call.old_ptr != 0 && !failed {
+                count(state, info_counter::UNTRACKED_FREES);
+            }
+            if ret != 0 {
+                record(&ctx, state, tgid, ret, call.size);
+            }
+        }
+        kind::POSIX_MEMALIGN => {
+            if ret == 0 && call.out_ptr != 0 {
+                // SAFETY: reads target memory through the checked helper.
+                match unsafe { bpf_probe_read_user(call.out_ptr as *const u64) } {
+                    Ok(addr) if addr != 0 => record(&ctx, state, tgid, addr, call.size),
+                    Ok(_) => {}
+                    Err(_) => count(state, drop_reason::READ_ERROR),
+                }
+            }
+        }
+        _ => {
+            if ret != 0 {
+                record(&ctx, state, tgid, ret, call.size);
+            }
+        }
+    }
+    0
+}

@@ -1,0 +1,240 @@
+//! The command line (clap types only), converted into plain config structs.
+use std::{path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::{
+    error::{Error, Result},
+    output::Format,
+    units::{parse_duration, parse_size},
+};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "heapbpf",
+    version,
+    about = "eBPF heap profiler: which code holds how much memory in a running process"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Profile running processes: no restart, no code change.
+    Attach(AttachArgs),
+    /// Show the top allocation sites of a snapshot.
+    Report(ReportArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AttachArgs {
+    /// Process ids to profile.
+    #[arg(required = true, value_name = "PID")]
+    pub pids: Vec<u32>,
+    /// Where snapshots go.
+    #[arg(short = 'o', long, value_name = "DIR", default_value = ".")]
+    pub output_dir: PathBuf,
+    /// Comma list of snapshot formats (json).
+    #[arg(long, value_name = "LIST")]
+    pub format: Option<String>,
+    /// Stop after DUR (30s, 5m, 1h), writing a final snapshot.
+    #[arg(short = 'd', long, value_name = "DUR", value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+    /// Write a snapshot every DUR.
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    pub interval: Option<Duration>,
+    /// Write a snapshot each time RSS passes the next multiple of SIZE above its value at attach.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub rss_step: Option<u64>,
+    /// The same for the live heap heapbpf tracks.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub heap_step: Option<u64>,
+    /// Mean bytes between sampled allocations; 0 tracks every allocation exactly.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "0")]
+    pub sample_bytes: u64,
+    /// Keep only allocations at least DUR old in snapshots (leak suspects).
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    pub min_age: Option<Duration>,
+    /// Keep only the newest N snapshots per target in the output directory.
+    #[arg(long, value_name = "N")]
+    pub max_snapshots: Option<usize>,
+    /// How call stacks are recovered.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub unwind: Unwind,
+    /// Which allocator to hook.
+    #[arg(long, value_name = "ALLOCATOR", default_value = "auto")]
+    pub allocator: String,
+    /// Live blocks the kernel maps can hold at once (all targets together).
+    #[arg(long, value_name = "N", default_value_t = 1 << 21, hide = true)]
+    pub max_live_blocks: u32,
+    /// More on stderr: where each probe went, per-snapshot statistics.
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Less on stderr.
+    #[arg(short, long, conflicts_with = "verbose")]
+    pub quiet: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Unwind {
+    Auto,
+    Fp,
+    Dwarf,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ReportFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// A snapshot written by heapbpf (.json).
+    #[arg(value_name = "SNAPSHOT")]
+    pub snapshot: PathBuf,
+    /// How many allocation sites to show.
+    #[arg(long, default_value_t = 10)]
+    pub top: usize,
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: ReportFormat,
+}
+
+/// Everything `attach` needs, as plain data.
+#[derive(Clone, Debug)]
+pub struct AttachConfig {
+    pub pids: Vec<u32>,
+    pub output_dir: PathBuf,
+    pub formats: Vec<Format>,
+    pub duration: Option<Duration>,
+    pub interval: Option<Duration>,
+    pub rss_step: Option<u64>,
+    pub heap_step: Option<u64>,
+    pub sample_bytes: u64,
+    pub min_age: Duration,
+    pub max_snapshots: Option<usize>,
+    pub max_live_blocks: u32,
+    pub quiet: bool,
+}
+
+impl AttachArgs {
+    pub fn into_config(self) -> Result<AttachConfig> {
+        let formats = Format::parse_list(self.format.as_deref().unwrap_or("json"))
+            .map_err(Error::BadInput)?;
+        if self.sample_bytes != 0 {
+            return Err(Error::BadInput(format!(
+                "--sample-bytes {}: sampling is not available yet in this heapbpf; use --sample-bytes 0 (exact)",
+                self.sample_bytes
+            )));
+        }
+        if self.unwind == Unwind::Dwarf {
+            return Err(Error::BadInput(
+                "--unwind dwarf is not available yet in this heapbpf; use --unwind fp (auto uses frame pointers)".into(),
+            ));
+        }
+        match self.allocator.as_str() {
+            "auto" | "libc" => {}
+            other => return Err(Error::BadInput(format!(
+                "--allocator {other}: only the C library's allocator (auto, libc) is supported yet"
+            ))),
+        }
+        for (flag, v) in [
+            ("--rss-step", self.rss_step),
+            ("--heap-step", self.heap_step),
+        ] {
+            if v == Some(0) {
+                return Err(Error::BadInput(format!("{flag} must be larger than 0")));
+            }
+        }
+        if self.interval == Some(Duration::ZERO) {
+            return Err(Error::BadInput("--interval must be longer than 0".into()));
+        }
+        if self.max_snapshots == Some(0) {
+            return Err(Error::BadInput("--max-snapshots must be at least 1".into()));
+        }
+        let mut pids = self.pids;
+        pids.dedup();
+        Ok(AttachConfig {
+            pids,
+            output_dir: self.output_dir,
+            formats,
+            duration: self.duration,
+            interval: self.interval,
+            rss_step: self.rss_step,
+            heap_step: self.heap_step,
+            sample_bytes: self.sample_bytes,
+            min_age: self.min_age.unwrap_or_default(),
+            max_snapshots: self.max_snapshots,
+            max_live_blocks: self.max_live_blocks,
+            quiet: self.quiet,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attach(args: &[&str]) -> Result<AttachConfig> {
+        let cli = Cli::try_parse_from(["heapbpf", "attach"].iter().chain(args))
+            .map_err(|e| Error::BadInput(e.to_string()))?;
+        match cli.command {
+            Command::Attach(a) => a.into_config(),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn parses_the_contract_options() {
+        let c = attach(&[
+            "12",
+            "34",
+            "-o",
+            "/tmp",
+            "-d",
+            "30s",
+            "--interval",
+            "5m",
+            "--heap-step",
+            "16MiB",
+            "--min-age",
+            "500ms",
+            "--max-snapshots",
+            "3",
+        ])
+        .unwrap();
+        assert_eq!(c.pids, vec![12, 34]);
+        assert_eq!(c.duration, Some(Duration::from_secs(30)));
+        assert_eq!(c.interval, Some(Duration::from_secs(300)));
+        assert_eq!(c.heap_step, Some(16 << 20));
+        assert_eq!(c.min_age, Duration::from_millis(500));
+        assert_eq!(c.max_snapshots, Some(3));
+        assert_eq!(c.sample_bytes, 0);
+        assert_eq!(c.formats, vec![Format::Json]);
+    }
+
+    #[test]
+    fn refuses_what_does_not_exist_yet_by_name() {
+        assert!(attach(&["1", "--sample-bytes", "512KiB"])
+            .unwrap_err()
+            .to_string()
+            .contains("--sample-bytes"));
+        assert!(attach(&["1", "--format", "svg"])
+            .unwrap_err()
+            .to_string()
+            .contains("svg"));
+        assert!(attach(&["1", "--unwind", "dwarf"])
+            .unwrap_err()
+            .to_string()
+            .contains("dwarf"));
+        assert!(attach(&["1", "--allocator", "jemalloc"])
+            .unwrap_err()
+            .to_string()
+            .contains("jemalloc"));
+        assert!(attach(&["1", "--heap-step", "0"]).is_err());
+        assert!(attach(&["1", "--interval", "soon"]).is_err());
+        assert!(attach(&[]).is_err());
+    }
+}

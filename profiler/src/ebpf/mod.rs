@@ -1,0 +1,442 @@
+//! The privileged edge: loading heapbpf's eBPF programs, attaching them to a
+//! target's allocator, and draining the kernel maps into raw snapshots. The
+//! only module that names aya.
+pub mod probes;
+
+use std::{
+    collections::HashMap,
+    num::NonZeroU32,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    maps::{HashMap as BpfHashMap, MapData},
+    programs::{
+        uprobe::{UProbeAttachLocation, UProbeLinkId, UProbeScope},
+        UProbe,
+    },
+    Ebpf, EbpfLoader,
+};
+use heapbpf_common::{
+    drop_reason, info_counter, AllocInfo, AllocKey, StackKey, StackStats, StackTrace, TargetState,
+};
+
+use crate::{
+    error::{Error, Result},
+    model::{aggregate, LiveBlock, RawSnapshot, StackCounters},
+    procfs::Mapping,
+};
+use probes::{ProbeSpec, LIBC_PROBES, RETURN_PROGRAM};
+
+static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/heapbpf"));
+
+/// Tunables of the kernel side.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Capacity of the live-block map (blocks tracked at once, all targets).
+    pub max_live_blocks: u32,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            max_live_blocks: 1 << 21,
+        }
+    }
+}
+
+/// Where the probes of one target went.
+#[derive(Clone, Debug)]
+pub struct AttachedProbe {
+    pub symbol: &'static str,
+    pub offset: u64,
+    pub is_return: bool,
+}
+
+/// The allocator library of a target, found through its memory map.
+#[derive(Clone, Debug)]
+pub struct AllocatorLib {
+    /// The path as the target sees it.
+    pub path: String,
+    /// `/proc/PID/map_files/...`: the very file the target mapped.
+    pub open_path: PathBuf,
+}
+
+/// Finds the C library in a target's memory map.
+pub fn find_allocator(pid: u32, maps: &[Mapping]) -> Option<AllocatorLib> {
+    maps.iter()
+        .filter(|m| m.is_file())
+        .find(|m| {
+            let name = m.file_name();
+            name.starts_with("libc.so") || (name.starts_with("libc-") && name.ends_with(".so"))
+        })
+        .map(|m| AllocatorLib {
+            path: m.path.clone(),
+            open_path: m.map_file(pid),
+        })
+}
+
+struct Target {
+    links: Vec<(&'static str, UProbeLinkId)>,
+}
+
+/// Loaded programs and maps, and the probes attached per target.
+pub struct Profiler {
+    ebpf: Ebpf,
+    targets: HashMap<u32, Target>,
+    stacks: HashMap<u64, Vec<u64>>,
+}
+
+/// Checks what heapbpf needs from the kernel and from its own credentials,
+/// so that failures name their cause.
+pub fn preflight() -> Result<()> {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let cap_eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    const CAP_SYS_ADMIN: u64 = 1 << 21;
+    const CAP_PERFMON: u64 = 1 << 38;
+    const CAP_BPF: u64 = 1 << 39;
+    let has = |c: u64| cap_eff & c == c;
+    if !(has(CAP_SYS_ADMIN) || has(CAP_BPF | CAP_PERFMON)) {
+        return Err(Error::Privileges(format!(
+            "effective capabilities are {cap_eff:#x} (uid {})",
+            // SAFETY: getuid has no preconditions.
+            unsafe { libc::getuid() }
+        )));
+    }
+    if !Path::new("/sys/bus/event_source/devices/uprobe").exists() {
+        return Err(Error::Unsupported(
+            "this kernel has no uprobe support (/sys/bus/event_source/devices/uprobe is missing): \
+             heapbpf needs a kernel built with CONFIG_UPROBE_EVENTS"
+                .into(),
+        ));
+    }
+    // This kernel charges BPF memory to the cgroup; older ones need a high
+    // memlock limit. Raising it may be refused (no CAP_SYS_RESOURCE): fine.
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: a valid rlimit struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "cannot raise RLIMIT_MEMLOCK; continuing");
+    }
+    Ok(())
+}
+
+fn load_error(e: impl std::fmt::Display + std::fmt::Debug) -> Error {
+    let text = e.to_string();
+    let lower = format!("{e:?}").to_lowercase();
+    if lower.contains("operation not permitted") || lower.contains("permission denied") {
+        Error::Privileges(text)
+    } else if lower.contains("function not implemented") {
+        Error::Unsupported(format!("this kernel has no BPF support: {text}"))
+    } else {
+        Error::runtime("cannot load heapbpf's eBPF programs", format!("{e:?}"))
+    }
+}
+
+impl Profiler {
+    pub fn load(opts: &LoadOptions) -> Result<Self> {
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries("ALLOCS", opts.max_live_blocks)
+            .load(PROGRAM_OBJECT)
+            .map_err(load_error)?;
+        for name in probes::programs() {
+            let prog: &mut UProbe = ebpf
+                .program_mut(name)
+                .ok_or_else(|| Error::Runtime(format!("eBPF object has no program {name}")))?
+                .try_into()
+                .map_err(|e| Error::runtime(format!("program {name}"), e))?;
+            prog.load().map_err(load_error)?;
+        }
+        Ok(Profiler {
+            ebpf,
+            targets: HashMap::new(),
+            stacks: HashMap::new(),
+        })
+    }
+
+    fn targets_map(&mut self) -> Result<BpfHashMap<&mut MapData, u32, TargetState>> {
+        let map = self
+            .ebpf
+            .map_mut("TARGETS")
+            .ok_or_else(|| Error::Runtime("no TARGETS map".into()))?;
+        BpfHashMap::try_from(map).map_err(|e| Error::runtime("TARGETS map", e))
+    }
+
+    /// Attaches every probe of the table to `lib` for `pid`. Return probes go
+    /// first, so that no call is seen entering without its return hooked.
+    /// On error, whatever was attached for this target is detached again.
+    pub fn attach(&mut self, pid: u32, lib: &AllocatorLib) -> Result<Vec<AttachedProbe>> {
+        self.targets_map()?
+            .insert(pid, TargetState::default(), 0)
+            .map_err(|e| Error::runtime(format!("cannot register pid {pid}"), e))?;
+        self.targets.insert(pid, Target { links: Vec::new() });
+        match self.attach_all(pid, lib) {
+            Ok(attached) => Ok(attached),
+            Err(e) => {
+                self.detach(pid);
+                Err(e)
+            }
+        }
+    }
+
+    fn attach_all(&mut self, pid: u32, lib: &AllocatorLib) -> Result<Vec<AttachedProbe>> {
+        let mut attached = Vec::new();
+        let scope =
+            UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or(Error::NoSuchProcess { pid })?);
+        let returns: Vec<&ProbeSpec> = LIBC_PROBES.iter().filter(|p| p.has_return).collect();
+        let mut missing = Vec::new();
+        for spec in returns {
+            match self.attach_one(RETURN_PROGRAM, spec.symbol, 0, lib, scope, pid) {
+                Ok(()) => attached.push(AttachedProbe {
+                    symbol: spec.symbol,
+                    offset: 0,
+                    is_return: true,
+                }),
+                Err(AttachFailure::NoSymbol) => missing.push(spec.symbol),
+                Err(AttachFailure::Other(e)) => return Err(e),
+            }
+        }
+        for spec in LIBC_PROBES {
+            if missing.contains(&spec.symbol) {
+                continue;
+            }
+            match self.attach_one(
+                spec.entry_program,
+                spec.symbol,
+                spec.entry_offset,
+                lib,
+                scope,
+                pid,
+            ) {
+                Ok(()) => attached.push(AttachedProbe {
+                    symbol: spec.symbol,
+                    offset: spec.entry_offset,
+                    is_return: false,
+                }),
+                Err(AttachFailure::NoSymbol) => missing.push(spec.symbol),
+                Err(AttachFailure::Other(e)) => return Err(e),
+            }
+        }
+        for m in &missing {
+            tracing::info!(pid, symbol = m, library = %lib.path, "symbol not found; not hooked");
+        }
+        if missing.contains(&"malloc") || missing.contains(&"free") {
+            return Err(Error::NotTraceable {
+                pid,
+                why: format!("{} does not export malloc and free", lib.path),
+            });
+        }
+        Ok(attached)
+    }
+
+    fn attach_one(
+        &mut self,
+        program: &'static str,
+        symbol: &'static str,
+        offset: u64,
+        lib: &AllocatorLib,
+        scope: UProbeScope,
+        pid: u32,
+    ) -> Result<(), AttachFailure> {
+        let prog: &mut UProbe = self
+            .ebpf
+            .program_mut(program)
+            .and_then(|p| p.try_into().ok())
+            .ok_or_else(|| {
+                AttachFailure::Other(Error::Runtime(format!("no uprobe program {program}")))
+            })?;
+        let location = if offset == 0 {
+            UProbeAttachLocation::Symbol(symbol)
+        } else {
+            UProbeAttachLocation::SymbolOffset(symbol, offset)
+        };
+        match prog.attach(location, &lib.open_path, scope) {
+            Ok(link) => {
+                tracing::debug!(pid, program, symbol, offset, library = %lib.path, "probe placed");
+                if let Some(t) = self.targets.get_mut(&pid) {
+                    t.links.push((program, link));
+                }
+                Ok(())
+            }
+            Err(e) => {
+                let text = format!("{e:?}");
+                if text.contains("SymbolError") {
+                    Err(AttachFailure::NoSymbol)
+                } else if !crate::procfs::is_alive(pid) {
+                    Err(AttachFailure::Other(Error::NoSuchProcess { pid }))
+                } else {
+                    Err(AttachFailure::Other(load_error(format!(
+                        "cannot hook {symbol} in {}: {e}",
+                        lib.path
+                    ))))
+                }
+            }
+        }
+    }
+
+    /// Detaches the probes of `pid` and forgets its data in the kernel maps.
+    pub fn detach(&mut self, pid: u32) {
+        if let Some(t) = self.targets.remove(&pid) {
+            for (program, link) in t.links {
+                if let Some(prog) = self
+                    .ebpf
+                    .program_mut(program)
+                    .and_then(|p| <&mut UProbe>::try_from(p).ok())
+                {
+                    if let Err(e) = prog.detach(link) {
+                        tracing::debug!(pid, program, error = %e, "detach failed");
+                    }
+                }
+            }
+        }
+        if let Ok(mut m) = self.targets_map() {
+            let _ = m.remove(&pid);
+        }
+        self.purge(pid);
+    }
+
+    fn purge(&mut self, pid: u32) {
+        if let Some(map) = self.ebpf.map_mut("ALLOCS") {
+            if let Ok(mut allocs) = BpfHashMap::<_, AllocKey, AllocInfo>::try_from(map) {
+                let keys: Vec<AllocKey> = allocs
+                    .keys()
+                    .filter_map(|k| k.ok())
+                    .filter(|k| k.tgid == pid)
+                    .collect();
+                for k in keys {
+                    let _ = allocs.remove(&k);
+                }
+            }
+        }
+        if let Some(map) = self.ebpf.map_mut("STACK_STATS") {
+            if let Ok(mut stats) = BpfHashMap::<_, StackKey, StackStats>::try_from(map) {
+                let keys: Vec<StackKey> = stats
+                    .keys()
+                    .filter_map(|k| k.ok())
+                    .filter(|k| k.tgid == pid)
+                    .collect();
+                for k in keys {
+                    let _ = stats.remove(&k);
+                }
+            }
+        }
+        if let Some(map) = self.ebpf.map_mut("PENDING") {
+            if let Ok(mut pending) = BpfHashMap::<_, u64, heapbpf_common::Pending>::try_from(map) {
+                let keys: Vec<u64> = pending
+                    .keys()
+                    .filter_map(|k| k.ok())
+                    .filter(|k| (k >> 32) as u32 == pid)
+                    .collect();
+                for k in keys {
+                    let _ = pending.remove(&k);
+                }
+            }
+        }
+    }
+
+    /// Live heap bytes of `pid` as counted by the kernel (cheap: one lookup).
+    pub fn live_bytes(&self, pid: u32) -> Option<u64> {
+        let map = self.ebpf.map("TARGETS")?;
+        let targets = BpfHashMap::<_, u32, TargetState>::try_from(map).ok()?;
+        let s = targets.get(&pid, 0).ok()?;
+        Some(s.allocated_bytes.saturating_sub(s.freed_bytes))
+    }
+
+    /// Reads everything the kernel holds for `pid`.
+    pub fn drain(&mut self, pid: u32, min_age_ms: u64) -> Result<RawSnapshot> {
+        let now_ns = monotonic_ns();
+        let map = |name: &str| {
+            self.ebpf
+                .map(name)
+                .ok_or_else(|| Error::Runtime(format!("no {name} map")))
+        };
+        let targets = BpfHashMap::<_, u32, TargetState>::try_from(map("TARGETS")?)
+            .map_err(|e| Error::runtime("TARGETS map", e))?;
+        let state = targets.get(&pid, 0).unwrap_or_default();
+        let allocs = BpfHashMap::<_, AllocKey, AllocInfo>::try_from(map("ALLOCS")?)
+            .map_err(|e| Error::runtime("ALLOCS map", e))?;
+        let blocks: Vec<LiveBlock> = allocs
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(k, _)| k.tgid == pid)
+            .map(|(_, v)| LiveBlock {
+                stack_id: v.stack_id,
+                size_bytes: v.size,
+                allocated_ns: v.timestamp_ns,
+            })
+            .collect();
+        let stats = BpfHashMap::<_, StackKey, StackStats>::try_from(map("STACK_STATS")?)
+            .map_err(|e| Error::runtime("STACK_STATS map", e))?;
+        let counters: HashMap<u64, StackCounters> = stats
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(k, _)| k.tgid == pid)
+            .map(|(k, v)| {
+                (
+                    k.stack_id,
+                    StackCounters {
+                        allocated_bytes: v.allocated_bytes,
+                        allocations: v.allocations,
+                        freed_bytes: v.freed_bytes,
+                        frees: v.frees,
+                    },
+                )
+            })
+            .collect();
+        let mut stacks = aggregate(blocks, &counters, now_ns, min_age_ms);
+        let stack_map = BpfHashMap::<_, u64, StackTrace>::try_from(map("STACKS")?)
+            .map_err(|e| Error::runtime("STACKS map", e))?;
+        for s in &mut stacks {
+            if s.stack_id == heapbpf_common::NO_STACK {
+                continue;
+            }
+            if let Some(ips) = self.stacks.get(&s.stack_id) {
+                s.ips = ips.clone();
+            } else if let Ok(t) = stack_map.get(&s.stack_id, 0) {
+                let n = (t.len as usize).min(t.ips.len());
+                let ips: Vec<u64> = t.ips[..n].to_vec();
+                self.stacks.insert(s.stack_id, ips.clone());
+                s.ips = ips;
+            }
+        }
+        let dropped_events = state.counters[..drop_reason::COUNT].iter().sum();
+        tracing::debug!(
+            pid,
+            nested = state.counters[info_counter::NESTED],
+            stale_replaced = state.counters[info_counter::STALE_REPLACED],
+            untracked_frees = state.counters[info_counter::UNTRACKED_FREES],
+            dropped = ?&state.counters[..drop_reason::COUNT],
+            "kernel counters"
+        );
+        Ok(RawSnapshot {
+            pid,
+            stacks,
+            allocated_bytes: state.allocated_bytes,
+            allocations: state.allocations,
+            frees: state.frees,
+            dropped_events,
+        })
+    }
+}
+
+enum AttachFailure {
+    NoSymbol,
+    Other(Error),
+}
+
+/// `CLOCK_MONOTONIC`, the clock of `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}

@@ -1,0 +1,88 @@
+//! The probe table: which program goes on which allocator symbol, and at
+//! which offset. One row per symbol; the performance work chooses offsets
+//! here, nowhere else.
+
+/// One allocator entry point.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProbeSpec {
+    pub symbol: &'static str,
+    /// The entry program (reads the arguments).
+    pub entry_program: &'static str,
+    /// Offset of the entry probe from the symbol. Return probes always sit
+    /// at +0: the kernel takes the return address from the top of the stack.
+    pub entry_offset: u64,
+    /// Whether the call also needs the return program (`alloc_return`).
+    pub has_return: bool,
+}
+
+pub const RETURN_PROGRAM: &str = "alloc_return";
+
+const fn alloc(symbol: &'static str, entry_program: &'static str) -> ProbeSpec {
+    ProbeSpec {
+        symbol,
+        entry_program,
+        entry_offset: 0,
+        has_return: true,
+    }
+}
+
+/// The glibc / POSIX allocator surface.
+pub const LIBC_PROBES: &[ProbeSpec] = &[
+    alloc("malloc", "alloc_size0_enter"),
+    alloc("calloc", "calloc_enter"),
+    alloc("realloc", "realloc_enter"),
+    alloc("reallocarray", "reallocarray_enter"),
+    alloc("posix_memalign", "posix_memalign_enter"),
+    alloc("aligned_alloc", "alloc_size1_enter"),
+    alloc("memalign", "alloc_size1_enter"),
+    alloc("valloc", "alloc_size0_enter"),
+    alloc("pvalloc", "alloc_size0_enter"),
+    ProbeSpec {
+        symbol: "free",
+        entry_program: "free_enter",
+        entry_offset: 0,
+        has_return: false,
+    },
+];
+
+/// Every program name the table uses, each once.
+pub fn programs() -> Vec<&'static str> {
+    let mut names: Vec<&'static str> = LIBC_PROBES.iter().map(|p| p.entry_program).collect();
+    names.push(RETURN_PROGRAM);
+    names.sort_unstable();
+    names.dedup();
+    names
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_covers_the_allocator_surface_once() {
+        let mut symbols: Vec<_> = LIBC_PROBES.iter().map(|p| p.symbol).collect();
+        symbols.sort_unstable();
+        let n = symbols.len();
+        symbols.dedup();
+        assert_eq!(symbols.len(), n, "a symbol is listed twice");
+        for s in [
+            "malloc",
+            "calloc",
+            "realloc",
+            "reallocarray",
+            "free",
+            "posix_memalign",
+            "aligned_alloc",
+            "memalign",
+            "valloc",
+            "pvalloc",
+        ] {
+            assert!(symbols.contains(&s), "{s} missing");
+        }
+        // Only free is entry-only.
+        assert!(LIBC_PROBES
+            .iter()
+            .all(|p| p.has_return == (p.symbol != "free")));
+        assert_eq!(programs().len(), 8);
+    }
+}

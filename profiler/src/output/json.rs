@@ -1,0 +1,134 @@
+//! The canonical JSON snapshot: written by `attach`, read by `report` (and
+//! `diff`), with errors that say what is wrong with a file.
+use std::path::Path;
+
+use crate::{
+    error::{Error, Result},
+    model::{Snapshot, SNAPSHOT_FORMAT, SNAPSHOT_VERSION},
+};
+
+pub fn to_bytes(snapshot: &Snapshot) -> Vec<u8> {
+    let mut v = serde_json::to_vec_pretty(snapshot).unwrap_or_default();
+    v.push(b'\n');
+    v
+}
+
+/// Parses a snapshot, checking format and version before the fields so that
+/// the error names the real problem.
+pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<Snapshot> {
+    let bad = |why: String| Error::BadSnapshot {
+        path: path.to_path_buf(),
+        why,
+    };
+    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
+        if e.is_eof() {
+            bad(format!("truncated JSON ({e}); the file is incomplete"))
+        } else {
+            bad(format!("not a heapbpf snapshot: invalid JSON ({e})"))
+        }
+    })?;
+    match value.get("format").and_then(|f| f.as_str()) {
+        Some(SNAPSHOT_FORMAT) => {}
+        Some(other) => {
+            return Err(bad(format!(
+                "not a heapbpf snapshot: format is {other:?}, expected {SNAPSHOT_FORMAT:?}"
+            )))
+        }
+        None => {
+            return Err(bad(format!(
+                "not a heapbpf snapshot: no \"format\": {SNAPSHOT_FORMAT:?} field"
+            )))
+        }
+    }
+    match value.get("version").and_then(|v| v.as_u64()) {
+        Some(v) if v == SNAPSHOT_VERSION as u64 => {}
+        Some(v) => {
+            return Err(bad(format!(
+                "snapshot version {v} is not supported (this heapbpf reads version {SNAPSHOT_VERSION}); use a matching heapbpf"
+            )))
+        }
+        None => return Err(bad("snapshot has no version".into())),
+    }
+    serde_json::from_value(value).map_err(|e| bad(format!("malformed snapshot: {e}")))
+}
+
+pub fn read(path: &Path) -> Result<Snapshot> {
+    let bytes = std::fs::read(path).map_err(|e| Error::BadSnapshot {
+        path: path.to_path_buf(),
+        why: format!("cannot read: {e}"),
+    })?;
+    from_bytes(path, &bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Frame, Stack, Totals, Trigger};
+
+    pub(crate) fn sample() -> Snapshot {
+        Snapshot {
+            format: SNAPSHOT_FORMAT.into(),
+            version: SNAPSHOT_VERSION,
+            pid: 1234,
+            comm: "app".into(),
+            exe: "/usr/local/bin/app".into(),
+            taken_at: "2026-11-24T19:00:00Z".into(),
+            attached_at: "2026-11-24T18:59:00Z".into(),
+            trigger: Trigger::Signal,
+            sample_bytes: 0,
+            totals: Totals {
+                live_bytes: 4096000,
+                live_allocations: 1000,
+                allocated_bytes: 4096000,
+                allocations: 1000,
+                frees: 0,
+                rss_bytes: 8 << 20,
+                dropped_events: 0,
+            },
+            stacks: vec![Stack {
+                live_bytes: 4096000,
+                live_allocations: 1000,
+                allocated_bytes: 4096000,
+                allocations: 1000,
+                oldest_age_ms: 5120,
+                frames: vec![Frame {
+                    address: "0x401136".into(),
+                    function: Some("leak_malloc".into()),
+                    file: Some("leak.c".into()),
+                    line: Some(12),
+                    module: Some("/usr/local/bin/app".into()),
+                    inlined: false,
+                }],
+            }],
+        }
+    }
+
+    #[test]
+    fn round_trips_and_matches_the_contract_field_names() {
+        let s = sample();
+        let bytes = to_bytes(&s);
+        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(v["format"], "heapbpf-snapshot");
+        assert_eq!(v["trigger"], "signal");
+        assert_eq!(v["stacks"][0]["frames"][0]["address"], "0x401136");
+        assert_eq!(v["totals"]["dropped_events"], 0);
+        assert_eq!(from_bytes(Path::new("x"), &bytes).unwrap(), s);
+    }
+
+    #[test]
+    fn refuses_bad_files_by_name() {
+        let p = Path::new("snap.json");
+        let full = to_bytes(&sample());
+        let err = |b: &[u8]| from_bytes(p, b).unwrap_err().to_string();
+        assert!(err(&full[..full.len() / 2]).contains("truncated"));
+        assert!(err(b"hello").contains("invalid JSON"));
+        assert!(err(br#"{"format":"pprof"}"#).contains("format is \"pprof\""));
+        assert!(err(br#"{"a":1}"#).contains("no \"format\""));
+        assert!(err(br#"{"format":"heapbpf-snapshot","version":9}"#)
+            .contains("version 9 is not supported"));
+        assert!(
+            err(br#"{"format":"heapbpf-snapshot","version":1,"pid":"x"}"#).contains("malformed")
+        );
+        assert_eq!(from_bytes(p, b"").unwrap_err().exit_code(), 2);
+    }
+}

@@ -1,0 +1,275 @@
+//! What heapbpf reads from `/proc`: process identity, memory maps, RSS.
+//! Parsing is pure (unit-tested on text); the readers are thin.
+use std::{fs, io, path::PathBuf};
+
+use crate::error::{Error, Result};
+
+/// One line of `/proc/PID/maps`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mapping {
+    pub start: u64,
+    pub end: u64,
+    pub perms: String,
+    pub offset: u64,
+    pub dev: String,
+    pub inode: u64,
+    /// The path as the target sees it (its own mount namespace and root);
+    /// `[heap]`, `[vdso]`, ... for special mappings, empty for anonymous ones.
+    pub path: String,
+}
+
+impl Mapping {
+    pub fn is_file(&self) -> bool {
+        self.inode != 0 && self.path.starts_with('/')
+    }
+    pub fn is_exec(&self) -> bool {
+        self.perms.as_bytes().get(2) == Some(&b'x')
+    }
+    /// `/proc/PID/map_files/START-END`: a link to the very file the target
+    /// mapped, valid whatever mount namespace or chroot the target lives in.
+    pub fn map_file(&self, pid: u32) -> PathBuf {
+        PathBuf::from(format!(
+            "/proc/{pid}/map_files/{:x}-{:x}",
+            self.start, self.end
+        ))
+    }
+    /// File name of the path, without a ` (deleted)` suffix.
+    pub fn file_name(&self) -> &str {
+        let p = self.path.strip_suffix(" (deleted)").unwrap_or(&self.path);
+        p.rsplit('/').next().unwrap_or(p)
+    }
+}
+
+/// Parses the text of `/proc/PID/maps`; malformed lines are skipped.
+pub fn parse_maps(text: &str) -> Vec<Mapping> {
+    text.lines().filter_map(parse_maps_line).collect()
+}
+
+fn parse_maps_line(line: &str) -> Option<Mapping> {
+    let mut it = line.splitn(6, ' ');
+    let range = it.next()?;
+    let perms = it.next()?.to_string();
+    let offset = u64::from_str_radix(it.next()?, 16).ok()?;
+    let dev = it.next()?.to_string();
+    let inode = it.next()?.parse().ok()?;
+    let path = it.next().unwrap_or("").trim_start().to_string();
+    let (s, e) = range.split_once('-')?;
+    Some(Mapping {
+        start: u64::from_str_radix(s, 16).ok()?,
+        end: u64::from_str_radix(e, 16).ok()?,
+        perms,
+        offset,
+        dev,
+        inode,
+        path,
+    })
+}
+
+/// Identity of a target, read once at attach.
+#[derive(Clone, Debug)]
+pub struct ProcessInfo {
+    pub pid: u32,
+    pub comm: String,
+    /// The executable as the target sees it (first mapping of the exe).
+    pub exe: String,
+}
+
+fn proc_err(pid: u32, e: io::Error) -> Error {
+    match e.kind() {
+        io::ErrorKind::NotFound => Error::NoSuchProcess { pid },
+        io::ErrorKind::PermissionDenied => Error::NotTraceable {
+            pid,
+            why: "permission denied reading /proc (run heapbpf as root)".into(),
+        },
+        _ => Error::NotTraceable {
+            pid,
+            why: e.to_string(),
+        },
+    }
+}
+
+/// Checks that `pid` names a live user-space process heapbpf may trace.
+pub fn process_info(pid: u32) -> Result<ProcessInfo> {
+    if pid == 0 {
+        return Err(Error::NoSuchProcess { pid });
+    }
+    if pid == std::process::id() {
+        return Err(Error::NotTraceable {
+            pid,
+            why: "that is heapbpf itself".into(),
+        });
+    }
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| proc_err(pid, e))?;
+    // A thread id is not a process: /proc/TID exists but Tgid differs.
+    let tgid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Tgid:"))
+        .and_then(|v| v.trim().parse::<u32>().ok());
+    if let Some(tgid) = tgid {
+        if tgid != pid {
+            return Err(Error::NotTraceable {
+                pid,
+                why: format!("it is a thread of process {tgid}; attach to {tgid} instead"),
+            });
+        }
+    }
+    if status
+        .lines()
+        .any(|l| l.starts_with("State:") && l.contains("zombie"))
+    {
+        return Err(Error::NotTraceable {
+            pid,
+            why: "the process has exited (zombie)".into(),
+        });
+    }
+    let comm = fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map_err(|e| proc_err(pid, e))?
+        .trim_end()
+        .to_string();
+    let maps = read_maps(pid)?;
+    if maps.is_empty() {
+        return Err(Error::NotTraceable {
+            pid,
+            why: format!("{comm} is a kernel thread, it has no user-space heap"),
+        });
+    }
+    let exe_link = fs::read_link(format!("/proc/{pid}/exe")).ok();
+    let exe = exe_link
+        .as_ref()
+        .and_then(|l| {
+            let l = l.to_string_lossy();
+            // Inside a chroot or container the link shows the host path; the
+            // maps show the target's own. Prefer the target's view.
+            let name = l.rsplit('/').next().unwrap_or(&l).to_string();
+            maps.iter()
+                .find(|m| m.is_file() && m.file_name() == name)
+                .map(|m| m.path.clone())
+        })
+        .or_else(|| exe_link.map(|l| l.to_string_lossy().into_owned()))
+        .unwrap_or_default();
+    Ok(ProcessInfo { pid, comm, exe })
+}
+
+pub fn read_maps(pid: u32) -> Result<Vec<Mapping>> {
+    let text = fs::read_to_string(format!("/proc/{pid}/maps")).map_err(|e| proc_err(pid, e))?;
+    let mut maps = parse_maps(&text);
+    to_target_view(&mut maps, root_of(pid).as_deref());
+    Ok(maps)
+}
+
+/// The target's root directory as heapbpf sees it (`/` unless chrooted).
+pub fn root_of(pid: u32) -> Option<String> {
+    fs::read_link(format!("/proc/{pid}/root"))
+        .ok()
+        .map(|p| p.to_string_lossy().into_owned())
+}
+
+/// `/proc/PID/maps` shows paths as seen from the reader's root; rewrites
+/// them as the target sees them when it lives under another root (chroot).
+pub fn to_target_view(maps: &mut [Mapping], root: Option<&str>) {
+    let Some(root) = root
+        .map(|r| r.trim_end_matches('/'))
+        .filter(|r| !r.is_empty())
+    else {
+        return;
+    };
+    for m in maps {
+        if let Some(rest) = m.path.strip_prefix(root) {
+            if rest.starts_with('/') {
+                m.path = rest.to_string();
+            }
+        }
+    }
+}
+
+/// Resident set size in bytes, `None` once the process is gone.
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let statm = fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    parse_statm_rss(&statm, page_size())
+}
+
+pub fn parse_statm_rss(statm: &str, page_size: u64) -> Option<u64> {
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * page_size)
+}
+
+fn page_size() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let v = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if v > 0 {
+        v as u64
+    } else {
+        4096
+    }
+}
+
+/// True while `/proc/PID` exists and is not a zombie.
+pub fn is_alive(pid: u32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => parse_stat_state(&stat).is_some_and(|s| s != 'Z' && s != 'X'),
+        Err(_) => false,
+    }
+}
+
+pub fn parse_stat_state(stat: &str) -> Option<char> {
+    // "pid (comm with spaces) S ..." — the state follows the last ')'.
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAPS: &str = "\
+55d0c0a00000-55d0c0a01000 r--p 00000000 fe:01 1234                       /usr/local/bin/app
+55d0c0a01000-55d0c0a02000 r-xp 00001000 fe:01 1234                       /usr/local/bin/app
+55d0c1c00000-55d0c1c21000 rw-p 00000000 00:00 0                          [heap]
+7f0000000000-7f0000028000 r--p 00000000 fe:01 99                         /usr/lib/x86_64-linux-gnu/libc.so.6
+7f0000028000-7f000019d000 r-xp 00028000 fe:01 99                         /usr/lib/x86_64-linux-gnu/libc.so.6
+7f00001a0000-7f00001a1000 rw-p 00000000 00:00 0 
+7f00002a0000-7f00002a1000 r-xp 00000000 fe:01 77                         /tmp/x/libfoo.so (deleted)
+7ffd1e5f2000-7ffd1e5f4000 r-xp 00000000 00:00 0                          [vdso]
+";
+
+    #[test]
+    fn parses_maps() {
+        let maps = parse_maps(MAPS);
+        assert_eq!(maps.len(), 8);
+        let libc = &maps[4];
+        assert_eq!(libc.start, 0x7f0000028000);
+        assert_eq!(libc.end, 0x7f000019d000);
+        assert_eq!(libc.offset, 0x28000);
+        assert_eq!(libc.inode, 99);
+        assert!(libc.is_file() && libc.is_exec());
+        assert_eq!(libc.file_name(), "libc.so.6");
+        assert_eq!(
+            libc.map_file(42),
+            PathBuf::from("/proc/42/map_files/7f0000028000-7f000019d000")
+        );
+        assert!(!maps[2].is_file());
+        assert_eq!(maps[5].path, "");
+        assert_eq!(maps[6].file_name(), "libfoo.so");
+        assert!(!maps[7].is_file());
+    }
+
+    #[test]
+    fn paths_as_the_target_sees_them() {
+        let mut maps = parse_maps("1000-2000 r-xp 00000000 fe:01 5 /srv/jail/bin/app\n1000-2000 r-xp 00000000 fe:01 6 /srv/jailbreak/x\n");
+        to_target_view(&mut maps, Some("/srv/jail"));
+        assert_eq!(maps[0].path, "/bin/app");
+        assert_eq!(maps[1].path, "/srv/jailbreak/x");
+        to_target_view(&mut maps, Some("/"));
+        assert_eq!(maps[0].path, "/bin/app");
+    }
+
+    #[test]
+    fn parses_statm_and_stat() {
+        assert_eq!(
+            parse_statm_rss("1000 250 100 1 0 300 0\n", 4096),
+            Some(250 * 4096)
+        );
+        assert_eq!(parse_statm_rss("", 4096), None);
+        assert_eq!(parse_stat_state("42 (my (odd) prog) S 1 2 3"), Some('S'));
+        assert_eq!(parse_stat_state("42 (x) Z 1"), Some('Z'));
+    }
+}

@@ -1,0 +1,250 @@
+//! `heapbpf report`: the top allocation sites of a snapshot, for people
+//! (text) or scripts (JSON). Pure: snapshot in, string out.
+use std::fmt::Write as _;
+
+use serde_json::json;
+
+use crate::{
+    model::Snapshot,
+    units::{human_age_ms, human_bytes},
+};
+
+/// How many frames of each stack the text report shows.
+pub const FRAMES_SHOWN: usize = 6;
+
+pub fn text(s: &Snapshot, top: usize) -> String {
+    let mut o = String::new();
+    let sampling = if s.sample_bytes == 0 {
+        "exact".to_string()
+    } else {
+        format!("sampled every {}", human_bytes(s.sample_bytes as i128))
+    };
+    let _ = writeln!(
+        o,
+        "heapbpf snapshot of pid {} ({}) {}",
+        s.pid, s.comm, s.exe
+    );
+    let _ = writeln!(
+        o,
+        "taken {} (trigger {}), attached {}, {}",
+        s.taken_at,
+        s.trigger.as_str(),
+        s.attached_at,
+        sampling
+    );
+    let t = &s.totals;
+    let _ = writeln!(
+        o,
+        "live heap: {} in {} allocations; since attach: {} in {} allocations, {} frees",
+        human_bytes(t.live_bytes as i128),
+        t.live_allocations,
+        human_bytes(t.allocated_bytes as i128),
+        t.allocations,
+        t.frees
+    );
+    if t.rss_bytes > 0 {
+        let pct = 100.0 * t.live_bytes as f64 / t.rss_bytes as f64;
+        let _ = writeln!(
+            o,
+            "RSS: {}; the tracked heap explains {pct:.1}% of it (the rest: allocator overhead, memory allocated before attach, stacks, code, mappings)",
+            human_bytes(t.rss_bytes as i128)
+        );
+    }
+    if t.dropped_events > 0 {
+        let _ = writeln!(
+            o,
+            "WARNING: {} events could not be recorded; figures are lower bounds",
+            t.dropped_events
+        );
+    }
+    let _ = writeln!(o);
+    let shown: Vec<_> = s
+        .stacks
+        .iter()
+        .filter(|st| st.live_bytes > 0)
+        .take(top)
+        .collect();
+    if shown.is_empty() {
+        let _ = writeln!(o, "no live allocations");
+        return o;
+    }
+    let _ = writeln!(
+        o,
+        "{:>3}  {:>10}  {:>9}  {:>6}  {:>7}  site",
+        "#", "live", "allocs", "share", "oldest"
+    );
+    for (i, st) in shown.iter().enumerate() {
+        let share = if t.live_bytes > 0 {
+            100.0 * st.live_bytes as f64 / t.live_bytes as f64
+        } else {
+            0.0
+        };
+        let mut frames = st.frames.iter();
+        let first = frames
+            .next()
+            .map(|f| f.label())
+            .unwrap_or_else(|| "[unknown stack]".into());
+        let _ = writeln!(
+            o,
+            "{:>3}  {:>10}  {:>9}  {:>5.1}%  {:>7}  {}",
+            i + 1,
+            human_bytes(st.live_bytes as i128),
+            st.live_allocations,
+            share,
+            human_age_ms(st.oldest_age_ms),
+            first
+        );
+        for f in frames.by_ref().take(FRAMES_SHOWN - 1) {
+            let _ = writeln!(
+                o,
+                "{:>44}  {}{}",
+                "",
+                if f.inlined { "(inlined) " } else { "" },
+                f.label()
+            );
+        }
+        let rest = st.frames.len().saturating_sub(FRAMES_SHOWN);
+        if rest > 0 {
+            let _ = writeln!(o, "{:>44}  ... {rest} more frames", "");
+        }
+    }
+    let others = s
+        .stacks
+        .iter()
+        .filter(|st| st.live_bytes > 0)
+        .count()
+        .saturating_sub(shown.len());
+    if others > 0 {
+        let _ = writeln!(
+            o,
+            "\n{others} more sites with live allocations (use --top to see them)"
+        );
+    }
+    o
+}
+
+pub fn json(s: &Snapshot, top: usize) -> String {
+    let stacks: Vec<_> = s.stacks.iter().filter(|st| st.live_bytes > 0).take(top).map(|st| {
+        json!({
+            "live_bytes": st.live_bytes,
+            "live_allocations": st.live_allocations,
+            "share": if s.totals.live_bytes > 0 { st.live_bytes as f64 / s.totals.live_bytes as f64 } else { 0.0 },
+            "oldest_age_ms": st.oldest_age_ms,
+            "frames": st.frames,
+        })
+    }).collect();
+    let v = json!({
+        "format": "heapbpf-report",
+        "version": 1,
+        "pid": s.pid,
+        "comm": s.comm,
+        "exe": s.exe,
+        "taken_at": s.taken_at,
+        "trigger": s.trigger,
+        "sample_bytes": s.sample_bytes,
+        "totals": s.totals,
+        "stacks": stacks,
+    });
+    let mut out = serde_json::to_string_pretty(&v).unwrap_or_default();
+    out.push('\n');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Frame, Stack, Totals, Trigger, SNAPSHOT_FORMAT};
+
+    fn snap() -> Snapshot {
+        let frame = |f: &str, line| Frame {
+            address: "0x401136".into(),
+            function: Some(f.into()),
+            file: Some("/src/leak.c".into()),
+            line: Some(line),
+            module: Some("/usr/local/bin/app".into()),
+            inlined: false,
+        };
+        Snapshot {
+            format: SNAPSHOT_FORMAT.into(),
+            version: 1,
+            pid: 42,
+            comm: "app".into(),
+            exe: "/usr/local/bin/app".into(),
+            taken_at: "2026-11-24T19:00:00Z".into(),
+            attached_at: "2026-11-24T18:59:00Z".into(),
+            trigger: Trigger::Exit,
+            sample_bytes: 0,
+            totals: Totals {
+                live_bytes: 3072,
+                live_allocations: 3,
+                allocated_bytes: 4096,
+                allocations: 4,
+                frees: 1,
+                rss_bytes: 1 << 20,
+                dropped_events: 0,
+            },
+            stacks: vec![
+                Stack {
+                    live_bytes: 2048,
+                    live_allocations: 2,
+                    allocated_bytes: 2048,
+                    allocations: 2,
+                    oldest_age_ms: 5120,
+                    frames: vec![frame("leak_malloc", 12), frame("main", 30)],
+                },
+                Stack {
+                    live_bytes: 1024,
+                    live_allocations: 1,
+                    allocated_bytes: 2048,
+                    allocations: 2,
+                    oldest_age_ms: 10,
+                    frames: vec![],
+                },
+                Stack {
+                    live_bytes: 0,
+                    live_allocations: 0,
+                    allocated_bytes: 64,
+                    allocations: 1,
+                    oldest_age_ms: 0,
+                    frames: vec![frame("tmp", 3)],
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn text_report_ranks_sites_with_shares() {
+        let r = text(&snap(), 10);
+        assert!(r.contains("live heap: 3.0 KiB in 3 allocations"), "{r}");
+        assert!(r.contains("explains 0.3% of it"), "{r}");
+        let lines: Vec<&str> = r.lines().collect();
+        let first = lines
+            .iter()
+            .position(|l| l.contains("leak_malloc (leak.c:12)"))
+            .unwrap();
+        assert!(
+            lines[first].contains("2.0 KiB")
+                && lines[first].contains("66.7%")
+                && lines[first].contains("5.1s"),
+            "{}",
+            lines[first]
+        );
+        assert!(lines[first + 1].contains("main (leak.c:30)"));
+        assert!(r.contains("[unknown stack]"));
+        assert!(
+            !r.contains("tmp (leak.c:3)"),
+            "stacks with nothing live are not listed"
+        );
+        let r1 = text(&snap(), 1);
+        assert!(r1.contains("1 more sites"));
+    }
+
+    #[test]
+    fn json_report_is_machine_readable() {
+        let v: serde_json::Value = serde_json::from_str(&json(&snap(), 1)).unwrap();
+        assert_eq!(v["stacks"].as_array().unwrap().len(), 1);
+        assert_eq!(v["stacks"][0]["live_bytes"], 2048);
+        assert_eq!(v["stacks"][0]["frames"][0]["function"], "leak_malloc");
+        assert_eq!(v["totals"]["live_bytes"], 3072);
+    }
+}

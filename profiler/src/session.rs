@@ -1,0 +1,383 @@
+//! Orchestration: attach to the targets, then write snapshots on signals,
+//! timers, thresholds and target exit until stopped. Owns the event loop;
+//! the kernel work is in [`crate::ebpf`], the data work in [`crate::model`].
+use std::{
+    collections::VecDeque,
+    io::Write as _,
+    path::PathBuf,
+    time::{Duration, Instant, SystemTime},
+};
+
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::{
+    cli::{AttachConfig, ReportArgs, ReportFormat},
+    ebpf::{self, LoadOptions, Profiler},
+    error::{Error, Result},
+    model::{RawSnapshot, Snapshot, Stack, Totals, Trigger, SNAPSHOT_FORMAT, SNAPSHOT_VERSION},
+    output::{self, json, Format},
+    procfs::{self, ProcessInfo},
+    report,
+    symbolize::Symbolizer,
+    trigger::StepTrigger,
+};
+
+/// How often targets are checked for exit and thresholds.
+const POLL: Duration = Duration::from_millis(100);
+/// How often module tables pick up newly loaded libraries.
+const MAPS_REFRESH: Duration = Duration::from_secs(2);
+
+fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+}
+
+/// A line of the contract on stderr (attached, snapshot): user-facing
+/// output, not logging.
+fn say(line: &str) {
+    let mut err = std::io::stderr().lock();
+    let _ = writeln!(err, "heapbpf: {line}");
+}
+
+struct Target {
+    info: ProcessInfo,
+    attached_at: String,
+    seq: u32,
+    written: VecDeque<Vec<PathBuf>>,
+    rss_bytes: u64,
+    rss_step: Option<StepTrigger>,
+    heap_step: Option<StepTrigger>,
+}
+
+struct Session {
+    cfg: AttachConfig,
+    profiler: Profiler,
+    symbolizer: Symbolizer,
+    targets: Vec<Target>,
+}
+
+pub fn run_attach(cfg: AttachConfig) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::runtime("cannot start the runtime", e))?;
+    rt.block_on(attach(cfg))
+}
+
+async fn attach(cfg: AttachConfig) -> Result<()> {
+    output::check_output_dir(&cfg.output_dir)?;
+    // Privileges before pids: without them, /proc of other users' processes
+    // is unreadable and the pid errors would hide the real cause.
+    ebpf::preflight()?;
+    let infos = cfg
+        .pids
+        .iter()
+        .map(|&pid| procfs::process_info(pid))
+        .collect::<Result<Vec<_>>>()?;
+    // Signal handlers first: a SIGINT during attach still detaches cleanly.
+    let mut usr2 =
+        signal(SignalKind::user_defined2()).map_err(|e| Error::runtime("SIGUSR2 handler", e))?;
+    let mut int =
+        signal(SignalKind::interrupt()).map_err(|e| Error::runtime("SIGINT handler", e))?;
+    let mut term =
+        signal(SignalKind::terminate()).map_err(|e| Error::runtime("SIGTERM handler", e))?;
+
+    let profiler = Profiler::load(&LoadOptions {
+        max_live_blocks: cfg.max_live_blocks,
+    })?;
+    let mut s = Session {
+        cfg,
+        profiler,
+        symbolizer: Symbolizer::new(),
+        targets: Vec::new(),
+    };
+    for info in infos {
+        s.attach_target(info)?;
+    }
+
+    let started = Instant::now();
+    let deadline = s.cfg.duration.map(|d| started + d);
+    let mut next_interval = s.cfg.interval.map(|i| started + i);
+    let mut next_refresh = started + MAPS_REFRESH;
+    let mut tick = tokio::time::interval(POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = usr2.recv() => s.snapshot_all(Trigger::Signal),
+            _ = int.recv() => { s.snapshot_all(Trigger::Stop); break; }
+            _ = term.recv() => { s.snapshot_all(Trigger::Stop); break; }
+            _ = tick.tick() => {
+                let now = Instant::now();
+                if deadline.is_some_and(|d| now >= d) {
+                    s.snapshot_all(Trigger::Duration);
+                    break;
+                }
+                s.reap_exited();
+                if s.targets.is_empty() {
+                    break;
+                }
+                if next_interval.is_some_and(|t| now >= t) {
+                    s.snapshot_all(Trigger::Interval);
+                    next_interval = s.cfg.interval.map(|i| now + i);
+                }
+                s.check_steps();
+                if now >= next_refresh {
+                    for t in &s.targets {
+                        s.symbolizer.refresh(t.info.pid);
+                    }
+                    next_refresh = now + MAPS_REFRESH;
+                }
+            }
+        }
+    }
+    let pids: Vec<u32> = s.targets.iter().map(|t| t.info.pid).collect();
+    for pid in pids {
+        s.profiler.detach(pid);
+    }
+    Ok(())
+}
+
+impl Session {
+    fn attach_target(&mut self, info: ProcessInfo) -> Result<()> {
+        let pid = info.pid;
+        let maps = procfs::read_maps(pid)?;
+        let lib = ebpf::find_allocator(pid, &maps).ok_or_else(|| Error::NotTraceable {
+            pid,
+            why: format!(
+                "no C library is mapped into {} (a statically linked program?); heapbpf hooks the allocator of libc.so",
+                info.comm
+            ),
+        })?;
+        // Open every mapped module before the first allocation is seen, so
+        // that the stacks stay symbolizable after the target exits.
+        self.symbolizer.track(pid);
+        let probes = self.profiler.attach(pid, &lib)?;
+        for p in &probes {
+            tracing::info!(pid, symbol = p.symbol, offset = p.offset, ret = p.is_return, library = %lib.path, "probe placed at {}+{:#x}{}", p.symbol, p.offset, if p.is_return { " (return)" } else { "" });
+        }
+        let rss = procfs::rss_bytes(pid).unwrap_or(0);
+        say(&format!(
+            "attached to {pid} ({}): {} probes in {}; sampling {}; heapbpf pid {}",
+            info.comm,
+            probes.len(),
+            lib.path,
+            if self.cfg.sample_bytes == 0 {
+                "EXACT".to_string()
+            } else {
+                self.cfg.sample_bytes.to_string()
+            },
+            std::process::id()
+        ));
+        self.targets.push(Target {
+            attached_at: now_rfc3339(),
+            seq: 0,
+            written: VecDeque::new(),
+            rss_bytes: rss,
+            rss_step: self.cfg.rss_step.map(|s| StepTrigger::new(rss, s)),
+            heap_step: self.cfg.heap_step.map(|s| StepTrigger::new(0, s)),
+            info,
+        });
+        Ok(())
+    }
+
+    fn snapshot_all(&mut self, trigger: Trigger) {
+        for i in 0..self.targets.len() {
+            self.snapshot(i, trigger);
+        }
+    }
+
+    fn reap_exited(&mut self) {
+        let mut i = 0;
+        while i < self.targets.len() {
+            let pid = self.targets[i].info.pid;
+            if procfs::is_alive(pid) {
+                i += 1;
+                continue;
+            }
+            self.snapshot(i, Trigger::Exit);
+            self.profiler.detach(pid);
+            self.symbolizer.forget(pid);
+            self.targets.remove(i);
+        }
+    }
+
+    fn check_steps(&mut self) {
+        for i in 0..self.targets.len() {
+            let pid = self.targets[i].info.pid;
+            if let Some(rss) = procfs::rss_bytes(pid) {
+                self.targets[i].rss_bytes = rss;
+                if let Some(c) = self.targets[i]
+                    .rss_step
+                    .as_mut()
+                    .and_then(|t| t.observe(rss))
+                {
+                    tracing::info!(
+                        pid,
+                        rss,
+                        threshold = c.threshold,
+                        skipped = c.skipped,
+                        "RSS step"
+                    );
+                    self.snapshot(i, Trigger::RssStep);
+                }
+            }
+            if self.targets[i].heap_step.is_some() {
+                if let Some(live) = self.profiler.live_bytes(pid) {
+                    if let Some(c) = self.targets[i]
+                        .heap_step
+                        .as_mut()
+                        .and_then(|t| t.observe(live))
+                    {
+                        tracing::info!(
+                            pid,
+                            live,
+                            threshold = c.threshold,
+                            skipped = c.skipped,
+                            "heap step"
+                        );
+                        self.snapshot(i, Trigger::HeapStep);
+                    }
+                }
+            }
+        }
+    }
+
+    fn snapshot(&mut self, i: usize, trigger: Trigger) {
+        let pid = self.targets[i].info.pid;
+        if let Err(e) = self.try_snapshot(i, trigger) {
+            tracing::error!(pid, "snapshot failed: {e}");
+            say(&format!(
+                "snapshot {} pid={pid} failed: {e}",
+                trigger.as_str()
+            ));
+        }
+    }
+
+    fn try_snapshot(&mut self, i: usize, trigger: Trigger) -> Result<()> {
+        let pid = self.targets[i].info.pid;
+        let started = Instant::now();
+        if procfs::is_alive(pid) {
+            self.symbolizer.refresh(pid);
+            if let Some(rss) = procfs::rss_bytes(pid) {
+                self.targets[i].rss_bytes = rss;
+            }
+        }
+        let min_age_ms = self.cfg.min_age.as_millis() as u64;
+        let raw = self.profiler.drain(pid, min_age_ms)?;
+        let t = &self.targets[i];
+        let snapshot = build_snapshot(
+            &raw,
+            &t.info,
+            &t.attached_at,
+            trigger,
+            self.cfg.sample_bytes,
+            t.rss_bytes,
+            |ips| self.symbolizer.symbolize_stack(pid, ips),
+        );
+        let taken_at = snapshot.taken_at.clone();
+        let t = &mut self.targets[i];
+        t.seq += 1;
+        let mut paths = Vec::new();
+        for format in &self.cfg.formats {
+            let bytes = match format {
+                Format::Json => json::to_bytes(&snapshot),
+            };
+            let ext = format.ext();
+            let seq = &mut t.seq;
+            let name = output::file_name(pid, &taken_at, *seq, ext);
+            let path = output::publish(&self.cfg.output_dir, name, &bytes, || {
+                *seq += 1;
+                output::file_name(pid, &taken_at, *seq, ext)
+            })?;
+            paths.push(path);
+        }
+        say(&format!(
+            "snapshot {} pid={pid} live={} allocations={} -> {}",
+            trigger.as_str(),
+            snapshot.totals.live_bytes,
+            snapshot.totals.live_allocations,
+            paths
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+        tracing::info!(
+            pid,
+            stacks = snapshot.stacks.len(),
+            dropped = snapshot.totals.dropped_events,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "snapshot statistics"
+        );
+        t.written.push_back(paths);
+        if let Some(max) = self.cfg.max_snapshots {
+            while t.written.len() > max {
+                for p in t.written.pop_front().unwrap_or_default() {
+                    if let Err(e) = std::fs::remove_file(&p) {
+                        tracing::warn!(path = %p.display(), error = %e, "cannot delete old snapshot");
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Raw snapshot + symbolizer → the canonical snapshot.
+pub fn build_snapshot(
+    raw: &RawSnapshot,
+    info: &ProcessInfo,
+    attached_at: &str,
+    trigger: Trigger,
+    sample_bytes: u64,
+    rss_bytes: u64,
+    mut symbolize: impl FnMut(&[u64]) -> Vec<crate::model::Frame>,
+) -> Snapshot {
+    let stacks: Vec<Stack> = raw
+        .stacks
+        .iter()
+        .map(|r| Stack {
+            live_bytes: r.live_bytes,
+            live_allocations: r.live_allocations,
+            allocated_bytes: r.allocated_bytes,
+            allocations: r.allocations,
+            oldest_age_ms: r.oldest_age_ms,
+            frames: symbolize(&r.ips),
+        })
+        .collect();
+    Snapshot {
+        format: SNAPSHOT_FORMAT.into(),
+        version: SNAPSHOT_VERSION,
+        pid: raw.pid,
+        comm: info.comm.clone(),
+        exe: info.exe.clone(),
+        taken_at: now_rfc3339(),
+        attached_at: attached_at.to_string(),
+        trigger,
+        sample_bytes,
+        totals: Totals {
+            live_bytes: stacks.iter().map(|s| s.live_bytes).sum(),
+            live_allocations: stacks.iter().map(|s| s.live_allocations).sum(),
+            allocated_bytes: raw.allocated_bytes,
+            allocations: raw.allocations,
+            frees: raw.frees,
+            rss_bytes,
+            dropped_events: raw.dropped_events,
+        },
+        stacks,
+    }
+}
+
+pub fn run_report(args: &ReportArgs) -> Result<()> {
+    let snapshot = json::read(&args.snapshot)?;
+    let text = match args.format {
+        ReportFormat::Text => report::text(&snapshot, args.top),
+        ReportFormat::Json => report::json(&snapshot, args.top),
+    };
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()) {
+        Ok(()) => Ok(()),
+        // `heapbpf report x | head` is not an error.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(Error::runtime("cannot write the report", e)),
+    }
+}

@@ -1,0 +1,229 @@
+//! Addresses → frames, with blazesym. The only module that names blazesym.
+//!
+//! For each target a [`ModuleTable`] keeps the memory map and an open file
+//! handle on every file-backed mapping (opened through
+//! `/proc/PID/map_files/`, so it is the very file the target mapped, in
+//! whatever mount namespace or chroot it lives). Symbolization reads those
+//! handles through `/proc/self/fd/N`, so a target that has exited is still
+//! fully symbolized. Misses are data (a frame without a function), never
+//! errors.
+use std::{collections::HashMap, fs::File, os::fd::AsRawFd, path::PathBuf};
+
+use blazesym::symbolize::{self, source::Elf, source::Source, Input, Symbolized};
+
+use crate::{
+    model::Frame,
+    procfs::{self, Mapping},
+};
+
+/// The memory map of one target, and handles that outlive it.
+#[derive(Default)]
+pub struct ModuleTable {
+    pid: u32,
+    mappings: Vec<Mapping>,
+    files: HashMap<(String, u64), File>,
+    text: String,
+}
+
+impl ModuleTable {
+    pub fn new(pid: u32) -> Self {
+        ModuleTable {
+            pid,
+            ..Default::default()
+        }
+    }
+
+    /// Re-reads the target's maps (while it is alive) and opens new modules.
+    /// Returns whether anything changed. Mappings of modules that were
+    /// unmapped are kept: their blocks may still be live.
+    pub fn refresh(&mut self) -> bool {
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{}/maps", self.pid)) else {
+            return false;
+        };
+        if text.is_empty() || text == self.text {
+            return false;
+        }
+        let mut fresh = procfs::parse_maps(&text);
+        procfs::to_target_view(&mut fresh, procfs::root_of(self.pid).as_deref());
+        self.text = text;
+        for m in fresh.iter().filter(|m| m.is_file()) {
+            let key = (m.dev.clone(), m.inode);
+            if !self.files.contains_key(&key) {
+                match File::open(m.map_file(self.pid)) {
+                    Ok(f) => {
+                        self.files.insert(key, f);
+                    }
+                    Err(e) => {
+                        tracing::debug!(pid = self.pid, path = %m.path, error = %e, "cannot open mapped file")
+                    }
+                }
+            }
+        }
+        // New mappings win; old ones survive where nothing new overlaps them.
+        let mut merged: Vec<Mapping> = self
+            .mappings
+            .drain(..)
+            .filter(|old| !fresh.iter().any(|n| n.start < old.end && old.start < n.end))
+            .collect();
+        merged.extend(fresh);
+        merged.sort_by_key(|m| m.start);
+        self.mappings = merged;
+        true
+    }
+
+    pub fn mapping(&self, addr: u64) -> Option<&Mapping> {
+        let i = self.mappings.partition_point(|m| m.start <= addr);
+        let m = self.mappings.get(i.checked_sub(1)?)?;
+        (addr < m.end).then_some(m)
+    }
+
+    /// The mapped files, as the target sees them.
+    pub fn mappings(&self) -> &[Mapping] {
+        &self.mappings
+    }
+
+    fn fd_path(&self, m: &Mapping) -> Option<PathBuf> {
+        let f = self.files.get(&(m.dev.clone(), m.inode))?;
+        Some(PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd())))
+    }
+}
+
+/// Symbolizes the stacks of all targets of a session.
+pub struct Symbolizer {
+    inner: symbolize::Symbolizer,
+    tables: HashMap<u32, ModuleTable>,
+    cache: HashMap<(u32, u64), Vec<Frame>>,
+}
+
+impl Default for Symbolizer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Symbolizer {
+    pub fn new() -> Self {
+        let inner = symbolize::Symbolizer::builder()
+            .enable_code_info(true)
+            .enable_inlined_fns(true)
+            .enable_demangling(true)
+            .build();
+        Symbolizer {
+            inner,
+            tables: HashMap::new(),
+            cache: HashMap::new(),
+        }
+    }
+
+    /// Starts keeping the modules of `pid`.
+    pub fn track(&mut self, pid: u32) {
+        let mut t = ModuleTable::new(pid);
+        t.refresh();
+        self.tables.insert(pid, t);
+    }
+
+    pub fn forget(&mut self, pid: u32) {
+        self.tables.remove(&pid);
+        self.cache.retain(|(p, _), _| *p != pid);
+    }
+
+    /// Picks up libraries loaded since the last call.
+    pub fn refresh(&mut self, pid: u32) {
+        if let Some(t) = self.tables.get_mut(&pid) {
+            if t.refresh() {
+                self.cache.retain(|(p, _), _| *p != pid);
+            }
+        }
+    }
+
+    pub fn table(&self, pid: u32) -> Option<&ModuleTable> {
+        self.tables.get(&pid)
+    }
+
+    /// Frames for a stack of return addresses, innermost first. Each address
+    /// is looked up at `address - 1` (inside the call instruction).
+    pub fn symbolize_stack(&mut self, pid: u32, ips: &[u64]) -> Vec<Frame> {
+        let mut out = Vec::with_capacity(ips.len());
+        for &ip in ips {
+            if let Some(frames) = self.cache.get(&(pid, ip)) {
+                out.extend(frames.iter().cloned());
+                continue;
+            }
+            let frames = self.symbolize_return_address(pid, ip);
+            out.extend(frames.iter().cloned());
+            self.cache.insert((pid, ip), frames);
+        }
+        out
+    }
+
+    fn symbolize_return_address(&self, pid: u32, ip: u64) -> Vec<Frame> {
+        let address = format!("{ip:#x}");
+        let Some(table) = self.tables.get(&pid) else {
+            return vec![Frame {
+                address,
+                ..Default::default()
+            }];
+        };
+        let Some(m) = table.mapping(ip.saturating_sub(1)) else {
+            return vec![Frame {
+                address,
+                ..Default::default()
+            }];
+        };
+        let module = (!m.path.is_empty()).then(|| m.path.clone());
+        let unresolved = || {
+            vec![Frame {
+                address: address.clone(),
+                module: module.clone(),
+                ..Default::default()
+            }]
+        };
+        let Some(path) = table.fd_path(m) else {
+            return unresolved();
+        };
+        let file_offset = ip - 1 - m.start + m.offset;
+        let src = Source::Elf(Elf::new(path));
+        let sym = match self
+            .inner
+            .symbolize_single(&src, Input::FileOffset(file_offset))
+        {
+            Ok(Symbolized::Sym(sym)) => sym,
+            Ok(Symbolized::Unknown(reason)) => {
+                tracing::trace!(ip, %reason, "unresolved frame");
+                return unresolved();
+            }
+            Err(e) => {
+                tracing::debug!(ip, error = %e, "symbolization failed");
+                return unresolved();
+            }
+        };
+        let code = |ci: Option<&symbolize::CodeInfo<'_>>| {
+            ci.map(|ci| (ci.to_path().to_string_lossy().into_owned(), ci.line))
+                .unzip()
+        };
+        let mut frames = Vec::with_capacity(1 + sym.inlined.len());
+        // blazesym lists inlined calls outermost first; frames go innermost
+        // first, each inlined function before the one it was inlined into.
+        for inl in sym.inlined.iter().rev() {
+            let (file, line) = code(inl.code_info.as_ref());
+            frames.push(Frame {
+                address: address.clone(),
+                function: Some(inl.name.to_string()),
+                file,
+                line: line.flatten(),
+                module: module.clone(),
+                inlined: true,
+            });
+        }
+        let (file, line) = code(sym.code_info.as_deref());
+        frames.push(Frame {
+            address,
+            function: Some(sym.name.to_string()),
+            file,
+            line: line.flatten(),
+            module,
+            inlined: false,
+        });
+        frames
+    }
+}

@@ -1,0 +1,29 @@
+//! Compiles the C fixture programs with the system's gcc: with frame
+//! pointers and debug info, unoptimized, so each call site is its own
+//! `noinline` function with known figures.
+use std::{env, path::PathBuf, process::Command};
+
+const FIXTURES: &[&str] = &["allocs"];
+
+fn main() {
+    let out = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR"));
+    for name in FIXTURES {
+        let src = format!("fixtures/{name}.c");
+        println!("cargo:rerun-if-changed={src}");
+        let status = Command::new("gcc")
+            .args([
+                "-O0",
+                "-g",
+                "-fno-omit-frame-pointer",
+                "-pthread",
+                "-Wall",
+                "-o",
+            ])
+            .arg(out.join(name))
+            .arg(&src)
+            .status()
+            .expect("run gcc (install it: apt-get install gcc)");
+        assert!(status.success(), "gcc failed on {src}");
+    }
+    println!("cargo:rustc-env=FIXTURE_DIR={}", out.display());
+}

@@ -1,0 +1,294 @@
+//! Helpers of heapbpf's privileged integration tests: fixture programs that
+//! print their pid and obey commands on stdin, the heapbpf binary with its
+//! stderr lines, snapshot files. Tests panic with a message, never skip.
+use std::{
+    io::{BufRead, BufReader, Write},
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, Command, ExitStatus, Stdio},
+    sync::mpsc::{channel, Receiver},
+    time::{Duration, Instant},
+};
+
+pub use serde_json::Value;
+
+pub const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The heapbpf binary under test (`HEAPBPF_BIN`, else the workspace's debug build).
+pub fn heapbpf_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("HEAPBPF_BIN") {
+        return PathBuf::from(p);
+    }
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/heapbpf");
+    assert!(
+        p.exists(),
+        "{} is missing: build it first (cargo xtask test does)",
+        p.display()
+    );
+    p
+}
+
+pub fn fixture_path(name: &str) -> PathBuf {
+    Path::new(env!("FIXTURE_DIR")).join(name)
+}
+
+/// Fails loudly when the tests cannot do what they are for.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "the integration tests attach eBPF probes: run them as root (cargo xtask test)"
+    );
+}
+
+fn lines_of(r: impl std::io::Read + Send + 'static) -> Receiver<String> {
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(r).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+fn wait_line(
+    rx: &Receiver<String>,
+    what: &str,
+    pred: impl Fn(&str) -> bool,
+    seen: &mut Vec<String>,
+) -> String {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                seen.push(line.clone());
+                if pred(&line) {
+                    return line;
+                }
+            }
+            Err(_) => panic!(
+                "timed out waiting for {what}; seen so far:\n{}",
+                seen.join("\n")
+            ),
+        }
+    }
+}
+
+/// A fixture program: prints `ready PID`, then answers each command with `done`.
+pub struct Fixture {
+    pub child: Child,
+    stdin: ChildStdin,
+    out: Receiver<String>,
+    seen: Vec<String>,
+    /// The pid as the host sees it.
+    pub pid: u32,
+}
+
+impl Fixture {
+    pub fn spawn(name: &str) -> Fixture {
+        let mut cmd = Command::new(fixture_path(name));
+        Fixture::from_command(&mut cmd, |child, _| child.id())
+    }
+
+    /// Spawns `cmd` (which runs a fixture, maybe in a namespace) and finds
+    /// the fixture's host pid with `host_pid` once it printed `ready`.
+    pub fn from_command(cmd: &mut Command, host_pid: impl FnOnce(&Child, u32) -> u32) -> Fixture {
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+        let stdin = child.stdin.take().unwrap();
+        let out = lines_of(child.stdout.take().unwrap());
+        let mut seen = Vec::new();
+        let ready = wait_line(
+            &out,
+            "fixture ready",
+            |l| l.starts_with("ready "),
+            &mut seen,
+        );
+        let own_pid: u32 = ready[6..].trim().parse().unwrap();
+        let pid = host_pid(&child, own_pid);
+        Fixture {
+            child,
+            stdin,
+            out,
+            seen,
+            pid,
+        }
+    }
+
+    pub fn command(&mut self, cmd: &str) {
+        writeln!(self.stdin, "{cmd}").unwrap();
+        self.stdin.flush().unwrap();
+        wait_line(
+            &self.out,
+            &format!("fixture to finish {cmd:?}"),
+            |l| l == "done",
+            &mut self.seen,
+        );
+    }
+
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A running `heapbpf attach`.
+pub struct Heapbpf {
+    pub child: Child,
+    err: Receiver<String>,
+    pub stderr: Vec<String>,
+}
+
+impl Heapbpf {
+    pub fn attach(pids: &[u32], out_dir: &Path, extra: &[&str]) -> Heapbpf {
+        let mut cmd = Command::new(heapbpf_bin());
+        cmd.arg("attach");
+        for p in pids {
+            cmd.arg(p.to_string());
+        }
+        cmd.arg("-o").arg(out_dir).args(extra);
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let err = lines_of(child.stderr.take().unwrap());
+        let mut h = Heapbpf {
+            child,
+            err,
+            stderr: Vec::new(),
+        };
+        for pid in pids {
+            let prefix = format!("heapbpf: attached to {pid} (");
+            h.wait_for(&format!("attached line of {pid}"), |l| {
+                l.starts_with(&prefix)
+            });
+        }
+        h
+    }
+
+    pub fn wait_for(&mut self, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        wait_line(&self.err, what, pred, &mut self.stderr)
+    }
+
+    /// Waits for the next `snapshot TRIGGER pid=PID` line and returns its paths.
+    pub fn wait_snapshot(&mut self, trigger: &str, pid: u32) -> Vec<PathBuf> {
+        let prefix = format!("heapbpf: snapshot {trigger} pid={pid} ");
+        let line = self.wait_for(&format!("{trigger} snapshot of {pid}"), |l| {
+            l.starts_with(&prefix)
+        });
+        let (_, paths) = line
+            .split_once(" -> ")
+            .unwrap_or_else(|| panic!("no paths in {line:?}"));
+        paths.split(", ").map(PathBuf::from).collect()
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: plain kill(2) on our child.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, sig) }, 0);
+    }
+
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                // Drain what is left of stderr.
+                while let Ok(l) = self.err.recv_timeout(Duration::from_millis(200)) {
+                    self.stderr.push(l);
+                }
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "heapbpf did not exit; stderr:\n{}",
+                self.stderr.join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Heapbpf {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs heapbpf to completion: (exit code, stdout, stderr).
+pub fn run_heapbpf(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(heapbpf_bin()).args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+pub fn read_json(path: &Path) -> Value {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("parse {}: {e}", path.display()))
+}
+
+/// A fresh directory under the system temp dir, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!(
+            "heapbpf-test-{tag}-{}-{:?}",
+            std::process::id(),
+            Instant::now()
+        ));
+        let p = PathBuf::from(p.to_string_lossy().replace(['{', '}', ' ', ':', ','], ""));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Per-site figures of a snapshot: sums over the stacks whose first frame
+/// is `function`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Site {
+    pub live_bytes: u64,
+    pub live_allocations: u64,
+    pub allocated_bytes: u64,
+    pub allocations: u64,
+}
+
+pub fn site(snapshot: &Value, function: &str) -> Site {
+    let mut s = Site::default();
+    for st in snapshot["stacks"].as_array().expect("stacks") {
+        if st["frames"][0]["function"].as_str() == Some(function) {
+            s.live_bytes += st["live_bytes"].as_u64().unwrap();
+            s.live_allocations += st["live_allocations"].as_u64().unwrap();
+            s.allocated_bytes += st["allocated_bytes"].as_u64().unwrap();
+            s.allocations += st["allocations"].as_u64().unwrap();
+        }
+    }
+    s
+}

@@ -1,0 +1,294 @@
+//! heapbpf attached to real fixture programs through real uprobes: exact
+//! figures per call site, signals, target exit, containers, bad input.
+use std::{path::Path, process::Command};
+
+use heapbpf_integration_tests::*;
+
+/// Per-thread figures of each call site of `fixtures/allocs.c`:
+/// (function, live bytes, live allocations, allocated bytes, allocations).
+const EXPECTED: &[(&str, u64, u64, u64, u64)] = &[
+    ("site_malloc", 10_000, 10, 10_000, 10),
+    ("site_malloc_freed", 0, 0, 1_280, 20),
+    ("site_calloc", 5_000, 5, 5_000, 5),
+    // Moved by realloc: freed at the seed site, allocated at the realloc.
+    ("site_realloc_seed", 0, 0, 400, 4),
+    ("site_realloc_grow", 20_000, 4, 20_000, 4),
+    // realloc(NULL, n) counts once, at the realloc, not also as glibc's
+    // inner malloc.
+    ("site_realloc_null", 9_000, 3, 9_000, 3),
+    // realloc(p, 0) frees p and allocates nothing.
+    ("site_realloc_zero_seed", 0, 0, 1_400, 2),
+    ("site_realloc_zero", 0, 0, 0, 0),
+    // A failed realloc leaves the block live where it was allocated.
+    ("site_realloc_fail_seed", 1_600, 2, 1_600, 2),
+    ("site_realloc_fail", 0, 0, 0, 0),
+    // reallocarray calls realloc inside glibc: counted once.
+    ("site_reallocarray", 900, 3, 900, 3),
+    ("site_malloc_fail", 0, 0, 0, 0),
+    ("site_free_null", 0, 0, 0, 0),
+    ("site_posix_memalign", 4_000, 4, 4_000, 4),
+    ("site_aligned_alloc", 3_072, 3, 3_072, 3),
+    // memalign with a small alignment calls malloc inside glibc: counted once.
+    ("site_memalign_small", 400, 2, 400, 2),
+    ("site_memalign", 600, 2, 600, 2),
+    ("site_valloc", 10_000, 2, 10_000, 2),
+    // pvalloc rounds up to a page; the figure is the size asked for.
+    ("site_pvalloc", 200, 2, 200, 2),
+    ("site_calloc_overflow", 0, 0, 0, 0),
+    // Allocated before attach, freed after: never negative, never counted.
+    ("site_pre", 0, 0, 0, 0),
+];
+const THREADS: u64 = 4;
+/// Frees of tracked blocks per thread: 20 malloc/free, 4 moved by realloc,
+/// 2 freed by realloc(p, 0).
+const FREES_PER_THREAD: u64 = 26;
+
+fn assert_exact(snapshot: &Value, fixture_module: &str) {
+    for &(function, live_bytes, live_allocations, allocated_bytes, allocations) in EXPECTED {
+        let want = Site {
+            live_bytes: live_bytes * THREADS,
+            live_allocations: live_allocations * THREADS,
+            allocated_bytes: allocated_bytes * THREADS,
+            allocations: allocations * THREADS,
+        };
+        assert_eq!(site(snapshot, function), want, "figures of {function}");
+    }
+    assert_eq!(snapshot["totals"]["frees"], FREES_PER_THREAD * THREADS);
+    assert_eq!(snapshot["totals"]["dropped_events"], 0);
+    // The caller of the allocator is frames[0], with file, line and module.
+    let st = snapshot["stacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["frames"][0]["function"] == "site_malloc")
+        .expect("site_malloc stack");
+    let f0 = &st["frames"][0];
+    assert!(f0["file"].as_str().unwrap().ends_with("allocs.c"), "{f0}");
+    assert!(f0["line"].as_u64().unwrap() > 0, "{f0}");
+    assert_eq!(f0["module"], fixture_module, "{f0}");
+    assert_eq!(f0["inlined"], false);
+    assert!(f0["address"].as_str().unwrap().starts_with("0x"));
+    assert_eq!(st["frames"][1]["function"], "scenario", "{st}");
+    // Sorted by live bytes, largest first.
+    let live: Vec<u64> = snapshot["stacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["live_bytes"].as_u64().unwrap())
+        .collect();
+    assert!(live.windows(2).all(|w| w[0] >= w[1]), "{live:?}");
+}
+
+#[test]
+fn exact_figures_per_call_site_in_four_threads() {
+    require_root();
+    let dir = TempDir::new("exact");
+    let mut fx = Fixture::spawn("allocs");
+    let mut hb = Heapbpf::attach(&[fx.pid], dir.path(), &[]);
+    fx.command("run");
+    fx.command("free-pre");
+    hb.signal(libc::SIGUSR2);
+    let paths = hb.wait_snapshot("signal", fx.pid);
+    assert_eq!(paths.len(), 1);
+    let name = paths[0].file_name().unwrap().to_string_lossy().into_owned();
+    assert!(
+        name.starts_with(&format!("heapbpf-{}-", fx.pid)) && name.ends_with("-0001.json"),
+        "{name}"
+    );
+    let snap = read_json(&paths[0]);
+    assert_eq!(snap["format"], "heapbpf-snapshot");
+    assert_eq!(snap["version"], 1);
+    assert_eq!(snap["pid"], fx.pid);
+    assert_eq!(snap["comm"], "allocs");
+    assert_eq!(snap["trigger"], "signal");
+    assert_eq!(snap["sample_bytes"], 0);
+    assert!(snap["totals"]["rss_bytes"].as_u64().unwrap() > 0);
+    let module = fixture_path("allocs").to_string_lossy().into_owned();
+    assert_exact(&snap, &module);
+    assert_eq!(snap["exe"], module);
+
+    // A second snapshot gets the next sequence number; nothing half-written
+    // is left behind.
+    hb.signal(libc::SIGUSR2);
+    let second = hb.wait_snapshot("signal", fx.pid);
+    assert!(second[0].to_string_lossy().ends_with("-0002.json"));
+    hb.signal(libc::SIGINT);
+    let stop = hb.wait_snapshot("stop", fx.pid);
+    assert_exact(&read_json(&stop[0]), &module);
+    assert_eq!(hb.wait_exit().code(), Some(0));
+    let files: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(files.len(), 3, "{files:?}");
+    assert!(
+        files
+            .iter()
+            .all(|f| f.starts_with("heapbpf-") && f.ends_with(".json")),
+        "{files:?}"
+    );
+
+    // Detached: the target runs on unharmed.
+    fx.command("run");
+}
+
+#[test]
+fn target_exit_writes_a_symbolized_final_snapshot() {
+    require_root();
+    let dir = TempDir::new("exit");
+    let mut fx = Fixture::spawn("allocs");
+    let mut hb = Heapbpf::attach(&[fx.pid], dir.path(), &[]);
+    fx.command("run");
+    fx.command("exit");
+    assert!(fx.wait_exit().success());
+    let paths = hb.wait_snapshot("exit", fx.pid);
+    let snap = read_json(&paths[0]);
+    assert_eq!(snap["trigger"], "exit");
+    assert_exact(&snap, &fixture_path("allocs").to_string_lossy());
+    assert_eq!(
+        hb.wait_exit().code(),
+        Some(0),
+        "heapbpf exits 0 once no target is left"
+    );
+}
+
+#[test]
+fn duration_ends_with_a_final_snapshot() {
+    require_root();
+    let dir = TempDir::new("duration");
+    let mut fx = Fixture::spawn("allocs");
+    let mut hb = Heapbpf::attach(&[fx.pid], dir.path(), &["--duration", "1s"]);
+    fx.command("run");
+    let paths = hb.wait_snapshot("duration", fx.pid);
+    assert_eq!(
+        site(&read_json(&paths[0]), "site_malloc").live_bytes,
+        40_000
+    );
+    assert_eq!(hb.wait_exit().code(), Some(0));
+    fx.command("run");
+}
+
+#[test]
+fn several_targets_at_once() {
+    require_root();
+    let dir = TempDir::new("multi");
+    let mut a = Fixture::spawn("allocs");
+    let mut b = Fixture::spawn("allocs");
+    let mut hb = Heapbpf::attach(&[a.pid, b.pid], dir.path(), &[]);
+    a.command("run");
+    b.command("run");
+    b.command("run");
+    hb.signal(libc::SIGUSR2);
+    let pa = hb.wait_snapshot("signal", a.pid);
+    let pb = hb.wait_snapshot("signal", b.pid);
+    assert_eq!(site(&read_json(&pa[0]), "site_malloc").live_bytes, 40_000);
+    assert_eq!(site(&read_json(&pb[0]), "site_malloc").live_bytes, 80_000);
+    // One target leaves; heapbpf stays for the other.
+    a.command("exit");
+    hb.wait_snapshot("exit", a.pid);
+    b.command("run");
+    hb.signal(libc::SIGTERM);
+    let last = hb.wait_snapshot("stop", b.pid);
+    assert_eq!(
+        site(&read_json(&last[0]), "site_malloc").live_bytes,
+        120_000
+    );
+    assert_eq!(hb.wait_exit().code(), Some(0));
+}
+
+/// Copies the fixture and the libraries it needs (its own libc, a different
+/// file from the host's) into `root`.
+fn build_chroot(root: &Path) {
+    let fixture = fixture_path("allocs");
+    std::fs::copy(&fixture, root.join("allocs")).unwrap();
+    let ldd = Command::new("ldd").arg(&fixture).output().unwrap();
+    assert!(ldd.status.success());
+    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+        let path = line.split_whitespace().find(|w| w.starts_with('/'));
+        if let Some(path) = path {
+            let dst = root.join(path.trim_start_matches('/'));
+            std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
+            std::fs::copy(path, &dst).unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_target_in_its_own_mount_and_pid_namespace_with_its_own_libc() {
+    require_root();
+    let root = TempDir::new("chroot");
+    build_chroot(root.path());
+    let dir = TempDir::new("chroot-out");
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--pid", "--fork", "chroot"])
+        .arg(root.path())
+        .arg("/allocs");
+    let mut fx = Fixture::from_command(&mut cmd, |unshare, own_pid| {
+        assert_eq!(own_pid, 1, "the fixture should be pid 1 of its namespace");
+        // unshare --fork: the fixture is unshare's only child.
+        let children =
+            std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", unshare.id())).unwrap();
+        children
+            .split_whitespace()
+            .next()
+            .expect("unshare has a child")
+            .parse()
+            .unwrap()
+    });
+    // Its libc is a copy: hooking the host's libc would see nothing.
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", fx.pid)).unwrap();
+    assert!(maps.contains("/allocs"), "{maps}");
+    let mut hb = Heapbpf::attach(&[fx.pid], dir.path(), &[]);
+    fx.command("run");
+    fx.command("free-pre");
+    hb.signal(libc::SIGUSR2);
+    let snap = read_json(&hb.wait_snapshot("signal", fx.pid)[0]);
+    assert_eq!(snap["pid"], fx.pid, "the host pid");
+    assert_exact(&snap, "/allocs");
+    assert_eq!(snap["exe"], "/allocs");
+    fx.command("exit");
+    let last = read_json(&hb.wait_snapshot("exit", fx.pid)[0]);
+    assert_exact(&last, "/allocs");
+    assert_eq!(hb.wait_exit().code(), Some(0));
+}
+
+#[test]
+fn report_reads_a_real_snapshot() {
+    require_root();
+    let dir = TempDir::new("report");
+    let mut fx = Fixture::spawn("allocs");
+    let mut hb = Heapbpf::attach(&[fx.pid], dir.path(), &[]);
+    fx.command("run");
+    hb.signal(libc::SIGINT);
+    let path = hb.wait_snapshot("stop", fx.pid)[0].clone();
+    let (code, out, err) = run_heapbpf(&["report", path.to_str().unwrap(), "--top", "3"]);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    // The three largest sites, in order: realloc_grow 80000, then valloc and
+    // malloc with 40000 each.
+    let rank = |f: &str| {
+        lines
+            .iter()
+            .position(|l| l.contains(f))
+            .unwrap_or_else(|| panic!("{f} missing:\n{out}"))
+    };
+    assert!(
+        rank("site_realloc_grow (allocs.c:") < rank("site_valloc (allocs.c:"),
+        "{out}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("78.1 KiB") && l.contains("site_realloc_grow")),
+        "{out}"
+    );
+    assert!(
+        !out.contains("site_calloc"),
+        "--top 3 shows three sites:\n{out}"
+    );
+    let (code, out, _) = run_heapbpf(&["report", path.to_str().unwrap(), "--format", "json"]);
+    assert_eq!(code, 0);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["stacks"][0]["live_bytes"], 80_000);
+    assert_eq!(v["stacks"][0]["frames"][0]["function"], "site_realloc_grow");
+}

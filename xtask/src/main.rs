@@ -1,0 +1,276 @@
+//! `cargo xtask`: heapbpf's orchestration. Installs what a fresh machine
+//! lacks (idempotently), runs the demo, the whole test suite, the benchmarks.
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    thread::sleep,
+    time::Duration,
+};
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+
+mod bench;
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what building heapbpf needs (nightly rust-src, bpf-linker, gcc).
+    Bootstrap,
+    /// Build, start a leaky demo service, attach, take two snapshots, report.
+    Demo,
+    /// The whole suite: fmt, clippy, unit tests, privileged integration tests.
+    Test,
+    /// Measure the cost of heapbpf on allocator calls.
+    Bench(bench::BenchArgs),
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Cmd::Bootstrap => bootstrap(),
+        Cmd::Demo => demo(),
+        Cmd::Test => test(),
+        Cmd::Bench(args) => bench::run(args),
+    }
+}
+
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+pub fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("xtask: running {cmd:?}");
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.stderr(Stdio::null()).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// Idempotent: checks each piece and installs only what is missing.
+pub fn bootstrap() -> Result<()> {
+    // Nightly and its rust-src: the eBPF crate is built with -Z build-std=core.
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        "nightly",
+    ]))
+    .context("no nightly toolchain: install it with `rustup toolchain install nightly`")?;
+    if !installed.lines().any(|l| l.starts_with("rust-src")) {
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+    }
+    // bpf-linker, built against the nightly toolchain's own LLVM.
+    let have = output(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
+    if !have.contains(BPF_LINKER_VERSION) {
+        let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))
+            .context("rustc +nightly --print sysroot")?;
+        let lib = Path::new(sysroot.trim()).join("lib");
+        let llvm = std::fs::read_dir(&lib)?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("libLLVM.so."))
+            })
+            .with_context(|| format!("no libLLVM.so.* in {}", lib.display()))?;
+        let major = llvm
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .trim_start_matches("libLLVM.so.")
+            .split('.')
+            .next()
+            .unwrap_or("")
+            .to_string();
+        let prefix = root().join("target/llvm-prefix");
+        std::fs::create_dir_all(prefix.join("lib"))?;
+        let link = prefix.join("lib/libLLVM.so");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&llvm, &link)?;
+        run(Command::new("cargo")
+            .args([
+                "install",
+                "bpf-linker",
+                "--force",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--no-default-features",
+                "--features",
+            ])
+            .arg(format!("llvm-{major}"))
+            .env("LLVM_PREFIX", &prefix))?;
+    }
+    // gcc builds the fixtures and the demo.
+    if output(Command::new("gcc").arg("--version")).is_none() {
+        run(Command::new("apt-get").arg("update"))?;
+        run(Command::new("apt-get").args(["install", "-y", "gcc", "libc6-dev"]))?;
+    }
+    // tracefs is where people look at uprobes; mount it if absent.
+    if Path::new("/sys/kernel/tracing").exists()
+        && !Path::new("/sys/kernel/tracing/uprobe_events").exists()
+    {
+        let _ = Command::new("mount")
+            .args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"])
+            .status();
+    }
+    eprintln!("xtask: toolchain ready (nightly rust-src, bpf-linker {BPF_LINKER_VERSION}, gcc)");
+    Ok(())
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new("cargo");
+    c.current_dir(root());
+    c
+}
+
+fn require_bpf() -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the integration tests load eBPF programs: run `cargo xtask test` as root");
+    }
+    if !Path::new("/sys/bus/event_source/devices/uprobe").exists() {
+        bail!("this kernel has no uprobe PMU (/sys/bus/event_source/devices/uprobe): the eBPF tests cannot run here");
+    }
+    Ok(())
+}
+
+fn test() -> Result<()> {
+    bootstrap()?;
+    run(cargo().args(["fmt", "--all", "--check"]))?;
+    run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+    run(cargo().args([
+        "test",
+        "-p",
+        "heapbpf",
+        "-p",
+        "heapbpf-common",
+        "-p",
+        "xtask",
+    ]))?;
+    require_bpf()?;
+    run(cargo().args(["build", "-p", "heapbpf"]))?;
+    run(cargo()
+        .args([
+            "test",
+            "-p",
+            "heapbpf-integration-tests",
+            "--",
+            "--test-threads=1",
+        ])
+        .env("HEAPBPF_BIN", root().join("target/debug/heapbpf")))?;
+    eprintln!("xtask: all tests passed");
+    Ok(())
+}
+
+pub fn build_release() -> Result<PathBuf> {
+    run(cargo().args(["build", "--release", "-p", "heapbpf"]))?;
+    Ok(root().join("target/release/heapbpf"))
+}
+
+pub fn gcc(src: &Path, out: &Path, extra: &[&str]) -> Result<()> {
+    std::fs::create_dir_all(out.parent().unwrap())?;
+    run(Command::new("gcc")
+        .args([
+            "-O2",
+            "-g",
+            "-fno-omit-frame-pointer",
+            "-fno-inline",
+            "-pthread",
+        ])
+        .args(extra)
+        .arg("-o")
+        .arg(out)
+        .arg(src))
+}
+
+fn demo() -> Result<()> {
+    bootstrap()?;
+    require_bpf()?;
+    let heapbpf = build_release()?;
+    let dir = root().join("target/demo");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let leaky = dir.join("leaky");
+    gcc(&root().join("xtask/demo/leaky.c"), &leaky, &[])?;
+    let mut service = Command::new(&leaky).stdout(Stdio::null()).spawn()?;
+    let pid = service.id();
+    eprintln!("\nxtask: demo service `leaky` runs as pid {pid}; attaching heapbpf\n");
+    let mut hb = Command::new(&heapbpf)
+        .arg("attach")
+        .arg(pid.to_string())
+        .arg("-o")
+        .arg(&dir)
+        .spawn()?;
+    let result = (|| -> Result<()> {
+        sleep(Duration::from_secs(3));
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(hb.id() as i32, libc::SIGUSR2) };
+        sleep(Duration::from_secs(4));
+        unsafe { libc::kill(hb.id() as i32, libc::SIGINT) };
+        let st = hb.wait()?;
+        if !st.success() {
+            bail!("heapbpf failed: {st}");
+        }
+        Ok(())
+    })();
+    let _ = service.kill();
+    let _ = service.wait();
+    result?;
+    let mut snaps: Vec<PathBuf> = std::fs::read_dir(&dir)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    snaps.sort();
+    if snaps.len() < 2 {
+        bail!(
+            "expected two snapshots in {}, found {}",
+            dir.display(),
+            snaps.len()
+        );
+    }
+    let live = |p: &Path| -> Result<u64> {
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(p)?)?;
+        Ok(v["totals"]["live_bytes"].as_u64().unwrap_or(0))
+    };
+    let (first, last) = (&snaps[0], &snaps[snaps.len() - 1]);
+    eprintln!(
+        "\nxtask: live heap grew from {} to {} bytes between the two snapshots; report of the last:\n",
+        live(first)?,
+        live(last)?
+    );
+    run(Command::new(&heapbpf)
+        .arg("report")
+        .arg(last)
+        .args(["--top", "5"]))?;
+    eprintln!("\nxtask: snapshots are in {}", dir.display());
+    Ok(())
+}
