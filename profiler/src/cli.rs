@@ -136,9 +136,11 @@ impl AttachArgs {
         }
         match self.allocator.as_str() {
             "auto" | "libc" => {}
-            other => return Err(Error::BadInput(format!(
+            other => {
+                return Err(Error::BadInput(format!(
                 "--allocator {other}: only the C library's allocator (auto, libc) is supported yet"
-            ))),
+            )))
+            }
         }
         for (flag, v) in [
             ("--rss-step", self.rss_step),

@@ -87,8 +87,10 @@ pub fn bootstrap() -> Result<()> {
             "nightly",
         ]))?;
     }
-    // bpf-linker, built against the nightly toolchain's own LLVM.
-    let have = output(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
+    // bpf-linker, built against the nightly toolchain's own LLVM (it loads
+    // libLLVM from the toolchain, so it runs under `rustup run nightly`).
+    let have = output(Command::new("rustup").args(["run", "nightly", "bpf-linker", "--version"]))
+        .unwrap_or_default();
     if !have.contains(BPF_LINKER_VERSION) {
         let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))
             .context("rustc +nightly --print sysroot")?;

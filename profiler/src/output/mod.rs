@@ -30,14 +30,15 @@ impl Format {
     pub fn parse_list(text: &str) -> Result<Vec<Format>, String> {
         let mut out = Vec::new();
         for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-            let f =
-                match item {
-                    "json" => Format::Json,
-                    "pprof" | "collapsed" | "svg" => return Err(format!(
+            let f = match item {
+                "json" => Format::Json,
+                "pprof" | "collapsed" | "svg" => {
+                    return Err(format!(
                         "format {item:?} is not available yet in this heapbpf; use --format json"
-                    )),
-                    other => return Err(format!("unknown format {other:?}: expected json")),
-                };
+                    ))
+                }
+                other => return Err(format!("unknown format {other:?}: expected json")),
+            };
             if !out.contains(&f) {
                 out.push(f);
             }
