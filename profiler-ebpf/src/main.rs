@@ -17,6 +17,7 @@
 #![feature(core_intrinsics)]
 
 mod maps;
+mod oom;
 mod probes;
 
 #[cfg(target_arch = "bpf")]

@@ -33,3 +33,7 @@ pub static PENDING: HashMap<u64, Pending> = HashMap::with_max_entries(1 << 15, 0
 /// Scratch space for one stack (too large for the 512-byte BPF stack).
 #[map]
 pub static SCRATCH: PerCpuArray<StackTrace> = PerCpuArray::with_max_entries(1, 0);
+
+/// Traced processes the OOM killer picked, with the time it did.
+#[map]
+pub static OOM_VICTIMS: HashMap<u32, u64> = HashMap::with_max_entries(1024, 0);

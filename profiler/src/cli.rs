@@ -26,6 +26,31 @@ pub enum Command {
     Attach(AttachArgs),
     /// Show the top allocation sites of a snapshot.
     Report(ReportArgs),
+    /// What grew between two snapshots.
+    Diff(DiffArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DiffFormat {
+    Text,
+    Json,
+    Collapsed,
+    Svg,
+}
+
+#[derive(Debug, Args)]
+pub struct DiffArgs {
+    /// The earlier snapshot (the baseline).
+    #[arg(value_name = "OLD")]
+    pub old: PathBuf,
+    /// The later snapshot.
+    #[arg(value_name = "NEW")]
+    pub new: PathBuf,
+    /// How many entries to show.
+    #[arg(long, default_value_t = 10)]
+    pub top: usize,
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: DiffFormat,
 }
 
 #[derive(Debug, Args)]

@@ -14,7 +14,7 @@ fn main() {
     };
     let (verbose, quiet) = match &cli.command {
         Command::Attach(a) => (a.verbose, a.quiet),
-        Command::Report(_) => (0, false),
+        Command::Report(_) | Command::Diff(_) => (0, false),
     };
     let level = match (quiet, verbose) {
         (true, _) => "error",
@@ -34,6 +34,7 @@ fn main() {
     let result = match cli.command {
         Command::Attach(args) => args.into_config().and_then(heapbpf::session::run_attach),
         Command::Report(args) => heapbpf::session::run_report(&args),
+        Command::Diff(args) => heapbpf::session::run_diff(&args),
     };
     if let Err(e) = result {
         for line in e.to_string().lines() {

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use serde_json::json;
 
 use crate::{
-    model::Snapshot,
+    model::{Diff, Snapshot},
     units::{human_age_ms, human_bytes},
 };
 
@@ -150,6 +150,86 @@ pub fn json(s: &Snapshot, top: usize) -> String {
     out
 }
 
+fn signed_bytes(v: i64) -> String {
+    if v > 0 {
+        format!("+{}", human_bytes(v as i128))
+    } else {
+        human_bytes(v as i128)
+    }
+}
+
+pub fn diff_text(d: &Diff, top: usize) -> String {
+    let mut o = String::new();
+    let _ = writeln!(o, "heapbpf diff");
+    let _ = writeln!(
+        o,
+        "  old: pid {} {} taken {}",
+        d.old.pid, d.old.exe, d.old.taken_at
+    );
+    let _ = writeln!(
+        o,
+        "  new: pid {} {} taken {}",
+        d.new.pid, d.new.exe, d.new.taken_at
+    );
+    if d.different_executables() {
+        let _ = writeln!(
+            o,
+            "  (different executables: stacks matched by module and function names)"
+        );
+    }
+    let _ = writeln!(
+        o,
+        "live heap change: {} ({:+} allocations)\n",
+        signed_bytes(d.totals.delta_bytes),
+        d.totals.delta_allocations
+    );
+    let shown: Vec<_> = d
+        .entries
+        .iter()
+        .filter(|e| e.delta_bytes != 0 || e.delta_allocations != 0)
+        .take(top)
+        .collect();
+    if shown.is_empty() {
+        let _ = writeln!(o, "no change in live allocations");
+        return o;
+    }
+    let _ = writeln!(
+        o,
+        "{:>3}  {:>11}  {:>10}  {:>10}  {:>8}  {:<6}  site",
+        "#", "delta", "old", "new", "allocs", "status"
+    );
+    for (i, e) in shown.iter().enumerate() {
+        let mut frames = e.frames.iter();
+        let first = frames
+            .next()
+            .map(|f| f.label())
+            .unwrap_or_else(|| "[unknown stack]".into());
+        let _ = writeln!(
+            o,
+            "{:>3}  {:>11}  {:>10}  {:>10}  {:>+8}  {:<6}  {}",
+            i + 1,
+            signed_bytes(e.delta_bytes),
+            human_bytes(e.old_bytes as i128),
+            human_bytes(e.new_bytes as i128),
+            e.delta_allocations,
+            e.status.as_str(),
+            first
+        );
+        for f in frames.take(3) {
+            let _ = writeln!(o, "{:>62}  {}", "", f.label());
+        }
+    }
+    o
+}
+
+pub fn diff_json(d: &Diff, top: usize) -> String {
+    let mut d = d.clone();
+    d.entries.truncate(top);
+    let mut out = serde_json::to_string_pretty(&d).unwrap_or_default();
+    out.push('\n');
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -237,6 +317,32 @@ mod tests {
         );
         let r1 = text(&snap(), 1);
         assert!(r1.contains("1 more sites"));
+    }
+
+    #[test]
+    fn diff_reports_growth_first() {
+        let old = snap();
+        let mut new = snap();
+        new.stacks[0].live_bytes = 10240;
+        new.stacks[0].live_allocations = 10;
+        new.totals.live_bytes = 11264;
+        new.totals.live_allocations = 11;
+        let d = crate::model::diff(&old, &new);
+        let t = diff_text(&d, 10);
+        assert!(
+            t.contains("live heap change: +8.0 KiB (+8 allocations)"),
+            "{t}"
+        );
+        let row = t.lines().find(|l| l.contains("leak_malloc")).unwrap();
+        assert!(
+            row.contains("+8.0 KiB") && row.contains("grew") && row.contains("+8"),
+            "{row}"
+        );
+        let v: serde_json::Value = serde_json::from_str(&diff_json(&d, 10)).unwrap();
+        assert_eq!(v["format"], "heapbpf-diff");
+        assert_eq!(v["entries"][0]["delta_bytes"], 8192);
+        assert_eq!(v["entries"][0]["status"], "grew");
+        assert_eq!(v["totals"]["delta_bytes"], 8192);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::{
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::{
-    cli::{AttachConfig, ReportArgs, ReportFormat},
+    cli::{AttachConfig, DiffArgs, DiffFormat, ReportArgs, ReportFormat},
     ebpf::{self, LoadOptions, Profiler},
     error::{Error, Result},
     model::{RawSnapshot, Snapshot, Stack, Totals, Trigger, SNAPSHOT_FORMAT, SNAPSHOT_VERSION},
@@ -46,6 +46,8 @@ struct Target {
     rss_bytes: u64,
     rss_step: Option<StepTrigger>,
     heap_step: Option<StepTrigger>,
+    /// The OOM killer picked it and its `oom` snapshot is written.
+    oom_written: bool,
 }
 
 struct Session {
@@ -111,6 +113,7 @@ async fn attach(cfg: AttachConfig) -> Result<()> {
                     s.snapshot_all(Trigger::Duration);
                     break;
                 }
+                s.check_oom();
                 s.reap_exited();
                 if s.targets.is_empty() {
                     break;
@@ -174,6 +177,7 @@ impl Session {
             rss_bytes: rss,
             rss_step: self.cfg.rss_step.map(|s| StepTrigger::new(rss, s)),
             heap_step: self.cfg.heap_step.map(|s| StepTrigger::new(0, s)),
+            oom_written: false,
             info,
         });
         Ok(())
@@ -185,6 +189,18 @@ impl Session {
         }
     }
 
+    /// The OOM killer's victims first: their snapshot is the one users need
+    /// most, and they are about to vanish.
+    fn check_oom(&mut self) {
+        for i in 0..self.targets.len() {
+            let pid = self.targets[i].info.pid;
+            if !self.targets[i].oom_written && self.profiler.take_oom_victim(pid) {
+                self.snapshot(i, Trigger::Oom);
+                self.targets[i].oom_written = true;
+            }
+        }
+    }
+
     fn reap_exited(&mut self) {
         let mut i = 0;
         while i < self.targets.len() {
@@ -193,7 +209,11 @@ impl Session {
                 i += 1;
                 continue;
             }
-            self.snapshot(i, Trigger::Exit);
+            // An OOM kill is an exit too; its snapshot is already written.
+            self.check_oom();
+            if !self.targets[i].oom_written {
+                self.snapshot(i, Trigger::Exit);
+            }
             self.profiler.detach(pid);
             self.symbolizer.forget(pid);
             self.targets.remove(i);
@@ -210,13 +230,7 @@ impl Session {
                     .as_mut()
                     .and_then(|t| t.observe(rss))
                 {
-                    tracing::info!(
-                        pid,
-                        rss,
-                        threshold = c.threshold,
-                        skipped = c.skipped,
-                        "RSS step"
-                    );
+                    say(&step_line("rss-step", pid, "RSS", rss, c));
                     self.snapshot(i, Trigger::RssStep);
                 }
             }
@@ -227,13 +241,7 @@ impl Session {
                         .as_mut()
                         .and_then(|t| t.observe(live))
                     {
-                        tracing::info!(
-                            pid,
-                            live,
-                            threshold = c.threshold,
-                            skipped = c.skipped,
-                            "heap step"
-                        );
+                        say(&step_line("heap-step", pid, "live heap", live, c));
                         self.snapshot(i, Trigger::HeapStep);
                     }
                 }
@@ -322,6 +330,27 @@ impl Session {
     }
 }
 
+/// The stderr line before a step snapshot: which threshold, and whether
+/// several were jumped at once.
+fn step_line(
+    trigger: &str,
+    pid: u32,
+    what: &str,
+    value: u64,
+    c: crate::trigger::Crossing,
+) -> String {
+    let jumped = if c.skipped > 0 {
+        format!(" (jumped over {} more)", c.skipped)
+    } else {
+        String::new()
+    };
+    format!(
+        "{trigger} pid={pid}: {what} {} reached threshold {}{jumped}",
+        crate::units::human_bytes(value as i128),
+        crate::units::human_bytes(c.threshold as i128)
+    )
+}
+
 /// Raw snapshot + symbolizer → the canonical snapshot.
 pub fn build_snapshot(
     raw: &RawSnapshot,
@@ -373,6 +402,36 @@ pub fn run_report(args: &ReportArgs) -> Result<()> {
         ReportFormat::Text => report::text(&snapshot, args.top),
         ReportFormat::Json => report::json(&snapshot, args.top),
     };
+    write_stdout(&text)
+}
+
+pub fn run_diff(args: &DiffArgs) -> Result<()> {
+    if matches!(args.format, DiffFormat::Collapsed | DiffFormat::Svg) {
+        return Err(Error::BadInput(format!(
+            "diff --format {}: differential flamegraphs are not available yet in this heapbpf; use --format text or json",
+            if args.format == DiffFormat::Svg { "svg" } else { "collapsed" }
+        )));
+    }
+    let old = json::read(&args.old)?;
+    let new = json::read(&args.new)?;
+    let d = crate::model::diff(&old, &new);
+    if d.different_executables() {
+        say(&format!(
+            "warning: {} is of {} and {} of {}; stacks are matched by module and function names",
+            args.old.display(),
+            d.old.exe,
+            args.new.display(),
+            d.new.exe
+        ));
+    }
+    let text = match args.format {
+        DiffFormat::Json => report::diff_json(&d, args.top),
+        _ => report::diff_text(&d, args.top),
+    };
+    write_stdout(&text)
+}
+
+fn write_stdout(text: &str) -> Result<()> {
     let mut out = std::io::stdout().lock();
     match out.write_all(text.as_bytes()) {
         Ok(()) => Ok(()),

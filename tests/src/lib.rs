@@ -123,9 +123,14 @@ impl Fixture {
         }
     }
 
-    pub fn command(&mut self, cmd: &str) {
+    /// Sends a command without waiting for its answer.
+    pub fn send(&mut self, cmd: &str) {
         writeln!(self.stdin, "{cmd}").unwrap();
         self.stdin.flush().unwrap();
+    }
+
+    pub fn command(&mut self, cmd: &str) {
+        self.send(cmd);
         wait_line(
             &self.out,
             &format!("fixture to finish {cmd:?}"),

@@ -107,3 +107,33 @@ fn missing_privileges_are_named() {
     assert_clean_error(out.status.code().unwrap(), &err, 1, "CAP_BPF");
     assert!(err.contains("root"), "{err}");
 }
+
+#[test]
+fn diff_refuses_bad_inputs_by_name() {
+    let dir = TempDir::new("baddiff");
+    let write = |name: &str, body: &[u8]| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, body).unwrap();
+        p.to_string_lossy().into_owned()
+    };
+    let good = write("good.json", br#"{"format":"heapbpf-snapshot","version":1,"pid":1,"comm":"x","exe":"/x","taken_at":"2026-11-24T19:00:00Z","attached_at":"2026-11-24T19:00:00Z","trigger":"signal","sample_bytes":0,"totals":{"live_bytes":0,"live_allocations":0,"allocated_bytes":0,"allocations":0,"frees":0,"rss_bytes":0,"dropped_events":0},"stacks":[]}"#);
+    let other = write("other.json", br#"{"format":"heapbpf-snapshot","version":1,"pid":2,"comm":"y","exe":"/y","taken_at":"2026-11-24T19:00:00Z","attached_at":"2026-11-24T19:00:00Z","trigger":"signal","sample_bytes":0,"totals":{"live_bytes":0,"live_allocations":0,"allocated_bytes":0,"allocations":0,"frees":0,"rss_bytes":0,"dropped_events":0},"stacks":[]}"#);
+    let (code, out, err) = run_heapbpf(&["diff", &good, &good]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("no change"), "{out}");
+    // Different executables: compared all the same, with a warning.
+    let (code, _, err) = run_heapbpf(&["diff", &good, &other]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("warning") && err.contains("/y"), "{err}");
+    let trunc = write("trunc.json", &std::fs::read(&good).unwrap()[..40]);
+    let (code, _, err) = run_heapbpf(&["diff", &good, &trunc]);
+    assert_clean_error(code, &err, 2, "truncated");
+    let junk = write("junk.json", b"not json");
+    let (code, _, err) = run_heapbpf(&["diff", &junk, &good]);
+    assert_clean_error(code, &err, 2, "junk.json");
+    let v2 = write("v2.json", br#"{"format":"heapbpf-snapshot","version":2}"#);
+    let (code, _, err) = run_heapbpf(&["diff", &good, &v2]);
+    assert_clean_error(code, &err, 2, "version 2");
+    let (code, _, err) = run_heapbpf(&["diff", &good, &good, "--format", "svg"]);
+    assert_clean_error(code, &err, 2, "svg");
+}

@@ -13,7 +13,7 @@ use aya::{
     maps::{HashMap as BpfHashMap, MapData},
     programs::{
         uprobe::{UProbeAttachLocation, UProbeLinkId, UProbeScope},
-        UProbe,
+        TracePoint, UProbe,
     },
     Ebpf, EbpfLoader,
 };
@@ -85,6 +85,7 @@ pub struct Profiler {
     ebpf: Ebpf,
     targets: HashMap<u32, Target>,
     stacks: HashMap<u64, Vec<u64>>,
+    oom_watch: bool,
 }
 
 /// Checks what heapbpf needs from the kernel and from its own credentials,
@@ -153,11 +154,58 @@ impl Profiler {
                 .map_err(|e| Error::runtime(format!("program {name}"), e))?;
             prog.load().map_err(load_error)?;
         }
-        Ok(Profiler {
+        let mut profiler = Profiler {
             ebpf,
             targets: HashMap::new(),
             stacks: HashMap::new(),
-        })
+            oom_watch: false,
+        };
+        profiler.oom_watch = profiler.watch_oom();
+        Ok(profiler)
+    }
+
+    /// Hooks `oom:mark_victim`; without it (old kernel, no tracefs) OOM kills
+    /// are only seen as exits.
+    fn watch_oom(&mut self) -> bool {
+        let result = (|| -> Result<(), String> {
+            let prog: &mut TracePoint = self
+                .ebpf
+                .program_mut("oom_mark_victim")
+                .ok_or("no oom_mark_victim program")?
+                .try_into()
+                .map_err(|e| format!("{e}"))?;
+            prog.load().map_err(|e| format!("{e}"))?;
+            prog.attach("oom", "mark_victim")
+                .map_err(|e| format!("{e}"))?;
+            Ok(())
+        })();
+        match result {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!("cannot watch the OOM killer (oom:mark_victim): {e}; OOM kills will show as exits");
+                false
+            }
+        }
+    }
+
+    pub fn watches_oom(&self) -> bool {
+        self.oom_watch
+    }
+
+    /// Takes the OOM killer's pick of `pid`, if it picked it since the last call.
+    pub fn take_oom_victim(&mut self, pid: u32) -> bool {
+        let Some(map) = self.ebpf.map_mut("OOM_VICTIMS") else {
+            return false;
+        };
+        let Ok(mut victims) = BpfHashMap::<_, u32, u64>::try_from(map) else {
+            return false;
+        };
+        if victims.get(&pid, 0).is_ok() {
+            let _ = victims.remove(&pid);
+            true
+        } else {
+            false
+        }
     }
 
     fn targets_map(&mut self) -> Result<BpfHashMap<&mut MapData, u32, TargetState>> {

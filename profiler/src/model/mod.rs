@@ -1,7 +1,9 @@
 //! Plain data: the raw snapshot drained from the kernel, its aggregation, and
 //! the canonical [`Snapshot`]. No I/O, no kernel, no symbolizer.
 mod aggregate;
+pub mod diff;
 mod snapshot;
 
 pub use aggregate::{aggregate, LiveBlock, RawSnapshot, RawStack, StackCounters};
+pub use diff::{diff, Diff, DiffEntry, Status};
 pub use snapshot::{Frame, Snapshot, Stack, Totals, Trigger, SNAPSHOT_FORMAT, SNAPSHOT_VERSION};
