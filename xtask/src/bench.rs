@@ -15,8 +15,11 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 5)]
     runs: usize,
     /// malloc/free pairs per run.
-    #[arg(long, default_value_t = 2_000_000)]
+    #[arg(long, default_value_t = 200_000)]
     pairs: u64,
+    /// Live blocks at which to time a snapshot (comma list).
+    #[arg(long, default_value = "100000,1000000", value_delimiter = ',')]
+    snapshot_blocks: Vec<u64>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -94,6 +97,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             exact[i]
         );
     }
+    let snapshot_rows = snapshot_cost(&heapbpf, &args.snapshot_blocks)?;
     let (b, e) = (median(base), median(exact));
     println!(
         "malloc/free pairs per second (median of {} runs, {} pairs each)",
@@ -117,5 +121,87 @@ pub fn run(args: BenchArgs) -> Result<()> {
         e / b,
         1e9 / e
     );
+    println!();
+    println!("snapshot cost (release build, exact mode, one target)");
+    println!(
+        "{:>12} {:>16} {:>18} {:>18}",
+        "live blocks", "snapshot (ms)", "heapbpf RSS (MiB)", "heapbpf peak (MiB)"
+    );
+    for (blocks, ms, rss, hwm) in snapshot_rows {
+        println!(
+            "{blocks:>12} {ms:>16.0} {:>18.1} {:>18.1}",
+            rss as f64 / 1048576.0,
+            hwm as f64 / 1048576.0
+        );
+    }
     Ok(())
+}
+
+fn status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Grows a fixture to each number of live blocks and times a SIGUSR2
+/// snapshot (signal to the `snapshot` line). Returns (blocks, ms, RSS, peak RSS) rows.
+fn snapshot_cost(heapbpf: &std::path::Path, blocks: &[u64]) -> Result<Vec<(u64, f64, u64, u64)>> {
+    use std::io::{BufRead, BufReader, Write};
+    let grow = crate::root().join("target/bench/grow");
+    crate::gcc(&crate::root().join("tests/fixtures/grow.c"), &grow, &[])?;
+    let dir = crate::root().join("target/bench/snapshots");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let mut fx = Command::new(&grow)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut fx_in = fx.stdin.take().unwrap();
+    let mut fx_out = BufReader::new(fx.stdout.take().unwrap()).lines();
+    fx_out.next();
+    let mut hb = Command::new(heapbpf)
+        .args(["attach", &fx.id().to_string(), "-o"])
+        .arg(&dir)
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut hb_err = BufReader::new(hb.stderr.take().unwrap()).lines();
+    let mut next_line = |want: &str| -> Result<String> {
+        loop {
+            match hb_err.next() {
+                Some(Ok(l)) if l.contains(want) => return Ok(l),
+                Some(_) => continue,
+                None => bail!("heapbpf exited while waiting for {want:?}"),
+            }
+        }
+    };
+    next_line(" attached to ")?;
+    let mut rows = Vec::new();
+    let mut have = 0;
+    for &n in blocks {
+        writeln!(fx_in, "leak {} 64 0", n.saturating_sub(have))?;
+        fx_out.next();
+        have = n;
+        let t = std::time::Instant::now();
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(hb.id() as i32, libc::SIGUSR2) };
+        let line = next_line("heapbpf: snapshot signal")?;
+        let ms = t.elapsed().as_secs_f64() * 1000.0;
+        eprintln!("xtask bench: {line}");
+        rows.push((
+            n,
+            ms,
+            status_kib(hb.id(), "VmRSS:") * 1024,
+            status_kib(hb.id(), "VmHWM:") * 1024,
+        ));
+    }
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(hb.id() as i32, libc::SIGINT) };
+    let _ = next_line("heapbpf: snapshot stop");
+    hb.wait()?;
+    let _ = fx.kill();
+    let _ = fx.wait();
+    Ok(rows)
 }

@@ -259,16 +259,14 @@ fn demo() -> Result<()> {
             snaps.len()
         );
     }
-    let live = |p: &Path| -> Result<u64> {
-        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(p)?)?;
-        Ok(v["totals"]["live_bytes"].as_u64().unwrap_or(0))
-    };
     let (first, last) = (&snaps[0], &snaps[snaps.len() - 1]);
-    eprintln!(
-        "\nxtask: live heap grew from {} to {} bytes between the two snapshots; report of the last:\n",
-        live(first)?,
-        live(last)?
-    );
+    eprintln!("\nxtask: what grew between the baseline and the last snapshot:\n");
+    run(Command::new(&heapbpf)
+        .arg("diff")
+        .arg(first)
+        .arg(last)
+        .args(["--top", "3"]))?;
+    eprintln!("\nxtask: report of the last snapshot:\n");
     run(Command::new(&heapbpf)
         .arg("report")
         .arg(last)
