@@ -1,6 +1,7 @@
 //! The privileged edge: loading heapbpf's eBPF programs, attaching them to a
 //! target's allocator, and draining the kernel maps into raw snapshots. The
 //! only module that names aya.
+pub mod placement;
 pub mod probes;
 
 use std::{
@@ -254,17 +255,11 @@ impl Profiler {
             if missing.contains(&spec.symbol) {
                 continue;
             }
-            match self.attach_one(
-                spec.entry_program,
-                spec.symbol,
-                spec.entry_offset,
-                lib,
-                scope,
-                pid,
-            ) {
+            let offset = entry_offset(spec, lib);
+            match self.attach_one(spec.entry_program, spec.symbol, offset, lib, scope, pid) {
                 Ok(()) => attached.push(AttachedProbe {
                     symbol: spec.symbol,
-                    offset: spec.entry_offset,
+                    offset,
                     is_return: false,
                 }),
                 Err(AttachFailure::NoSymbol) => missing.push(spec.symbol),
@@ -471,6 +466,17 @@ impl Profiler {
             dropped_events,
         })
     }
+}
+
+/// The entry probe's offset: the table's, or past a verified null check for
+/// entry-only probes (see [`placement`]).
+fn entry_offset(spec: &ProbeSpec, lib: &AllocatorLib) -> u64 {
+    if spec.has_return || spec.entry_offset != 0 {
+        return spec.entry_offset;
+    }
+    placement::symbol_bytes(&lib.open_path, spec.symbol, 16)
+        .and_then(|code| placement::past_null_check(&code))
+        .unwrap_or(spec.entry_offset)
 }
 
 enum AttachFailure {
