@@ -292,3 +292,38 @@ fn report_reads_a_real_snapshot() {
     assert_eq!(v["stacks"][0]["live_bytes"], 80_000);
     assert_eq!(v["stacks"][0]["frames"][0]["function"], "site_realloc_grow");
 }
+
+#[test]
+fn a_burst_of_signals_never_writes_half_files() {
+    require_root();
+    let dir = TempDir::new("burst");
+    let mut fx = Fixture::spawn("allocs");
+    let mut hb = Heapbpf::attach(&[fx.pid], dir.path(), &[]);
+    fx.command("run");
+    for _ in 0..20 {
+        hb.signal(libc::SIGUSR2);
+    }
+    hb.wait_snapshot("signal", fx.pid);
+    hb.signal(libc::SIGINT);
+    hb.wait_snapshot("stop", fx.pid);
+    assert_eq!(hb.wait_exit().code(), Some(0));
+    let mut names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    let lines = hb
+        .stderr
+        .iter()
+        .filter(|l| l.starts_with("heapbpf: snapshot "))
+        .count();
+    assert_eq!(names.len(), lines, "one file per snapshot line: {names:?}");
+    for (i, name) in names.iter().enumerate() {
+        assert!(
+            name.ends_with(&format!("-{:04}.json", i + 1)),
+            "sequence numbers in order: {names:?}"
+        );
+        let snap = read_json(&dir.path().join(name));
+        assert_eq!(site(&snap, "site_malloc").live_bytes, 40_000, "{name}");
+    }
+}
