@@ -1,6 +1,7 @@
 //! The privileged edge: loading heapbpf's eBPF programs, attaching them to a
 //! target's allocator, and draining the kernel maps into raw snapshots. The
 //! only module that names aya.
+mod batch;
 pub mod placement;
 pub mod probes;
 
@@ -345,13 +346,19 @@ impl Profiler {
     }
 
     fn purge(&mut self, pid: u32) {
+        let alloc_keys: Vec<AllocKey> = self
+            .ebpf
+            .map("ALLOCS")
+            .and_then(|m| map_fd(m).ok())
+            .and_then(|fd| batch::lookup_all::<AllocKey, AllocInfo>(fd).ok())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, _)| k)
+            .filter(|k| k.tgid == pid)
+            .collect();
         if let Some(map) = self.ebpf.map_mut("ALLOCS") {
             if let Ok(mut allocs) = BpfHashMap::<_, AllocKey, AllocInfo>::try_from(map) {
-                let keys: Vec<AllocKey> = allocs
-                    .keys()
-                    .filter_map(|k| k.ok())
-                    .filter(|k| k.tgid == pid)
-                    .collect();
+                let keys = alloc_keys;
                 for k in keys {
                     let _ = allocs.remove(&k);
                 }
@@ -402,36 +409,32 @@ impl Profiler {
         let targets = BpfHashMap::<_, u32, TargetState>::try_from(map("TARGETS")?)
             .map_err(|e| Error::runtime("TARGETS map", e))?;
         let state = targets.get(&pid, 0).unwrap_or_default();
-        let allocs = BpfHashMap::<_, AllocKey, AllocInfo>::try_from(map("ALLOCS")?)
-            .map_err(|e| Error::runtime("ALLOCS map", e))?;
-        let blocks: Vec<LiveBlock> = allocs
-            .iter()
-            .filter_map(|r| r.ok())
-            .filter(|(k, _)| k.tgid == pid)
-            .map(|(_, v)| LiveBlock {
-                stack_id: v.stack_id,
-                size_bytes: v.size,
-                allocated_ns: v.timestamp_ns,
-            })
-            .collect();
-        let stats = BpfHashMap::<_, StackKey, StackStats>::try_from(map("STACK_STATS")?)
-            .map_err(|e| Error::runtime("STACK_STATS map", e))?;
-        let counters: HashMap<u64, StackCounters> = stats
-            .iter()
-            .filter_map(|r| r.ok())
-            .filter(|(k, _)| k.tgid == pid)
-            .map(|(k, v)| {
-                (
-                    k.stack_id,
-                    StackCounters {
+        let blocks: Vec<LiveBlock> =
+            batch::lookup_all::<AllocKey, AllocInfo>(map_fd(map("ALLOCS")?)?)
+                .map_err(|e| Error::runtime("cannot read the ALLOCS map", e))?
+                .into_iter()
+                .filter(|(k, _)| k.tgid == pid)
+                .map(|(_, v)| LiveBlock {
+                    stack_id: v.stack_id,
+                    size_bytes: v.size,
+                    allocated_ns: v.timestamp_ns,
+                })
+                .collect();
+        let counters: HashMap<u64, StackCounters> =
+            batch::lookup_all::<StackKey, StackStats>(map_fd(map("STACK_STATS")?)?)
+                .map_err(|e| Error::runtime("cannot read the STACK_STATS map", e))?
+                .into_iter()
+                .filter(|(k, _)| k.tgid == pid)
+                .map(|(k, v)| {
+                    let c = StackCounters {
                         allocated_bytes: v.allocated_bytes,
                         allocations: v.allocations,
                         freed_bytes: v.freed_bytes,
                         frees: v.frees,
-                    },
-                )
-            })
-            .collect();
+                    };
+                    (k.stack_id, c)
+                })
+                .collect();
         let mut stacks = aggregate(blocks, &counters, now_ns, min_age_ms);
         let stack_map = BpfHashMap::<_, u64, StackTrace>::try_from(map("STACKS")?)
             .map_err(|e| Error::runtime("STACKS map", e))?;
@@ -477,6 +480,14 @@ fn entry_offset(spec: &ProbeSpec, lib: &AllocatorLib) -> u64 {
     placement::symbol_bytes(&lib.open_path, spec.symbol, 16)
         .and_then(|code| placement::past_null_check(&code))
         .unwrap_or(spec.entry_offset)
+}
+
+fn map_fd(map: &aya::maps::Map) -> Result<std::os::fd::BorrowedFd<'_>> {
+    use std::os::fd::AsFd;
+    match map {
+        aya::maps::Map::HashMap(data) => Ok(data.fd().as_fd()),
+        _ => Err(Error::Runtime("expected a hash map".into())),
+    }
 }
 
 enum AttachFailure {
