@@ -61,7 +61,7 @@ pub struct AttachArgs {
     /// Where snapshots go.
     #[arg(short = 'o', long, value_name = "DIR", default_value = ".")]
     pub output_dir: PathBuf,
-    /// Comma list of snapshot formats (json).
+    /// Comma list of snapshot formats: json, pprof, collapsed, svg [default: json,pprof].
     #[arg(long, value_name = "LIST")]
     pub format: Option<String>,
     /// Stop after DUR (30s, 5m, 1h), writing a final snapshot.
@@ -146,8 +146,12 @@ pub struct AttachConfig {
 
 impl AttachArgs {
     pub fn into_config(self) -> Result<AttachConfig> {
-        let formats = Format::parse_list(self.format.as_deref().unwrap_or("json"))
-            .map_err(Error::BadInput)?;
+        let formats = Format::parse_list(
+            self.format
+                .as_deref()
+                .unwrap_or(crate::output::DEFAULT_FORMATS),
+        )
+        .map_err(Error::BadInput)?;
         if self.sample_bytes != 0 {
             return Err(Error::BadInput(format!(
                 "--sample-bytes {}: sampling is not available yet in this heapbpf; use --sample-bytes 0 (exact)",
@@ -239,7 +243,11 @@ mod tests {
         assert_eq!(c.min_age, Duration::from_millis(500));
         assert_eq!(c.max_snapshots, Some(3));
         assert_eq!(c.sample_bytes, 0);
-        assert_eq!(c.formats, vec![Format::Json]);
+        assert_eq!(
+            c.formats,
+            vec![Format::Json, Format::Pprof],
+            "default json,pprof"
+        );
     }
 
     #[test]
@@ -248,10 +256,10 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("--sample-bytes"));
-        assert!(attach(&["1", "--format", "svg"])
+        assert!(attach(&["1", "--format", "png"])
             .unwrap_err()
             .to_string()
-            .contains("svg"));
+            .contains("png"));
         assert!(attach(&["1", "--unwind", "dwarf"])
             .unwrap_err()
             .to_string()

@@ -20,6 +20,7 @@
 
 pub mod cli;
 pub mod ebpf;
+pub mod elf;
 pub mod error;
 pub mod model;
 pub mod output;

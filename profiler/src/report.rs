@@ -12,7 +12,42 @@ use crate::{
 /// How many frames of each stack the text report shows.
 pub const FRAMES_SHOWN: usize = 6;
 
-pub fn text(s: &Snapshot, top: usize) -> String {
+/// ANSI styling, or nothing when colour is off.
+struct Style(bool);
+
+impl Style {
+    fn paint(&self, code: &str, text: &str) -> String {
+        if self.0 {
+            format!("\x1b[{code}m{text}\x1b[0m")
+        } else {
+            text.to_string()
+        }
+    }
+    fn bold(&self, t: &str) -> String {
+        self.paint("1", t)
+    }
+    fn site(&self, t: &str) -> String {
+        self.paint("1;36", t)
+    }
+    fn warn(&self, t: &str) -> String {
+        self.paint("1;33", t)
+    }
+    fn grew(&self, t: &str) -> String {
+        self.paint("31", t)
+    }
+    fn shrank(&self, t: &str) -> String {
+        self.paint("34", t)
+    }
+}
+
+/// Pads `text` to `width` columns, then styles it (escape codes take no
+/// columns on screen, so padding goes first).
+fn cell(text: String, width: usize, style: impl Fn(&str) -> String) -> String {
+    style(&format!("{text:>width$}"))
+}
+
+pub fn text(s: &Snapshot, top: usize, color: bool) -> String {
+    let c = Style(color);
     let mut o = String::new();
     let sampling = if s.sample_bytes == 0 {
         "exact".to_string()
@@ -51,11 +86,11 @@ pub fn text(s: &Snapshot, top: usize) -> String {
         );
     }
     if t.dropped_events > 0 {
-        let _ = writeln!(
-            o,
-            "WARNING: {} events could not be recorded; figures are lower bounds",
+        let warning = format!(
+            "WARNING: {} events could not be recorded (full maps or failed stack walks); figures are lower bounds",
             t.dropped_events
         );
+        let _ = writeln!(o, "{}", c.warn(&warning));
     }
     let _ = writeln!(o);
     let shown: Vec<_> = s
@@ -86,13 +121,13 @@ pub fn text(s: &Snapshot, top: usize) -> String {
             .unwrap_or_else(|| "[unknown stack]".into());
         let _ = writeln!(
             o,
-            "{:>3}  {:>10}  {:>9}  {:>5.1}%  {:>7}  {}",
+            "{:>3}  {}  {:>9}  {:>5.1}%  {:>7}  {}",
             i + 1,
-            human_bytes(st.live_bytes as i128),
+            cell(human_bytes(st.live_bytes as i128), 10, |t| c.bold(t)),
             st.live_allocations,
             share,
             human_age_ms(st.oldest_age_ms),
-            first
+            c.site(&first)
         );
         for f in frames.by_ref().take(FRAMES_SHOWN - 1) {
             let _ = writeln!(
@@ -158,7 +193,8 @@ fn signed_bytes(v: i64) -> String {
     }
 }
 
-pub fn diff_text(d: &Diff, top: usize) -> String {
+pub fn diff_text(d: &Diff, top: usize, color: bool) -> String {
+    let c = Style(color);
     let mut o = String::new();
     let _ = writeln!(o, "heapbpf diff");
     let _ = writeln!(
@@ -204,16 +240,25 @@ pub fn diff_text(d: &Diff, top: usize) -> String {
             .next()
             .map(|f| f.label())
             .unwrap_or_else(|| "[unknown stack]".into());
+        let paint = |t: &str| {
+            if e.delta_bytes > 0 {
+                c.grew(t)
+            } else if e.delta_bytes < 0 {
+                c.shrank(t)
+            } else {
+                t.to_string()
+            }
+        };
         let _ = writeln!(
             o,
-            "{:>3}  {:>11}  {:>10}  {:>10}  {:>+8}  {:<6}  {}",
+            "{:>3}  {}  {:>10}  {:>10}  {:>+8}  {:<6}  {}",
             i + 1,
-            signed_bytes(e.delta_bytes),
+            cell(signed_bytes(e.delta_bytes), 11, paint),
             human_bytes(e.old_bytes as i128),
             human_bytes(e.new_bytes as i128),
             e.delta_allocations,
             e.status.as_str(),
-            first
+            c.site(&first)
         );
         for f in frames.take(3) {
             let _ = writeln!(o, "{:>62}  {}", "", f.label());
@@ -245,6 +290,7 @@ mod tests {
             inlined: false,
         };
         Snapshot {
+            mappings: Vec::new(),
             format: SNAPSHOT_FORMAT.into(),
             version: 1,
             pid: 42,
@@ -294,7 +340,7 @@ mod tests {
 
     #[test]
     fn text_report_ranks_sites_with_shares() {
-        let r = text(&snap(), 10);
+        let r = text(&snap(), 10, false);
         assert!(r.contains("live heap: 3.0 KiB in 3 allocations"), "{r}");
         assert!(r.contains("explains 0.3% of it"), "{r}");
         let lines: Vec<&str> = r.lines().collect();
@@ -315,7 +361,9 @@ mod tests {
             !r.contains("tmp (leak.c:3)"),
             "stacks with nothing live are not listed"
         );
-        let r1 = text(&snap(), 1);
+        let r1 = text(&snap(), 1, false);
+        assert!(!r1.contains('\x1b'), "no colour when asked for none");
+        assert!(text(&snap(), 1, true).contains("\x1b[1;36mleak_malloc"));
         assert!(r1.contains("1 more sites"));
     }
 
@@ -328,7 +376,7 @@ mod tests {
         new.totals.live_bytes = 11264;
         new.totals.live_allocations = 11;
         let d = crate::model::diff(&old, &new);
-        let t = diff_text(&d, 10);
+        let t = diff_text(&d, 10, false);
         assert!(
             t.contains("live heap change: +8.0 KiB (+8 allocations)"),
             "{t}"

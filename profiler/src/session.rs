@@ -15,7 +15,7 @@ use crate::{
     ebpf::{self, LoadOptions, Profiler},
     error::{Error, Result},
     model::{RawSnapshot, Snapshot, Stack, Totals, Trigger, SNAPSHOT_FORMAT, SNAPSHOT_VERSION},
-    output::{self, json, Format},
+    output::{self, json},
     procfs::{self, ProcessInfo},
     report,
     symbolize::Symbolizer,
@@ -281,14 +281,14 @@ impl Session {
             t.rss_bytes,
             |ips| self.symbolizer.symbolize_stack(pid, ips),
         );
+        let mut snapshot = snapshot;
+        snapshot.mappings = self.symbolizer.mapping_infos(pid);
         let taken_at = snapshot.taken_at.clone();
         let t = &mut self.targets[i];
         t.seq += 1;
         let mut paths = Vec::new();
         for format in &self.cfg.formats {
-            let bytes = match format {
-                Format::Json => json::to_bytes(&snapshot),
-            };
+            let bytes = format.render(&snapshot)?;
             let ext = format.ext();
             let seq = &mut t.seq;
             let name = output::file_name(pid, &taken_at, *seq, ext);
@@ -393,25 +393,20 @@ pub fn build_snapshot(
             dropped_events: raw.dropped_events,
         },
         stacks,
+        mappings: Vec::new(),
     }
 }
 
 pub fn run_report(args: &ReportArgs) -> Result<()> {
     let snapshot = json::read(&args.snapshot)?;
     let text = match args.format {
-        ReportFormat::Text => report::text(&snapshot, args.top),
+        ReportFormat::Text => report::text(&snapshot, args.top, color_stdout()),
         ReportFormat::Json => report::json(&snapshot, args.top),
     };
     write_stdout(&text)
 }
 
 pub fn run_diff(args: &DiffArgs) -> Result<()> {
-    if matches!(args.format, DiffFormat::Collapsed | DiffFormat::Svg) {
-        return Err(Error::BadInput(format!(
-            "diff --format {}: differential flamegraphs are not available yet in this heapbpf; use --format text or json",
-            if args.format == DiffFormat::Svg { "svg" } else { "collapsed" }
-        )));
-    }
     let old = json::read(&args.old)?;
     let new = json::read(&args.new)?;
     let d = crate::model::diff(&old, &new);
@@ -426,9 +421,20 @@ pub fn run_diff(args: &DiffArgs) -> Result<()> {
     }
     let text = match args.format {
         DiffFormat::Json => report::diff_json(&d, args.top),
-        _ => report::diff_text(&d, args.top),
+        DiffFormat::Text => report::diff_text(&d, args.top, color_stdout()),
+        // Flamegraphs show every stack, not just the top N.
+        DiffFormat::Collapsed => crate::output::collapsed::diff_to_string(&d),
+        DiffFormat::Svg => {
+            String::from_utf8_lossy(&crate::output::svg::diff_to_bytes(&d)?).into_owned()
+        }
     };
     write_stdout(&text)
+}
+
+/// Colour only for people: stdout is a terminal and NO_COLOR is unset.
+fn color_stdout() -> bool {
+    use std::io::IsTerminal;
+    std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none()
 }
 
 fn write_stdout(text: &str) -> Result<()> {

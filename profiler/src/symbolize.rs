@@ -22,6 +22,7 @@ pub struct ModuleTable {
     pid: u32,
     mappings: Vec<Mapping>,
     files: HashMap<(String, u64), File>,
+    build_ids: HashMap<(String, u64), Option<String>>,
     text: String,
 }
 
@@ -82,6 +83,34 @@ impl ModuleTable {
         &self.mappings
     }
 
+    /// Executable file mappings with their build ids, for pprof.
+    pub fn mapping_infos(&mut self) -> Vec<crate::model::MappingInfo> {
+        let mut out = Vec::new();
+        for m in self.mappings.iter().filter(|m| m.is_file() && m.is_exec()) {
+            let key = (m.dev.clone(), m.inode);
+            let build_id = match self.build_ids.get(&key) {
+                Some(b) => b.clone(),
+                None => {
+                    let fd = self
+                        .files
+                        .get(&key)
+                        .map(|f| PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd())));
+                    let b = fd.and_then(|p| crate::elf::build_id(&p));
+                    self.build_ids.insert(key, b.clone());
+                    b
+                }
+            };
+            out.push(crate::model::MappingInfo {
+                start: format!("{:#x}", m.start),
+                limit: format!("{:#x}", m.end),
+                offset: format!("{:#x}", m.offset),
+                path: m.path.clone(),
+                build_id,
+            });
+        }
+        out
+    }
+
     fn fd_path(&self, m: &Mapping) -> Option<PathBuf> {
         let f = self.files.get(&(m.dev.clone(), m.inode))?;
         Some(PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd())))
@@ -138,6 +167,13 @@ impl Symbolizer {
 
     pub fn table(&self, pid: u32) -> Option<&ModuleTable> {
         self.tables.get(&pid)
+    }
+
+    pub fn mapping_infos(&mut self, pid: u32) -> Vec<crate::model::MappingInfo> {
+        self.tables
+            .get_mut(&pid)
+            .map(|t| t.mapping_infos())
+            .unwrap_or_default()
     }
 
     /// Frames for a stack of return addresses, innermost first. Each address

@@ -29,6 +29,8 @@ enum Cmd {
     Test,
     /// Measure the cost of heapbpf on allocator calls.
     Bench(bench::BenchArgs),
+    /// Rewrite the golden files of the output formats (after checking the diff).
+    Bless,
 }
 
 fn main() -> Result<()> {
@@ -37,6 +39,9 @@ fn main() -> Result<()> {
         Cmd::Demo => demo(),
         Cmd::Test => test(),
         Cmd::Bench(args) => bench::run(args),
+        Cmd::Bless => run(cargo()
+            .args(["test", "-p", "heapbpf", "--test", "golden"])
+            .env("HEAPBPF_BLESS", "1")),
     }
 }
 
@@ -130,10 +135,20 @@ pub fn bootstrap() -> Result<()> {
             .arg(format!("llvm-{major}"))
             .env("LLVM_PREFIX", &prefix))?;
     }
-    // gcc builds the fixtures and the demo.
+    // gcc builds the fixtures and the demo; go tool pprof checks our pprof.
+    let mut packages = Vec::new();
     if output(Command::new("gcc").arg("--version")).is_none() {
+        packages.extend(["gcc", "libc6-dev"]);
+    }
+    if output(Command::new("go").arg("version")).is_none() {
+        packages.push("golang-go");
+    }
+    if !packages.is_empty() {
         run(Command::new("apt-get").arg("update"))?;
-        run(Command::new("apt-get").args(["install", "-y", "gcc", "libc6-dev"]))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y"])
+            .args(&packages)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
     // tracefs is where people look at uprobes; mount it if absent.
     if Path::new("/sys/kernel/tracing").exists()
@@ -143,7 +158,9 @@ pub fn bootstrap() -> Result<()> {
             .args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"])
             .status();
     }
-    eprintln!("xtask: toolchain ready (nightly rust-src, bpf-linker {BPF_LINKER_VERSION}, gcc)");
+    eprintln!(
+        "xtask: toolchain ready (nightly rust-src, bpf-linker {BPF_LINKER_VERSION}, gcc, go)"
+    );
     Ok(())
 }
 
@@ -230,6 +247,7 @@ fn demo() -> Result<()> {
         .arg(pid.to_string())
         .arg("-o")
         .arg(&dir)
+        .args(["--format", "json,pprof,collapsed,svg"])
         .spawn()?;
     let result = (|| -> Result<()> {
         sleep(Duration::from_secs(3));
@@ -271,6 +289,20 @@ fn demo() -> Result<()> {
         .arg("report")
         .arg(last)
         .args(["--top", "5"]))?;
-    eprintln!("\nxtask: snapshots are in {}", dir.display());
+    eprintln!(
+        "\nxtask: snapshots are in {}; open them with",
+        dir.display()
+    );
+    let stem = last.with_extension("");
+    let stem = stem.display();
+    eprintln!(
+        "  go tool pprof -http=: {stem}.pb.gz        (or -top, -traces, -list remember_session)"
+    );
+    eprintln!("  a browser: {stem}.svg                      (flamegraph of live bytes)");
+    eprintln!(
+        "  heapbpf diff {} {} --format svg > growth.svg",
+        first.display(),
+        last.display()
+    );
     Ok(())
 }

@@ -6,4 +6,6 @@ mod snapshot;
 
 pub use aggregate::{aggregate, LiveBlock, RawSnapshot, RawStack, StackCounters};
 pub use diff::{diff, Diff, DiffEntry, Status};
-pub use snapshot::{Frame, Snapshot, Stack, Totals, Trigger, SNAPSHOT_FORMAT, SNAPSHOT_VERSION};
+pub use snapshot::{
+    Frame, MappingInfo, Snapshot, Stack, Totals, Trigger, SNAPSHOT_FORMAT, SNAPSHOT_VERSION,
+};

@@ -49,6 +49,24 @@ pub struct Snapshot {
     pub sample_bytes: u64,
     pub totals: Totals,
     pub stacks: Vec<Stack>,
+    /// The executable mappings of the target (for pprof's mapping table).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mappings: Vec<MappingInfo>,
+}
+
+/// One executable file mapping of the target.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MappingInfo {
+    /// `0x`-prefixed hex, like frame addresses.
+    pub start: String,
+    pub limit: String,
+    /// Offset in the file of `start`.
+    pub offset: String,
+    /// The path as the target sees it.
+    pub path: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build_id: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

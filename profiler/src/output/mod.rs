@@ -2,7 +2,10 @@
 //! a temporary name and published with a hard link (which never replaces an
 //! existing file), so a reader never sees half a file and nothing is
 //! overwritten.
+pub mod collapsed;
 pub mod json;
+pub mod pprof;
+pub mod svg;
 
 use std::{
     fs,
@@ -16,13 +19,32 @@ use crate::error::{Error, Result};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
     Json,
+    Pprof,
+    Collapsed,
+    Svg,
 }
+
+/// `--format` when none is given.
+pub const DEFAULT_FORMATS: &str = "json,pprof";
 
 impl Format {
     pub fn ext(self) -> &'static str {
         match self {
             Format::Json => "json",
+            Format::Pprof => "pb.gz",
+            Format::Collapsed => "collapsed",
+            Format::Svg => "svg",
         }
+    }
+
+    /// The file contents of a snapshot in this format.
+    pub fn render(self, s: &crate::model::Snapshot) -> Result<Vec<u8>> {
+        Ok(match self {
+            Format::Json => json::to_bytes(s),
+            Format::Pprof => pprof::to_bytes(s),
+            Format::Collapsed => collapsed::to_string(s).into_bytes(),
+            Format::Svg => svg::to_bytes(s)?,
+        })
     }
 
     /// Parses a `--format` list. Formats of the contract that do not exist
@@ -32,12 +54,14 @@ impl Format {
         for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
             let f = match item {
                 "json" => Format::Json,
-                "pprof" | "collapsed" | "svg" => {
+                "pprof" => Format::Pprof,
+                "collapsed" => Format::Collapsed,
+                "svg" => Format::Svg,
+                other => {
                     return Err(format!(
-                        "format {item:?} is not available yet in this heapbpf; use --format json"
+                        "unknown format {other:?}: expected a comma list of json, pprof, collapsed, svg"
                     ))
                 }
-                other => return Err(format!("unknown format {other:?}: expected json")),
             };
             if !out.contains(&f) {
                 out.push(f);
@@ -153,9 +177,15 @@ mod tests {
     fn format_lists() {
         assert_eq!(Format::parse_list("json"), Ok(vec![Format::Json]));
         assert_eq!(Format::parse_list("json,json"), Ok(vec![Format::Json]));
-        assert!(Format::parse_list("pprof")
-            .unwrap_err()
-            .contains("not available yet"));
+        assert_eq!(
+            Format::parse_list("json,pprof,collapsed,svg"),
+            Ok(vec![
+                Format::Json,
+                Format::Pprof,
+                Format::Collapsed,
+                Format::Svg
+            ])
+        );
         assert!(Format::parse_list("xml")
             .unwrap_err()
             .contains("unknown format"));

@@ -1,0 +1,68 @@
+//! Folded stacks (`main;worker;leak_malloc 4096000`), root first, weighted
+//! by live bytes: the input of flamegraph.pl, inferno and speedscope.
+use crate::model::{Diff, Frame, Snapshot};
+
+/// A frame's name in folded output. `;` separates frames and the last space
+/// separates the count, so neither may appear inside a name.
+pub fn frame_name(f: &Frame) -> String {
+    let name = match &f.function {
+        Some(func) => {
+            if f.inlined {
+                format!("{func}_[i]")
+            } else {
+                func.clone()
+            }
+        }
+        None => {
+            let module = f
+                .module
+                .as_deref()
+                .map(|m| m.rsplit('/').next().unwrap_or(m))
+                .unwrap_or("?");
+            format!("[unknown] {module}@{}", f.address)
+        }
+    };
+    name.replace(';', ":").replace(['\n', '\r'], " ")
+}
+
+fn folded_stack(frames: &[Frame]) -> String {
+    if frames.is_empty() {
+        return "[unknown stack]".into();
+    }
+    frames
+        .iter()
+        .rev()
+        .map(frame_name)
+        .collect::<Vec<_>>()
+        .join(";")
+}
+
+/// One line per stack with live bytes, largest first (the snapshot's order).
+pub fn to_string(s: &Snapshot) -> String {
+    let mut out = String::new();
+    for st in s.stacks.iter().filter(|st| st.live_bytes > 0) {
+        out.push_str(&folded_stack(&st.frames));
+        out.push(' ');
+        out.push_str(&st.live_bytes.to_string());
+        out.push('\n');
+    }
+    out
+}
+
+/// Differential folded stacks (`stack OLD NEW`), as inferno's
+/// differential mode writes them: the input of a differential flamegraph.
+pub fn diff_to_string(d: &Diff) -> String {
+    let mut out = String::new();
+    for e in &d.entries {
+        if e.old_bytes == 0 && e.new_bytes == 0 {
+            continue;
+        }
+        out.push_str(&format!(
+            "{} {} {}\n",
+            folded_stack(&e.frames),
+            e.old_bytes,
+            e.new_bytes
+        ));
+    }
+    out
+}
