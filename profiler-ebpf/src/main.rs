@@ -16,6 +16,7 @@
 #![allow(internal_features)]
 #![feature(core_intrinsics)]
 
+mod floor;
 mod maps;
 mod oom;
 mod probes;

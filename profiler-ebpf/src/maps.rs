@@ -4,9 +4,12 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{HashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray},
 };
-use heapbpf_common::{AllocInfo, AllocKey, Pending, StackKey, StackStats, StackTrace, TargetState};
+use heapbpf_common::{
+    config, AllocInfo, AllocKey, Pending, StackKey, StackStats, StackTrace, TargetState,
+    SAMPLE_TABLE_LEN,
+};
 
 /// Traced processes by tgid. A process absent here is ignored.
 #[map]
@@ -37,3 +40,11 @@ pub static SCRATCH: PerCpuArray<StackTrace> = PerCpuArray::with_max_entries(1, 0
 /// Traced processes the OOM killer picked, with the time it did.
 #[map]
 pub static OOM_VICTIMS: HashMap<u32, u64> = HashMap::with_max_entries(1024, 0);
+
+/// Settings written by user space before attaching (see `heapbpf_common::config`).
+#[map]
+pub static CONFIG: Array<u64> = Array::with_max_entries(config::LEN, 0);
+
+/// `1 - exp(-x)` in units of 2^-32 for x = i / SAMPLE_TABLE_STEPS.
+#[map]
+pub static SAMPLE_P: Array<u32> = Array::with_max_entries(SAMPLE_TABLE_LEN, 0);

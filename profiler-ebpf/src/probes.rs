@@ -1,21 +1,32 @@
 //! The allocator hooks. User space attaches them from a table (symbol,
 //! program, entry/return); see `profiler/src/ebpf/probes.rs`.
+//!
+//! Sampling (`--sample-bytes R`) is Poisson sampling by bytes: sample points
+//! fall on the stream of allocated bytes as a Poisson process of rate 1/R.
+//! Points in disjoint byte ranges are independent, so each allocation of
+//! size s holds at least one point — is sampled — independently, with
+//! probability p = 1 - exp(-s/R), and then stands for s/p bytes and 1/p
+//! allocations, which makes every estimate unbiased. No per-thread state is
+//! needed: one random number per call.
 
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use aya_ebpf::{
     bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
-    helpers::{bpf_get_current_pid_tgid, bpf_get_stack, bpf_ktime_get_ns, bpf_probe_read_user},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_get_stack, bpf_ktime_get_ns,
+        bpf_probe_read_user,
+    },
     macros::{uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext},
     EbpfContext,
 };
 use heapbpf_common::{
-    drop_reason, info_counter, kind, AllocInfo, AllocKey, Pending, StackKey, StackStats,
-    TargetState, MAX_STACK_DEPTH, NO_STACK,
+    config, drop_reason, info_counter, kind, AllocInfo, AllocKey, Pending, StackKey, StackStats,
+    TargetState, COUNT_UNIT, MAX_STACK_DEPTH, NO_STACK, SAMPLE_TABLE_LEN, SAMPLE_TABLE_STEPS,
 };
 
-use crate::maps::{ALLOCS, PENDING, SCRATCH, STACKS, STACK_STATS, TARGETS};
+use crate::maps::{ALLOCS, CONFIG, PENDING, SAMPLE_P, SCRATCH, STACKS, STACK_STATS, TARGETS};
 
 #[inline(always)]
 fn add(field: &mut u64, value: u64) {
@@ -39,10 +50,63 @@ fn target(tgid: u32) -> Option<*mut TargetState> {
     TARGETS.get_ptr_mut(tgid)
 }
 
-/// Records the start of an allocator call. Only the outermost call of a
-/// thread is recorded; nested ones only deepen the nesting.
 #[inline(always)]
-fn enter(kind: u32, size: u64, old_ptr: u64, out_ptr: u64) -> u32 {
+fn sample_bytes() -> u64 {
+    CONFIG.get(config::SAMPLE_BYTES).copied().unwrap_or(0)
+}
+
+/// Probability that an allocation of `size` bytes is sampled, in units of
+/// 2^-32 (`u32::MAX` and above: always).
+#[inline(always)]
+fn sample_p(size: u64, rate: u64) -> u64 {
+    if rate == 0 || size >= 16 * rate {
+        return 1 << 32;
+    }
+    // x = size / rate in units of 2^-16.
+    // checked_div: a plain `/` leaves a panic path the verifier rejects.
+    let x = (size << 16).checked_div(rate).unwrap_or(0);
+    let i = x >> 8; // table steps of 1/256
+    if i == 0 {
+        // p = x - x^2/2 + ..., exact enough below 1/256.
+        return (x << 16).saturating_sub((x * x) >> 1).max(1);
+    }
+    let frac = x & 0xff;
+    let lo = SAMPLE_P.get(i as u32).copied().unwrap_or(u32::MAX) as u64;
+    let hi = if (i as u32) + 1 < SAMPLE_TABLE_LEN {
+        SAMPLE_P.get(i as u32 + 1).copied().unwrap_or(u32::MAX) as u64
+    } else {
+        lo
+    };
+    let _ = SAMPLE_TABLE_STEPS;
+    (lo + (((hi.saturating_sub(lo)) * frac) >> 8)).max(1)
+}
+
+/// The weight of a sampled block: (bytes, allocations in COUNT_UNITs).
+#[inline(always)]
+fn weight(size: u64, rate: u64) -> (u64, u64) {
+    let p = sample_p(size, rate);
+    if p >= 1 << 32 {
+        return (size, COUNT_UNIT);
+    }
+    // size < 16 * rate <= 2^30, so size << 32 fits.
+    (
+        (size << 32).checked_div(p).unwrap_or(size),
+        (COUNT_UNIT << 32).checked_div(p).unwrap_or(COUNT_UNIT),
+    )
+}
+
+#[inline(always)]
+fn sampled(size: u64, rate: u64) -> bool {
+    let p = sample_p(size, rate);
+    p >= 1 << 32 || (unsafe { bpf_get_prandom_u32() } as u64) < p
+}
+
+/// Records the start of an allocator call. Only the outermost call of a
+/// thread is recorded; nested ones only deepen the nesting. `leaf` calls
+/// (glibc's malloc and calloc call no other probed function) that sampling
+/// skips leave no trace at all.
+#[inline(always)]
+fn enter(kind: u32, size: u64, old_ptr: u64, out_ptr: u64, leaf: bool) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     let Some(state) = target(tgid) else { return 0 };
@@ -54,6 +118,10 @@ fn enter(kind: u32, size: u64, old_ptr: u64, out_ptr: u64) -> u32 {
             count(state, info_counter::NESTED);
             return 0;
         }
+    }
+    let picked = sampled(size, sample_bytes());
+    if !picked && leaf {
+        return 0;
     }
     let mut pending = Pending {
         depth: 1,
@@ -67,7 +135,7 @@ fn enter(kind: u32, size: u64, old_ptr: u64, out_ptr: u64) -> u32 {
             timestamp_ns: 0,
         },
         has_old: 0,
-        _pad: 0,
+        sampled: picked as u32,
     };
     if kind == kind::REALLOC && old_ptr != 0 {
         let key = AllocKey {
@@ -98,15 +166,21 @@ fn enter(kind: u32, size: u64, old_ptr: u64, out_ptr: u64) -> u32 {
 }
 
 #[uprobe]
+pub fn malloc_enter(ctx: ProbeContext) -> u32 {
+    let size: u64 = ctx.arg(0).unwrap_or(0);
+    enter(kind::PLAIN, size, 0, 0, true)
+}
+
+#[uprobe]
 pub fn alloc_size0_enter(ctx: ProbeContext) -> u32 {
     let size: u64 = ctx.arg(0).unwrap_or(0);
-    enter(kind::PLAIN, size, 0, 0)
+    enter(kind::PLAIN, size, 0, 0, false)
 }
 
 #[uprobe]
 pub fn alloc_size1_enter(ctx: ProbeContext) -> u32 {
     let size: u64 = ctx.arg(1).unwrap_or(0);
-    enter(kind::PLAIN, size, 0, 0)
+    enter(kind::PLAIN, size, 0, 0, false)
 }
 
 #[uprobe]
@@ -114,14 +188,14 @@ pub fn calloc_enter(ctx: ProbeContext) -> u32 {
     let n: u64 = ctx.arg(0).unwrap_or(0);
     let size: u64 = ctx.arg(1).unwrap_or(0);
     // An overflowing product fails inside calloc; the return probe sees NULL.
-    enter(kind::PLAIN, n.wrapping_mul(size), 0, 0)
+    enter(kind::PLAIN, n.wrapping_mul(size), 0, 0, true)
 }
 
 #[uprobe]
 pub fn realloc_enter(ctx: ProbeContext) -> u32 {
     let old: u64 = ctx.arg(0).unwrap_or(0);
     let size: u64 = ctx.arg(1).unwrap_or(0);
-    enter(kind::REALLOC, size, old, 0)
+    enter(kind::REALLOC, size, old, 0, false)
 }
 
 #[uprobe]
@@ -129,14 +203,14 @@ pub fn reallocarray_enter(ctx: ProbeContext) -> u32 {
     let old: u64 = ctx.arg(0).unwrap_or(0);
     let n: u64 = ctx.arg(1).unwrap_or(0);
     let size: u64 = ctx.arg(2).unwrap_or(0);
-    enter(kind::REALLOC, n.wrapping_mul(size), old, 0)
+    enter(kind::REALLOC, n.wrapping_mul(size), old, 0, false)
 }
 
 #[uprobe]
 pub fn posix_memalign_enter(ctx: ProbeContext) -> u32 {
     let out: u64 = ctx.arg(0).unwrap_or(0);
     let size: u64 = ctx.arg(2).unwrap_or(0);
-    enter(kind::POSIX_MEMALIGN, size, 0, out)
+    enter(kind::POSIX_MEMALIGN, size, 0, out, false)
 }
 
 #[uprobe]
@@ -183,10 +257,11 @@ fn release(state: *mut TargetState, tgid: u32, ptr: u64) {
 
 #[inline(always)]
 fn account_free(state: *mut TargetState, tgid: u32, info: &AllocInfo) {
+    let (bytes, units) = weight(info.size, sample_bytes());
     // SAFETY: valid map value.
     let s = unsafe { &mut *state };
-    add(&mut s.freed_bytes, info.size);
-    add(&mut s.frees, 1);
+    add(&mut s.freed_bytes, bytes);
+    add(&mut s.frees, units);
     let key = StackKey {
         tgid,
         _pad: 0,
@@ -195,8 +270,8 @@ fn account_free(state: *mut TargetState, tgid: u32, info: &AllocInfo) {
     if let Some(stats) = STACK_STATS.get_ptr_mut(key) {
         // SAFETY: valid map value.
         let stats = unsafe { &mut *stats };
-        add(&mut stats.freed_bytes, info.size);
-        add(&mut stats.frees, 1);
+        add(&mut stats.freed_bytes, bytes);
+        add(&mut stats.frees, units);
     }
 }
 
@@ -270,10 +345,11 @@ fn record<C: EbpfContext>(ctx: &C, state: *mut TargetState, tgid: u32, addr: u64
         count(state, drop_reason::ALLOCS_FULL);
         return;
     }
+    let (bytes, units) = weight(size, sample_bytes());
     // SAFETY: valid map value.
     let s = unsafe { &mut *state };
-    add(&mut s.allocated_bytes, size);
-    add(&mut s.allocations, 1);
+    add(&mut s.allocated_bytes, bytes);
+    add(&mut s.allocations, units);
     let skey = StackKey {
         tgid,
         _pad: 0,
@@ -294,8 +370,8 @@ fn record<C: EbpfContext>(ctx: &C, state: *mut TargetState, tgid: u32, addr: u64
     };
     // SAFETY: valid map value.
     let stats = unsafe { &mut *stats };
-    add(&mut stats.allocated_bytes, size);
-    add(&mut stats.allocations, 1);
+    add(&mut stats.allocated_bytes, bytes);
+    add(&mut stats.allocations, units);
 }
 
 #[uretprobe]
@@ -304,7 +380,7 @@ pub fn alloc_return(ctx: RetProbeContext) -> u32 {
     let tgid = (pid_tgid >> 32) as u32;
     let Some(state) = target(tgid) else { return 0 };
     let Some(pending) = PENDING.get_ptr_mut(pid_tgid) else {
-        // A call that entered before the entry probes were attached.
+        // Not sampled, or entered before the entry probes were attached.
         return 0;
     };
     // SAFETY: valid map value; only this thread touches its own entry.
@@ -316,6 +392,7 @@ pub fn alloc_return(ctx: RetProbeContext) -> u32 {
     let call = *p;
     let _ = PENDING.remove(pid_tgid);
     let ret: u64 = ctx.ret();
+    let picked = call.sampled != 0;
     match call.kind {
         kind::REALLOC => {
             let failed = ret == 0 && call.size != 0;
@@ -336,12 +413,12 @@ pub fn alloc_return(ctx: RetProbeContext) -> u32 {
             } else if call.old_ptr != 0 && !failed {
                 count(state, info_counter::UNTRACKED_FREES);
             }
-            if ret != 0 {
+            if ret != 0 && picked {
                 record(&ctx, state, tgid, ret, call.size);
             }
         }
         kind::POSIX_MEMALIGN => {
-            if ret == 0 && call.out_ptr != 0 {
+            if ret == 0 && call.out_ptr != 0 && picked {
                 // SAFETY: reads target memory through the checked helper.
                 match unsafe { bpf_probe_read_user(call.out_ptr as *const u64) } {
                     Ok(addr) if addr != 0 => record(&ctx, state, tgid, addr, call.size),
@@ -351,7 +428,7 @@ pub fn alloc_return(ctx: RetProbeContext) -> u32 {
             }
         }
         _ => {
-            if ret != 0 {
+            if ret != 0 && picked {
                 record(&ctx, state, tgid, ret, call.size);
             }
         }

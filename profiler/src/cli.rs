@@ -76,8 +76,8 @@ pub struct AttachArgs {
     /// The same for the live heap heapbpf tracks.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub heap_step: Option<u64>,
-    /// Mean bytes between sampled allocations; 0 tracks every allocation exactly.
-    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "0")]
+    /// Mean bytes between sampled allocations (Poisson by bytes); 0 tracks every allocation exactly.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = DEFAULT_SAMPLE_BYTES)]
     pub sample_bytes: u64,
     /// Keep only allocations at least DUR old in snapshots (leak suspects).
     #[arg(long, value_name = "DUR", value_parser = parse_duration)]
@@ -94,12 +94,21 @@ pub struct AttachArgs {
     /// Live blocks the kernel maps can hold at once (all targets together).
     #[arg(long, value_name = "N", default_value_t = 1 << 21, hide = true)]
     pub max_live_blocks: u32,
+    /// Benchmark floor: empty programs at the same probe points (entry or return).
+    #[arg(long, value_enum, hide = true)]
+    pub probe_floor: Option<ProbeFloor>,
     /// More on stderr: where each probe went, per-snapshot statistics.
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
     /// Less on stderr.
     #[arg(short, long, conflicts_with = "verbose")]
     pub quiet: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ProbeFloor {
+    Entry,
+    Return,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -127,6 +136,10 @@ pub struct ReportArgs {
     pub format: ReportFormat,
 }
 
+/// `--sample-bytes` when none is given; chosen by measurement (README,
+/// "Sampling").
+pub const DEFAULT_SAMPLE_BYTES: &str = "128KiB";
+
 /// Everything `attach` needs, as plain data.
 #[derive(Clone, Debug)]
 pub struct AttachConfig {
@@ -141,6 +154,7 @@ pub struct AttachConfig {
     pub min_age: Duration,
     pub max_snapshots: Option<usize>,
     pub max_live_blocks: u32,
+    pub floor: Option<crate::ebpf::Floor>,
     pub quiet: bool,
 }
 
@@ -152,10 +166,11 @@ impl AttachArgs {
                 .unwrap_or(crate::output::DEFAULT_FORMATS),
         )
         .map_err(Error::BadInput)?;
-        if self.sample_bytes != 0 {
+        if self.sample_bytes > heapbpf_common::MAX_SAMPLE_BYTES {
             return Err(Error::BadInput(format!(
-                "--sample-bytes {}: sampling is not available yet in this heapbpf; use --sample-bytes 0 (exact)",
-                self.sample_bytes
+                "--sample-bytes {}: at most {} (64MiB); use 0 for exact mode",
+                self.sample_bytes,
+                heapbpf_common::MAX_SAMPLE_BYTES
             )));
         }
         if self.unwind == Unwind::Dwarf {
@@ -199,6 +214,10 @@ impl AttachArgs {
             min_age: self.min_age.unwrap_or_default(),
             max_snapshots: self.max_snapshots,
             max_live_blocks: self.max_live_blocks,
+            floor: self.probe_floor.map(|f| match f {
+                ProbeFloor::Entry => crate::ebpf::Floor::Entry,
+                ProbeFloor::Return => crate::ebpf::Floor::Return,
+            }),
             quiet: self.quiet,
         })
     }
@@ -242,7 +261,10 @@ mod tests {
         assert_eq!(c.heap_step, Some(16 << 20));
         assert_eq!(c.min_age, Duration::from_millis(500));
         assert_eq!(c.max_snapshots, Some(3));
-        assert_eq!(c.sample_bytes, 0);
+        assert_eq!(
+            c.sample_bytes,
+            crate::units::parse_size(DEFAULT_SAMPLE_BYTES).unwrap()
+        );
         assert_eq!(
             c.formats,
             vec![Format::Json, Format::Pprof],
@@ -252,10 +274,16 @@ mod tests {
 
     #[test]
     fn refuses_what_does_not_exist_yet_by_name() {
-        assert!(attach(&["1", "--sample-bytes", "512KiB"])
+        assert!(attach(&["1", "--sample-bytes", "1GiB"])
             .unwrap_err()
             .to_string()
             .contains("--sample-bytes"));
+        assert_eq!(
+            attach(&["1", "--sample-bytes", "64KiB"])
+                .unwrap()
+                .sample_bytes,
+            64 << 10
+        );
         assert!(attach(&["1", "--format", "png"])
             .unwrap_err()
             .to_string()

@@ -85,6 +85,8 @@ async fn attach(cfg: AttachConfig) -> Result<()> {
 
     let profiler = Profiler::load(&LoadOptions {
         max_live_blocks: cfg.max_live_blocks,
+        floor: cfg.floor,
+        sample_bytes: cfg.sample_bytes,
     })?;
     let mut s = Session {
         cfg,
@@ -166,7 +168,7 @@ impl Session {
             if self.cfg.sample_bytes == 0 {
                 "EXACT".to_string()
             } else {
-                self.cfg.sample_bytes.to_string()
+                crate::units::size_label(self.cfg.sample_bytes)
             },
             std::process::id()
         ));

@@ -57,6 +57,16 @@ pub fn human_bytes(bytes: i128) -> String {
     format!("{sign}{v:.1} {unit}")
 }
 
+/// A size as the command line takes it: `128KiB`, `1MiB`, `1000`.
+pub fn size_label(bytes: u64) -> String {
+    for (shift, unit) in [(30, "GiB"), (20, "MiB"), (10, "KiB")] {
+        if bytes >= 1 << shift && bytes.is_multiple_of(1 << shift) {
+            return format!("{}{unit}", bytes >> shift);
+        }
+    }
+    bytes.to_string()
+}
+
 /// `5120` ms → `5.1s`; `90_000` → `1m30s`.
 pub fn human_age_ms(ms: u64) -> String {
     if ms < 1000 {
@@ -106,6 +116,9 @@ mod tests {
         assert_eq!(human_bytes(7_475_200), "7.1 MiB");
         assert_eq!(human_bytes(-2048), "-2.0 KiB");
         assert_eq!(human_bytes(3 << 30), "3.0 GiB");
+        assert_eq!(size_label(128 << 10), "128KiB");
+        assert_eq!(size_label(1 << 20), "1MiB");
+        assert_eq!(size_label(1000), "1000");
         assert_eq!(human_age_ms(12), "12ms");
         assert_eq!(human_age_ms(5120), "5.1s");
         assert_eq!(human_age_ms(90_000), "1m30s");

@@ -166,6 +166,10 @@ impl Heapbpf {
             cmd.arg(p.to_string());
         }
         cmd.arg("-o").arg(out_dir).args(extra);
+        // Exact figures unless a test asks for sampling.
+        if !extra.contains(&"--sample-bytes") {
+            cmd.args(["--sample-bytes", "0"]);
+        }
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -89,7 +89,12 @@ fn exact_figures_per_call_site_in_four_threads() {
     fx.command("free-pre");
     hb.signal(libc::SIGUSR2);
     let paths = hb.wait_snapshot("signal", fx.pid);
-    assert_eq!(paths.len(), 1);
+    // The default formats: json and pprof.
+    assert_eq!(paths.len(), 2, "{paths:?}");
+    assert!(
+        paths[1].to_string_lossy().ends_with("-0001.pb.gz"),
+        "{paths:?}"
+    );
     let name = paths[0].file_name().unwrap().to_string_lossy().into_owned();
     assert!(
         name.starts_with(&format!("heapbpf-{}-", fx.pid)) && name.ends_with("-0001.json"),
@@ -120,11 +125,11 @@ fn exact_figures_per_call_site_in_four_threads() {
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(files.len(), 3, "{files:?}");
+    assert_eq!(files.len(), 6, "{files:?}");
     assert!(
         files
             .iter()
-            .all(|f| f.starts_with("heapbpf-") && f.ends_with(".json")),
+            .all(|f| f.starts_with("heapbpf-") && (f.ends_with(".json") || f.ends_with(".pb.gz"))),
         "{files:?}"
     );
 
@@ -298,7 +303,7 @@ fn a_burst_of_signals_never_writes_half_files() {
     require_root();
     let dir = TempDir::new("burst");
     let mut fx = Fixture::spawn("allocs");
-    let mut hb = Heapbpf::attach(&[fx.pid], dir.path(), &[]);
+    let mut hb = Heapbpf::attach(&[fx.pid], dir.path(), &["--format", "json"]);
     fx.command("run");
     for _ in 0..20 {
         hb.signal(libc::SIGUSR2);

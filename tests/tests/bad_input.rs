@@ -54,7 +54,7 @@ fn bad_flags() {
     let (code, _, err) = run_heapbpf(&["attach", "1", "--duration", "soon"]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("invalid duration"), "{err}");
-    let (code, _, err) = run_heapbpf(&["attach", "1", "--sample-bytes", "512KiB"]);
+    let (code, _, err) = run_heapbpf(&["attach", "1", "--sample-bytes", "1GiB"]);
     assert_clean_error(code, &err, 2, "--sample-bytes");
     let (code, _, err) = run_heapbpf(&["attach", "1", "--format", "png"]);
     assert_clean_error(code, &err, 2, "png");

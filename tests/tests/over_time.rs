@@ -137,7 +137,11 @@ fn max_snapshots_keeps_the_newest() {
     require_root();
     let dir = TempDir::new("maxsnap");
     let fx = Fixture::spawn("grow");
-    let mut hb = Heapbpf::attach(&[fx.pid], dir.path(), &["--max-snapshots", "2"]);
+    let mut hb = Heapbpf::attach(
+        &[fx.pid],
+        dir.path(),
+        &["--max-snapshots", "2", "--format", "json"],
+    );
     let mut written = Vec::new();
     for _ in 0..4 {
         hb.signal(libc::SIGUSR2);
@@ -264,4 +268,60 @@ fn the_oom_killer_gets_a_last_snapshot() {
         0,
         "the OOM snapshot is the final one"
     );
+}
+
+#[test]
+fn sampling_estimates_are_unbiased_and_close() {
+    require_root();
+    let dir = TempDir::new("sampling");
+    let mut fx = Fixture::spawn("grow");
+    let mut hb = Heapbpf::attach(
+        &[fx.pid],
+        dir.path(),
+        &["--sample-bytes", "64KiB", "--format", "json"],
+    );
+    assert!(
+        hb.stderr.iter().any(|l| l.contains("sampling 64KiB")),
+        "{:?}",
+        hb.stderr
+    );
+    // 32 MiB in 4 KiB blocks: each sampled with p = 1 - exp(-1/16) ~ 6%.
+    fx.command("leak 8192 4096 0");
+    // And a few large blocks, always sampled, exactly.
+    fx.command("old 0");
+    hb.signal(libc::SIGUSR2);
+    let s = read_json(&hb.wait_snapshot("signal", fx.pid)[0]);
+    assert_eq!(s["sample_bytes"], 64 << 10);
+    let leak = site(&s, "grow_leak");
+    let truth = 32.0 * MIB as f64;
+    let err = (leak.live_bytes as f64 - truth).abs() / truth;
+    assert!(
+        err < 0.25,
+        "estimated {} bytes for {truth}: {:.1}% off",
+        leak.live_bytes,
+        err * 100.0
+    );
+    let count_err = (leak.live_allocations as f64 - 8192.0).abs() / 8192.0;
+    assert!(
+        count_err < 0.25,
+        "estimated {} allocations for 8192",
+        leak.live_allocations
+    );
+    fx.command("leak 4 1048576 0");
+    hb.signal(libc::SIGUSR2);
+    let s = read_json(&hb.wait_snapshot("signal", fx.pid)[0]);
+    let big: u64 = s["stacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|st| st["frames"][0]["function"] == "grow_leak")
+        .map(|st| st["live_bytes"].as_u64().unwrap())
+        .sum();
+    assert!(
+        big >= leak.live_bytes + 4 * MIB - 1,
+        "1 MiB blocks are always sampled, at weight 1"
+    );
+    hb.signal(libc::SIGINT);
+    hb.wait_snapshot("stop", fx.pid);
+    assert_eq!(hb.wait_exit().code(), Some(0));
 }

@@ -28,7 +28,11 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Runs the loop fixture once; returns malloc/free pairs per second.
-fn one_run(bin: &std::path::Path, pairs: u64, heapbpf: Option<&std::path::Path>) -> Result<f64> {
+fn one_run(
+    bin: &std::path::Path,
+    pairs: u64,
+    heapbpf: Option<(&std::path::Path, &[&str])>,
+) -> Result<f64> {
     // The loop waits for a line on stdin, so probes are live before it starts.
     let mut child = Command::new(bin)
         .arg(pairs.to_string())
@@ -36,12 +40,20 @@ fn one_run(bin: &std::path::Path, pairs: u64, heapbpf: Option<&std::path::Path>)
         .stdout(Stdio::piped())
         .spawn()?;
     let mut profiler = None;
-    if let Some(hb) = heapbpf {
+    if let Some((hb, extra)) = heapbpf {
         let dir = crate::root().join("target/bench");
         std::fs::create_dir_all(&dir)?;
         let mut p = Command::new(hb)
-            .args(["attach", &child.id().to_string(), "-q", "-o"])
+            .args([
+                "attach",
+                &child.id().to_string(),
+                "-q",
+                "--format",
+                "json",
+                "-o",
+            ])
             .arg(&dir)
+            .args(extra)
             .stderr(Stdio::piped())
             .spawn()?;
         // Wait for the attached line.
@@ -83,22 +95,38 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let heapbpf = crate::build_release()?;
     let bin = crate::root().join("target/bench/loop");
     crate::gcc(&crate::root().join("xtask/bench/loop.c"), &bin, &[])?;
-    let mut base = Vec::new();
-    let mut exact = Vec::new();
+    let configs: Vec<(&str, Option<Vec<&str>>)> = vec![
+        ("no profiler", None),
+        (
+            "floor: entry probes only",
+            Some(vec!["--probe-floor", "entry"]),
+        ),
+        (
+            "floor: entry + return",
+            Some(vec!["--probe-floor", "return"]),
+        ),
+        ("heapbpf exact", Some(vec!["--sample-bytes", "0"])),
+    ];
+    let mut results: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
     for i in 0..args.runs {
-        // Interleaved, so drift on a shared machine hits both alike.
-        base.push(one_run(&bin, args.pairs, None)?);
-        exact.push(one_run(&bin, args.pairs, Some(&heapbpf))?);
-        eprintln!(
-            "xtask bench: run {}/{}: no profiler {:.0} pairs/s, heapbpf exact {:.0} pairs/s",
-            i + 1,
-            args.runs,
-            base[i],
-            exact[i]
-        );
+        // Interleaved, so drift on a shared machine hits every configuration alike.
+        for (c, (name, extra)) in configs.iter().enumerate() {
+            let r = one_run(
+                &bin,
+                args.pairs,
+                extra.as_ref().map(|e| (heapbpf.as_path(), e.as_slice())),
+            )?;
+            eprintln!(
+                "xtask bench: run {}/{}: {name}: {r:.0} pairs/s",
+                i + 1,
+                args.runs
+            );
+            results[c].push(r);
+        }
     }
     let snapshot_rows = snapshot_cost(&heapbpf, &args.snapshot_blocks)?;
-    let (b, e) = (median(base), median(exact));
+    let medians: Vec<f64> = results.into_iter().map(median).collect();
+    let b = medians[0];
     println!(
         "malloc/free pairs per second (median of {} runs, {} pairs each)",
         args.runs, args.pairs
@@ -107,20 +135,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "{:<28} {:>14} {:>10} {:>12}",
         "configuration", "pairs/s", "ratio", "ns/pair"
     );
-    println!(
-        "{:<28} {:>14.0} {:>10.3} {:>12.1}",
-        "no profiler",
-        b,
-        1.0,
-        1e9 / b
-    );
-    println!(
-        "{:<28} {:>14.0} {:>10.3} {:>12.1}",
-        "heapbpf --sample-bytes 0",
-        e,
-        e / b,
-        1e9 / e
-    );
+    for ((name, _), m) in configs.iter().zip(&medians) {
+        println!("{name:<28} {m:>14.0} {:>10.3} {:>12.1}", m / b, 1e9 / m);
+    }
     println!();
     println!("snapshot cost (release build, exact mode, one target)");
     println!(

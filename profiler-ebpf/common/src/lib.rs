@@ -12,6 +12,27 @@ pub const MAX_STACK_DEPTH: usize = 127;
 /// Stack id recorded when the user stack could not be captured.
 pub const NO_STACK: u64 = 0;
 
+/// Allocation and free counts are kept in thousandths, so that sampled
+/// allocations can carry fractional weights (1/p); exact mode adds 1000.
+pub const COUNT_UNIT: u64 = 1000;
+
+/// Sampling table: `P[i]` is `1 - exp(-i / SAMPLE_TABLE_STEPS)` in units of
+/// 2^-32, for `i` in `0..=SAMPLE_TABLE_LEN - 1`; beyond, every allocation is
+/// sampled. Filled by user space.
+pub const SAMPLE_TABLE_STEPS: u64 = 256;
+pub const SAMPLE_TABLE_LEN: u32 = 16 * SAMPLE_TABLE_STEPS as u32 + 1;
+
+/// Largest `--sample-bytes`: keeps `size << 32` inside 64 bits for every
+/// size that is not always sampled (size < 16 * rate).
+pub const MAX_SAMPLE_BYTES: u64 = 64 << 20;
+
+/// Indexes into the `CONFIG` array.
+pub mod config {
+    /// Mean bytes between samples; 0 = exact.
+    pub const SAMPLE_BYTES: u32 = 0;
+    pub const LEN: u32 = 1;
+}
+
 /// What the return probe must do with the call recorded at entry.
 pub mod kind {
     /// `malloc`, `calloc`, `valloc`, `pvalloc`, `memalign`, `aligned_alloc`: the
@@ -88,7 +109,8 @@ pub struct StackKey {
 const _: () = assert!(core::mem::size_of::<StackKey>() == 16);
 
 /// Cumulative figures of one stack since attach. Only ever incremented (atomic
-/// adds), so live figures are `allocated - freed`.
+/// adds), so live figures are `allocated - freed`. Sampled allocations add
+/// their weight (bytes / p); counts are in [`COUNT_UNIT`]s.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StackStats {
@@ -127,12 +149,13 @@ pub struct Pending {
     pub old_info: AllocInfo,
     /// 1 when `old_info` holds a record.
     pub has_old: u32,
-    pub _pad: u32,
+    /// 1 when this call was picked by sampling (always in exact mode).
+    pub sampled: u32,
 }
 const _: () = assert!(core::mem::size_of::<Pending>() == 64);
 
 /// Per-target state; its presence in the targets map is what marks a process
-/// as traced.
+/// as traced. Counts of allocations and frees are in [`COUNT_UNIT`]s.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct TargetState {

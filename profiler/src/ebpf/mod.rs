@@ -37,14 +37,29 @@ static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR
 pub struct LoadOptions {
     /// Capacity of the live-block map (blocks tracked at once, all targets).
     pub max_live_blocks: u32,
+    /// Benchmark floors: attach programs that do nothing instead.
+    pub floor: Option<Floor>,
+    /// Mean bytes between sampled allocations; 0 = exact.
+    pub sample_bytes: u64,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
         LoadOptions {
             max_live_blocks: 1 << 21,
+            floor: None,
+            sample_bytes: 0,
         }
     }
+}
+
+/// What `cargo xtask bench` measures as the least a probe set can cost.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Floor {
+    /// Empty programs at the entry points only.
+    Entry,
+    /// Empty programs at the entry points and as return probes.
+    Return,
 }
 
 /// Where the probes of one target went.
@@ -84,6 +99,8 @@ struct Target {
 
 /// Loaded programs and maps, and the probes attached per target.
 pub struct Profiler {
+    floor: Option<Floor>,
+    sample_bytes: u64,
     ebpf: Ebpf,
     targets: HashMap<u32, Target>,
     stacks: HashMap<u64, Vec<u64>>,
@@ -157,13 +174,42 @@ impl Profiler {
             prog.load().map_err(load_error)?;
         }
         let mut profiler = Profiler {
+            floor: opts.floor,
+            sample_bytes: opts.sample_bytes,
             ebpf,
             targets: HashMap::new(),
             stacks: HashMap::new(),
             oom_watch: false,
         };
+        profiler.configure_sampling()?;
         profiler.oom_watch = profiler.watch_oom();
         Ok(profiler)
+    }
+
+    /// Writes the sampling rate and the table of `1 - exp(-x)` the programs
+    /// read (no floating point in BPF).
+    fn configure_sampling(&mut self) -> Result<()> {
+        use heapbpf_common::{config, SAMPLE_TABLE_LEN, SAMPLE_TABLE_STEPS};
+        let err = |e: aya::maps::MapError| Error::runtime("cannot configure sampling", e);
+        let map = self
+            .ebpf
+            .map_mut("CONFIG")
+            .ok_or_else(|| Error::Runtime("no CONFIG map".into()))?;
+        let mut cfg = aya::maps::Array::<_, u64>::try_from(map).map_err(err)?;
+        cfg.set(config::SAMPLE_BYTES, self.sample_bytes, 0)
+            .map_err(err)?;
+        let map = self
+            .ebpf
+            .map_mut("SAMPLE_P")
+            .ok_or_else(|| Error::Runtime("no SAMPLE_P map".into()))?;
+        let mut table = aya::maps::Array::<_, u32>::try_from(map).map_err(err)?;
+        for i in 0..SAMPLE_TABLE_LEN {
+            let x = i as f64 / SAMPLE_TABLE_STEPS as f64;
+            let p = -(-x).exp_m1();
+            let q = (p * 4294967296.0).round().min(u32::MAX as f64) as u32;
+            table.set(i, q, 0).map_err(err)?;
+        }
+        Ok(())
     }
 
     /// Hooks `oom:mark_victim`; without it (old kernel, no tracefs) OOM kills
@@ -239,10 +285,18 @@ impl Profiler {
         let mut attached = Vec::new();
         let scope =
             UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or(Error::NoSuchProcess { pid })?);
-        let returns: Vec<&ProbeSpec> = LIBC_PROBES.iter().filter(|p| p.has_return).collect();
+        let returns: Vec<&ProbeSpec> = match self.floor {
+            Some(Floor::Entry) => Vec::new(),
+            _ => LIBC_PROBES.iter().filter(|p| p.has_return).collect(),
+        };
+        let return_program = if self.floor.is_some() {
+            "noop_return"
+        } else {
+            RETURN_PROGRAM
+        };
         let mut missing = Vec::new();
         for spec in returns {
-            match self.attach_one(RETURN_PROGRAM, spec.symbol, 0, lib, scope, pid) {
+            match self.attach_one(return_program, spec.symbol, 0, lib, scope, pid) {
                 Ok(()) => attached.push(AttachedProbe {
                     symbol: spec.symbol,
                     offset: 0,
@@ -257,7 +311,12 @@ impl Profiler {
                 continue;
             }
             let offset = entry_offset(spec, lib);
-            match self.attach_one(spec.entry_program, spec.symbol, offset, lib, scope, pid) {
+            let program = if self.floor.is_some() {
+                "noop_enter"
+            } else {
+                spec.entry_program
+            };
+            match self.attach_one(program, spec.symbol, offset, lib, scope, pid) {
                 Ok(()) => attached.push(AttachedProbe {
                     symbol: spec.symbol,
                     offset,
@@ -428,14 +487,14 @@ impl Profiler {
                 .map(|(k, v)| {
                     let c = StackCounters {
                         allocated_bytes: v.allocated_bytes,
-                        allocations: v.allocations,
+                        allocations: units(v.allocations),
                         freed_bytes: v.freed_bytes,
-                        frees: v.frees,
+                        frees: units(v.frees),
                     };
                     (k.stack_id, c)
                 })
                 .collect();
-        let mut stacks = aggregate(blocks, &counters, now_ns, min_age_ms);
+        let mut stacks = aggregate(blocks, &counters, now_ns, min_age_ms, self.sample_bytes);
         let stack_map = BpfHashMap::<_, u64, StackTrace>::try_from(map("STACKS")?)
             .map_err(|e| Error::runtime("STACKS map", e))?;
         for s in &mut stacks {
@@ -464,8 +523,8 @@ impl Profiler {
             pid,
             stacks,
             allocated_bytes: state.allocated_bytes,
-            allocations: state.allocations,
-            frees: state.frees,
+            allocations: units(state.allocations),
+            frees: units(state.frees),
             dropped_events,
         })
     }
@@ -493,6 +552,12 @@ fn map_fd(map: &aya::maps::Map) -> Result<std::os::fd::BorrowedFd<'_>> {
 enum AttachFailure {
     NoSymbol,
     Other(Error),
+}
+
+/// Kernel counts are in thousandths (sampled weights are fractional).
+fn units(v: u64) -> u64 {
+    let unit = heapbpf_common::COUNT_UNIT;
+    (v + unit / 2) / unit
 }
 
 /// `CLOCK_MONOTONIC`, the clock of `bpf_ktime_get_ns`.

@@ -28,7 +28,7 @@ const fn alloc(symbol: &'static str, entry_program: &'static str) -> ProbeSpec {
 
 /// The glibc / POSIX allocator surface.
 pub const LIBC_PROBES: &[ProbeSpec] = &[
-    alloc("malloc", "alloc_size0_enter"),
+    alloc("malloc", "malloc_enter"),
     alloc("calloc", "calloc_enter"),
     alloc("realloc", "realloc_enter"),
     alloc("reallocarray", "reallocarray_enter"),
@@ -49,6 +49,7 @@ pub const LIBC_PROBES: &[ProbeSpec] = &[
 pub fn programs() -> Vec<&'static str> {
     let mut names: Vec<&'static str> = LIBC_PROBES.iter().map(|p| p.entry_program).collect();
     names.push(RETURN_PROGRAM);
+    names.extend(["noop_enter", "noop_return"]);
     names.sort_unstable();
     names.dedup();
     names
@@ -83,6 +84,6 @@ mod tests {
         assert!(LIBC_PROBES
             .iter()
             .all(|p| p.has_return == (p.symbol != "free")));
-        assert_eq!(programs().len(), 8);
+        assert_eq!(programs().len(), 11);
     }
 }

@@ -43,9 +43,27 @@ pub struct RawSnapshot {
     pub dropped_events: u64,
 }
 
-/// Aggregates live blocks per stack. Blocks younger than `min_age_ms` are left
-/// out of the live figures (leak suspects); cumulative figures come from
-/// `counters` unfiltered. Stacks with neither live blocks nor allocations are
+/// What a block of `size` bytes stands for when sampled every `sample_bytes`
+/// bytes on average (Poisson by bytes): (bytes, allocations) = (s/p, 1/p)
+/// with p = 1 - exp(-s/R). Exact mode (R = 0): (s, 1).
+pub fn sample_weight(size: u64, sample_bytes: u64) -> (f64, f64) {
+    if sample_bytes == 0 {
+        return (size as f64, 1.0);
+    }
+    let p = -(-(size as f64) / sample_bytes as f64).exp_m1();
+    if p <= 0.0 {
+        return (
+            sample_bytes as f64,
+            sample_bytes as f64 / size.max(1) as f64,
+        );
+    }
+    (size as f64 / p, 1.0 / p)
+}
+
+/// Aggregates live blocks per stack, weighting sampled blocks (see
+/// [`sample_weight`]). Blocks younger than `min_age_ms` are left out of the
+/// live figures (leak suspects); cumulative figures come from `counters`
+/// unfiltered. Stacks with neither live blocks nor allocations are
 /// dropped. Sorted by live bytes, largest first (ties: most allocated, then id,
 /// so the order is stable).
 pub fn aggregate(
@@ -53,8 +71,10 @@ pub fn aggregate(
     counters: &HashMap<u64, StackCounters>,
     now_ns: u64,
     min_age_ms: u64,
+    sample_bytes: u64,
 ) -> Vec<RawStack> {
     let mut by_stack: HashMap<u64, RawStack> = HashMap::new();
+    let mut weights: HashMap<u64, (f64, f64)> = HashMap::new();
     for b in blocks {
         let age_ms = now_ns.saturating_sub(b.allocated_ns) / 1_000_000;
         if age_ms < min_age_ms {
@@ -64,9 +84,17 @@ pub fn aggregate(
             stack_id: b.stack_id,
             ..Default::default()
         });
-        s.live_bytes += b.size_bytes;
-        s.live_allocations += 1;
         s.oldest_age_ms = s.oldest_age_ms.max(age_ms);
+        let (wb, wc) = sample_weight(b.size_bytes, sample_bytes);
+        let w = weights.entry(b.stack_id).or_default();
+        w.0 += wb;
+        w.1 += wc;
+    }
+    for (id, (wb, wc)) in weights {
+        if let Some(s) = by_stack.get_mut(&id) {
+            s.live_bytes = wb.round() as u64;
+            s.live_allocations = (wc.round() as u64).max(1);
+        }
     }
     for (&id, c) in counters {
         let s = by_stack.entry(id).or_insert_with(|| RawStack {
@@ -138,7 +166,7 @@ mod tests {
                 frees: 1,
             },
         );
-        let stacks = aggregate(blocks, &counters, 1000 * MS, 0);
+        let stacks = aggregate(blocks, &counters, 1000 * MS, 0, 0);
         assert_eq!(
             stacks.iter().map(|s| s.stack_id).collect::<Vec<_>>(),
             vec![2, 1, 3]
@@ -159,7 +187,7 @@ mod tests {
             block(1, 100, 900 * MS),
             block(2, 7, 950 * MS),
         ];
-        let stacks = aggregate(blocks, &HashMap::new(), 1000 * MS, 500);
+        let stacks = aggregate(blocks, &HashMap::new(), 1000 * MS, 500, 0);
         assert_eq!(stacks.len(), 1);
         assert_eq!(
             (
@@ -172,8 +200,32 @@ mod tests {
     }
 
     #[test]
+    fn sampled_blocks_stand_for_what_they_sample() {
+        // Large blocks are always sampled: weight 1.
+        let (b, c) = sample_weight(100 << 20, 512 << 10);
+        assert!((b - (100 << 20) as f64).abs() < 1.0 && (c - 1.0).abs() < 1e-9);
+        // Small blocks: about R + s/2 bytes, R/s allocations.
+        let (b, c) = sample_weight(64, 512 << 10);
+        assert!((b - (512 << 10) as f64 - 32.0).abs() < 1.0, "{b}");
+        assert!((c - 8192.5).abs() < 0.01, "{c}");
+        // s = R: 1/(1 - 1/e).
+        let (b, _) = sample_weight(4096, 4096);
+        assert!((b - 4096.0 / (1.0 - (-1f64).exp())).abs() < 1e-6);
+        // Weighted aggregation: two 64-byte samples at R = 64 KiB.
+        let stacks = aggregate(
+            [block(1, 64, 0), block(1, 64, 0)],
+            &HashMap::new(),
+            0,
+            0,
+            64 << 10,
+        );
+        assert_eq!(stacks[0].live_bytes, 2 * (64 << 10) + 64);
+        assert_eq!(stacks[0].live_allocations, 2049);
+    }
+
+    #[test]
     fn clock_skew_never_underflows() {
-        let stacks = aggregate([block(1, 8, 2000 * MS)], &HashMap::new(), 1000 * MS, 0);
+        let stacks = aggregate([block(1, 8, 2000 * MS)], &HashMap::new(), 1000 * MS, 0, 0);
         assert_eq!(stacks[0].oldest_age_ms, 0);
     }
 }

@@ -4,7 +4,7 @@ mod aggregate;
 pub mod diff;
 mod snapshot;
 
-pub use aggregate::{aggregate, LiveBlock, RawSnapshot, RawStack, StackCounters};
+pub use aggregate::{aggregate, sample_weight, LiveBlock, RawSnapshot, RawStack, StackCounters};
 pub use diff::{diff, Diff, DiffEntry, Status};
 pub use snapshot::{
     Frame, MappingInfo, Snapshot, Stack, Totals, Trigger, SNAPSHOT_FORMAT, SNAPSHOT_VERSION,
