@@ -138,7 +138,7 @@ pub struct ReportArgs {
 
 /// `--sample-bytes` when none is given; chosen by measurement (README,
 /// "Sampling").
-pub const DEFAULT_SAMPLE_BYTES: &str = "128KiB";
+pub const DEFAULT_SAMPLE_BYTES: &str = "64KiB";
 
 /// Everything `attach` needs, as plain data.
 #[derive(Clone, Debug)]
@@ -155,6 +155,7 @@ pub struct AttachConfig {
     pub max_snapshots: Option<usize>,
     pub max_live_blocks: u32,
     pub floor: Option<crate::ebpf::Floor>,
+    pub allocator: crate::ebpf::AllocatorChoice,
     pub quiet: bool,
 }
 
@@ -178,14 +179,12 @@ impl AttachArgs {
                 "--unwind dwarf is not available yet in this heapbpf; use --unwind fp (auto uses frame pointers)".into(),
             ));
         }
-        match self.allocator.as_str() {
-            "auto" | "libc" => {}
-            other => {
-                return Err(Error::BadInput(format!(
-                "--allocator {other}: only the C library's allocator (auto, libc) is supported yet"
-            )))
-            }
-        }
+        let allocator = crate::ebpf::AllocatorChoice::parse(&self.allocator).ok_or_else(|| {
+            Error::BadInput(format!(
+                "--allocator {}: expected auto, libc, jemalloc, tcmalloc or mimalloc (PATH[:PREFIX] is not available yet)",
+                self.allocator
+            ))
+        })?;
         for (flag, v) in [
             ("--rss-step", self.rss_step),
             ("--heap-step", self.heap_step),
@@ -218,6 +217,7 @@ impl AttachArgs {
                 ProbeFloor::Entry => crate::ebpf::Floor::Entry,
                 ProbeFloor::Return => crate::ebpf::Floor::Return,
             }),
+            allocator,
             quiet: self.quiet,
         })
     }
@@ -292,10 +292,14 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("dwarf"));
-        assert!(attach(&["1", "--allocator", "jemalloc"])
+        assert!(attach(&["1", "--allocator", "hoard"])
             .unwrap_err()
             .to_string()
-            .contains("jemalloc"));
+            .contains("hoard"));
+        assert_eq!(
+            attach(&["1", "--allocator", "jemalloc"]).unwrap().allocator,
+            crate::ebpf::AllocatorChoice::Jemalloc
+        );
         assert!(attach(&["1", "--heap-step", "0"]).is_err());
         assert!(attach(&["1", "--interval", "soon"]).is_err());
         assert!(attach(&[]).is_err());

@@ -145,11 +145,11 @@ impl Session {
     fn attach_target(&mut self, info: ProcessInfo) -> Result<()> {
         let pid = info.pid;
         let maps = procfs::read_maps(pid)?;
-        let lib = ebpf::find_allocator(pid, &maps).ok_or_else(|| Error::NotTraceable {
+        let lib = ebpf::find_allocator(pid, &maps, self.cfg.allocator).ok_or_else(|| Error::NotTraceable {
             pid,
             why: format!(
-                "no C library is mapped into {} (a statically linked program?); heapbpf hooks the allocator of libc.so",
-                info.comm
+                "no {:?} allocator library is mapped into {} (a statically linked program?); heapbpf hooks the allocator of a shared library",
+                self.cfg.allocator, info.comm
             ),
         })?;
         // Open every mapped module before the first allocation is seen, so

@@ -1,22 +1,42 @@
-/* malloc/free loop for `cargo xtask bench`: waits for a line on stdin (so a
- * profiler can attach first), runs N pairs, prints the elapsed nanoseconds. */
+/* Allocation microbenchmark for `cargo xtask bench`: waits for a line on
+ * stdin (so a profiler can attach first), then each of T threads runs N
+ * rounds of mixed malloc / calloc / realloc / free with sizes from 64 B to
+ * 4 KiB, and it prints the elapsed nanoseconds. */
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <time.h>
 
-__attribute__((noinline)) static void *alloc_one(size_t n) { return malloc(n); }
+static long rounds;
 
-int main(int argc, char **argv) {
-    long n = argc > 1 ? atol(argv[1]) : 1000000;
-    char line[16];
-    struct timespec a, b;
-    if (!fgets(line, sizeof line, stdin)) return 1;
-    clock_gettime(CLOCK_MONOTONIC, &a);
-    for (long i = 0; i < n; i++) {
-        void *p = alloc_one(64 + (i & 255));
+__attribute__((noinline)) static void *work(void *arg) {
+    unsigned long x = (unsigned long)arg * 2654435761u + 1;
+    for (long i = 0; i < rounds; i++) {
+        x = x * 6364136223846793005ul + 1442695040888963407ul;
+        size_t n = 64 + ((x >> 33) & 4095);
+        void *p;
+        switch (i & 7) {
+        case 0: p = calloc(1, n); break;
+        case 1: p = realloc(malloc(n / 2), n); break;
+        default: p = malloc(n); break;
+        }
         __asm__ volatile("" : : "r"(p) : "memory");
         free(p);
     }
+    return NULL;
+}
+
+int main(int argc, char **argv) {
+    rounds = argc > 1 ? atol(argv[1]) : 1000000;
+    int threads = argc > 2 ? atoi(argv[2]) : 1;
+    char line[16];
+    struct timespec a, b;
+    pthread_t t[64];
+    if (threads < 1 || threads > 64) return 2;
+    if (!fgets(line, sizeof line, stdin)) return 1;
+    clock_gettime(CLOCK_MONOTONIC, &a);
+    for (int i = 0; i < threads; i++) pthread_create(&t[i], NULL, work, (void *)(long)i);
+    for (int i = 0; i < threads; i++) pthread_join(t[i], NULL);
     clock_gettime(CLOCK_MONOTONIC, &b);
     printf("%lld\n", (long long)(b.tv_sec - a.tv_sec) * 1000000000LL + (b.tv_nsec - a.tv_nsec));
     return 0;

@@ -1,9 +1,15 @@
-//! `cargo xtask bench`: what heapbpf costs a program that allocates. Quotes
-//! medians of repeated runs and the ratio to a baseline from the same run.
+//! `cargo xtask bench`: what heapbpf costs programs that allocate, next to
+//! the tools users would pick instead and to the floor of the probes
+//! themselves. Every configuration runs interleaved with the others, several
+//! times; the table shows medians and ratios to the no-profiler run of the
+//! same bench. A benchmark, not a timed test: CI runs it on a short setting
+//! only to check that it works.
 use std::{
-    process::{Command, Stdio},
+    io::{BufRead, BufReader, Write},
+    path::Path,
+    process::{Child, Command, Stdio},
     thread::sleep,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context as _, Result};
@@ -14,12 +20,31 @@ pub struct BenchArgs {
     /// Runs per configuration (the median is reported).
     #[arg(long, default_value_t = 5)]
     runs: usize,
-    /// malloc/free pairs per run.
+    /// Rounds (an allocation and its free) per thread of the microbenchmark.
     #[arg(long, default_value_t = 200_000)]
     pairs: u64,
+    /// Thread counts of the microbenchmark (comma list).
+    #[arg(long, default_value = "1,2", value_delimiter = ',')]
+    threads: Vec<u32>,
+    /// Requests per redis-benchmark test (SET and GET); 0 skips redis.
+    #[arg(long, default_value_t = 20_000)]
+    redis_requests: u64,
     /// Live blocks at which to time a snapshot (comma list).
     #[arg(long, default_value = "100000,1000000", value_delimiter = ',')]
     snapshot_blocks: Vec<u64>,
+}
+
+impl BenchArgs {
+    /// The setting CI runs: one short round of everything.
+    pub fn short() -> Self {
+        BenchArgs {
+            runs: 1,
+            pairs: 2_000,
+            threads: vec![1],
+            redis_requests: 500,
+            snapshot_blocks: vec![1_000],
+        }
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -27,67 +52,282 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Runs the loop fixture once; returns malloc/free pairs per second.
-fn one_run(
-    bin: &std::path::Path,
+/// Who watches the program.
+#[derive(Clone)]
+enum Watcher {
+    Nobody,
+    Heapbpf(Vec<&'static str>),
+    /// A memleak-equivalent bpftrace script: uprobe + uretprobe on the
+    /// allocating functions keeping size and user stack per address, uprobe
+    /// on free, filtered by pid inside the program.
+    Bpftrace,
+    /// heaptrack in launch mode (LD_PRELOAD; microbenchmark only).
+    Heaptrack,
+}
+
+fn configs() -> Vec<(&'static str, Watcher)> {
+    vec![
+        ("no profiler", Watcher::Nobody),
+        (
+            "floor: entry probes only",
+            Watcher::Heapbpf(vec!["--probe-floor", "entry"]),
+        ),
+        (
+            "floor: entry + return",
+            Watcher::Heapbpf(vec!["--probe-floor", "return"]),
+        ),
+        (
+            "heapbpf exact",
+            Watcher::Heapbpf(vec!["--sample-bytes", "0"]),
+        ),
+        ("heapbpf default sampling", Watcher::Heapbpf(vec![])),
+        (
+            "heapbpf sampled 512KiB",
+            Watcher::Heapbpf(vec!["--sample-bytes", "512KiB"]),
+        ),
+        ("bpftrace memleak-equivalent", Watcher::Bpftrace),
+        ("heaptrack (launch mode)", Watcher::Heaptrack),
+    ]
+}
+
+fn bpftrace_script(lib: &str, pid: u32) -> String {
+    let mut s = String::new();
+    for (f, size) in [
+        ("malloc", "arg0"),
+        ("calloc", "arg0 * arg1"),
+        ("realloc", "arg1"),
+    ] {
+        let free_old = if f == "realloc" {
+            "delete(@sizes[arg0]); delete(@stacks[arg0]); "
+        } else {
+            ""
+        };
+        s += &format!("uprobe:{lib}:{f} /pid == {pid}/ {{ {free_old}@size[tid] = {size}; }}\n");
+        s += &format!(
+            "uretprobe:{lib}:{f} /pid == {pid} && @size[tid]/ {{ @sizes[retval] = @size[tid]; @stacks[retval] = ustack; delete(@size[tid]); }}\n"
+        );
+    }
+    s += &format!(
+        "uprobe:{lib}:free /pid == {pid}/ {{ delete(@sizes[arg0]); delete(@stacks[arg0]); }}\n"
+    );
+    s += "END { clear(@size); clear(@sizes); clear(@stacks); }\n";
+    s
+}
+
+/// The allocator library a process maps (jemalloc before libc).
+fn allocator_lib(pid: u32) -> Result<String> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
+    let paths: Vec<&str> = maps
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .collect();
+    for want in ["libjemalloc", "libc.so"] {
+        if let Some(p) = paths
+            .iter()
+            .find(|p| p.rsplit('/').next().is_some_and(|n| n.starts_with(want)))
+        {
+            return Ok(p.to_string());
+        }
+    }
+    bail!("no allocator library in /proc/{pid}/maps")
+}
+
+/// Waits until a freshly spawned process has its C library mapped.
+fn wait_for_libc(pid: u32) -> Result<()> {
+    let start = Instant::now();
+    while !std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .unwrap_or_default()
+        .contains("libc.so")
+    {
+        if start.elapsed() > Duration::from_secs(5) {
+            bail!("process {pid} never mapped libc");
+        }
+        sleep(Duration::from_millis(5));
+    }
+    Ok(())
+}
+
+/// Starts `watcher` on `pid` and returns once its probes are live.
+fn watch(heapbpf: &Path, watcher: &Watcher, pid: u32) -> Result<Option<Child>> {
+    match watcher {
+        Watcher::Nobody | Watcher::Heaptrack => Ok(None),
+        Watcher::Heapbpf(extra) => {
+            let dir = crate::root().join("target/bench/out");
+            std::fs::create_dir_all(&dir)?;
+            let mut p = Command::new(heapbpf)
+                .args(["attach", &pid.to_string(), "-q", "--format", "json", "-o"])
+                .arg(&dir)
+                .args(extra)
+                .stderr(Stdio::piped())
+                .spawn()?;
+            let mut lines = BufReader::new(p.stderr.take().unwrap()).lines();
+            loop {
+                match lines.next() {
+                    Some(Ok(l)) if l.contains(" attached to ") => break,
+                    Some(_) => continue,
+                    None => bail!("heapbpf exited before attaching"),
+                }
+            }
+            std::thread::spawn(move || for _ in lines {});
+            Ok(Some(p))
+        }
+        Watcher::Bpftrace => {
+            let script = bpftrace_script(&allocator_lib(pid)?, pid);
+            let mut p = Command::new("bpftrace")
+                .arg("-e")
+                .arg(&script)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()?;
+            let mut lines = BufReader::new(p.stdout.take().unwrap()).lines();
+            loop {
+                match lines.next() {
+                    Some(Ok(l)) if l.starts_with("Attaching") => break,
+                    Some(_) => continue,
+                    None => bail!("bpftrace exited before attaching"),
+                }
+            }
+            std::thread::spawn(move || for _ in lines {});
+            // "Attaching" is printed before the probes are in place.
+            sleep(Duration::from_secs(2));
+            Ok(Some(p))
+        }
+    }
+}
+
+fn unwatch(p: Option<Child>) -> Result<()> {
+    if let Some(mut p) = p {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(p.id() as i32, libc::SIGINT) };
+        p.wait()?;
+    }
+    Ok(())
+}
+
+/// One microbenchmark run: rounds per second.
+fn micro_run(
+    bin: &Path,
+    heapbpf: &Path,
+    watcher: &Watcher,
     pairs: u64,
-    heapbpf: Option<(&std::path::Path, &[&str])>,
+    threads: u32,
 ) -> Result<f64> {
+    let mut cmd = if matches!(watcher, Watcher::Heaptrack) {
+        let dir = crate::root().join("target/bench/heaptrack");
+        std::fs::create_dir_all(&dir)?;
+        let mut c = Command::new("heaptrack");
+        c.arg("-o").arg(dir.join("loop")).arg(bin);
+        c
+    } else {
+        Command::new(bin)
+    };
     // The loop waits for a line on stdin, so probes are live before it starts.
-    let mut child = Command::new(bin)
+    let mut child = cmd
         .arg(pairs.to_string())
+        .arg(threads.to_string())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
+        .stderr(Stdio::null())
         .spawn()?;
-    let mut profiler = None;
-    if let Some((hb, extra)) = heapbpf {
-        let dir = crate::root().join("target/bench");
-        std::fs::create_dir_all(&dir)?;
-        let mut p = Command::new(hb)
-            .args([
-                "attach",
-                &child.id().to_string(),
-                "-q",
-                "--format",
-                "json",
-                "-o",
-            ])
-            .arg(&dir)
-            .args(extra)
-            .stderr(Stdio::piped())
-            .spawn()?;
-        // Wait for the attached line.
-        use std::io::BufRead;
-        let err = p.stderr.take().unwrap();
-        let mut lines = std::io::BufReader::new(err).lines();
-        loop {
-            match lines.next() {
-                Some(Ok(l)) if l.contains(" attached to ") => break,
-                Some(_) => continue,
-                None => bail!("heapbpf exited before attaching"),
-            }
-        }
-        std::thread::spawn(move || for _ in lines {});
-        profiler = Some(p);
+    if !matches!(watcher, Watcher::Heaptrack) {
+        wait_for_libc(child.id())?;
     }
+    let w = watch(heapbpf, watcher, child.id())?;
     {
-        use std::io::Write;
         let mut stdin = child.stdin.take().unwrap();
         writeln!(stdin, "go")?;
     }
     let out = child.wait_with_output()?;
-    if let Some(mut p) = profiler {
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(p.id() as i32, libc::SIGINT) };
-        p.wait()?;
-        sleep(Duration::from_millis(100));
-    }
+    unwatch(w)?;
     let text = String::from_utf8_lossy(&out.stdout);
     let ns: f64 = text
-        .trim()
-        .parse()
-        .with_context(|| format!("bench fixture printed {text:?}"))?;
-    Ok(pairs as f64 / (ns / 1e9))
+        .lines()
+        .rev()
+        .find_map(|l| l.trim().parse().ok())
+        .with_context(|| format!("bench loop printed {text:?}"))?;
+    Ok((pairs * threads as u64) as f64 / (ns / 1e9))
+}
+
+/// One redis run: (SET, GET) requests per second.
+fn redis_run(heapbpf: &Path, watcher: &Watcher, requests: u64) -> Result<(f64, f64)> {
+    const PORT: &str = "16379";
+    let mut server = Command::new("redis-server")
+        .args([
+            "--port",
+            PORT,
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .context("redis-server (cargo xtask bootstrap installs it)")?;
+    let ready = Instant::now();
+    while Command::new("redis-cli")
+        .args(["-p", PORT, "ping"])
+        .output()
+        .map(|o| !String::from_utf8_lossy(&o.stdout).contains("PONG"))
+        .unwrap_or(true)
+    {
+        if ready.elapsed() > Duration::from_secs(10) {
+            let _ = server.kill();
+            bail!("redis-server did not start");
+        }
+        sleep(Duration::from_millis(50));
+    }
+    let result = (|| -> Result<(f64, f64)> {
+        let w = watch(heapbpf, watcher, server.id())?;
+        let mut rps = Vec::new();
+        for test in ["set", "get"] {
+            let out = Command::new("redis-benchmark")
+                .args([
+                    "-p",
+                    PORT,
+                    "-t",
+                    test,
+                    "-n",
+                    &requests.to_string(),
+                    "-d",
+                    "256",
+                    "-r",
+                    "50000",
+                    "-q",
+                ])
+                .output()?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            let v: f64 = text
+                .split(['\r', '\n'])
+                .filter_map(|l| l.split_once(" requests per second"))
+                .filter_map(|(l, _)| l.rsplit(' ').next()?.parse().ok())
+                .next_back()
+                .with_context(|| format!("redis-benchmark printed {text:?}"))?;
+            rps.push(v);
+        }
+        unwatch(w)?;
+        Ok((rps[0], rps[1]))
+    })();
+    let _ = server.kill();
+    let _ = server.wait();
+    result
+}
+
+fn print_table(title: &str, unit: &str, names: &[&str], medians: &[Option<f64>]) {
+    println!();
+    println!("{title}");
+    println!(
+        "{:<30} {:>14} {:>8} {:>12}",
+        "configuration", unit, "ratio", "ns each"
+    );
+    let base = medians[0].unwrap_or(1.0);
+    for (name, m) in names.iter().zip(medians) {
+        match m {
+            Some(m) => println!("{name:<30} {m:>14.0} {:>8.3} {:>12.1}", m / base, 1e9 / m),
+            None => println!("{name:<30} {:>14} {:>8} {:>12}", "-", "-", "-"),
+        }
+    }
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
@@ -95,48 +335,72 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let heapbpf = crate::build_release()?;
     let bin = crate::root().join("target/bench/loop");
     crate::gcc(&crate::root().join("xtask/bench/loop.c"), &bin, &[])?;
-    let configs: Vec<(&str, Option<Vec<&str>>)> = vec![
-        ("no profiler", None),
-        (
-            "floor: entry probes only",
-            Some(vec!["--probe-floor", "entry"]),
-        ),
-        (
-            "floor: entry + return",
-            Some(vec!["--probe-floor", "return"]),
-        ),
-        ("heapbpf exact", Some(vec!["--sample-bytes", "0"])),
-    ];
-    let mut results: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
-    for i in 0..args.runs {
-        // Interleaved, so drift on a shared machine hits every configuration alike.
-        for (c, (name, extra)) in configs.iter().enumerate() {
-            let r = one_run(
-                &bin,
-                args.pairs,
-                extra.as_ref().map(|e| (heapbpf.as_path(), e.as_slice())),
-            )?;
-            eprintln!(
-                "xtask bench: run {}/{}: {name}: {r:.0} pairs/s",
-                i + 1,
-                args.runs
-            );
-            results[c].push(r);
+    let configs = configs();
+    let names: Vec<&str> = configs.iter().map(|c| c.0).collect();
+    let mut micro: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); configs.len()]; args.threads.len()];
+    let mut set: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
+    let mut get: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
+    for run in 0..args.runs {
+        for (c, (name, watcher)) in configs.iter().enumerate() {
+            for (t, &threads) in args.threads.iter().enumerate() {
+                let r = micro_run(&bin, &heapbpf, watcher, args.pairs, threads)?;
+                eprintln!(
+                    "xtask bench: run {}/{}: {name}, {threads} thread(s): {r:.0} rounds/s",
+                    run + 1,
+                    args.runs
+                );
+                micro[t][c].push(r);
+            }
+            if args.redis_requests > 0 && !matches!(watcher, Watcher::Heaptrack) {
+                let (s, g) = redis_run(&heapbpf, watcher, args.redis_requests)?;
+                eprintln!(
+                    "xtask bench: run {}/{}: {name}, redis: SET {s:.0}/s GET {g:.0}/s",
+                    run + 1,
+                    args.runs
+                );
+                set[c].push(s);
+                get[c].push(g);
+            }
         }
     }
     let snapshot_rows = snapshot_cost(&heapbpf, &args.snapshot_blocks)?;
-    let medians: Vec<f64> = results.into_iter().map(median).collect();
-    let b = medians[0];
+    let med = |v: &Vec<f64>| (!v.is_empty()).then(|| median(v.clone()));
     println!(
-        "malloc/free pairs per second (median of {} runs, {} pairs each)",
-        args.runs, args.pairs
+        "heapbpf bench: medians of {} interleaved runs; ratio = throughput / no profiler's ({} cores, kernel {})",
+        args.runs,
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim()
     );
-    println!(
-        "{:<28} {:>14} {:>10} {:>12}",
-        "configuration", "pairs/s", "ratio", "ns/pair"
-    );
-    for ((name, _), m) in configs.iter().zip(&medians) {
-        println!("{name:<28} {m:>14.0} {:>10.3} {:>12.1}", m / b, 1e9 / m);
+    for (t, &threads) in args.threads.iter().enumerate() {
+        let title = format!("microbenchmark, {threads} thread(s): malloc/calloc/realloc + free rounds, {} per thread", args.pairs);
+        print_table(
+            &title,
+            "rounds/s",
+            &names,
+            &micro[t].iter().map(med).collect::<Vec<_>>(),
+        );
+    }
+    if args.redis_requests > 0 {
+        let title = format!(
+            "redis-server (jemalloc) SET, redis-benchmark -n {} -d 256 -r 50000",
+            args.redis_requests
+        );
+        print_table(
+            &title,
+            "requests/s",
+            &names,
+            &set.iter().map(med).collect::<Vec<_>>(),
+        );
+        let title = format!(
+            "redis-server (jemalloc) GET, redis-benchmark -n {} -d 256 -r 50000",
+            args.redis_requests
+        );
+        print_table(
+            &title,
+            "requests/s",
+            &names,
+            &get.iter().map(med).collect::<Vec<_>>(),
+        );
     }
     println!();
     println!("snapshot cost (release build, exact mode, one target)");
@@ -165,8 +429,7 @@ fn status_kib(pid: u32, field: &str) -> u64 {
 
 /// Grows a fixture to each number of live blocks and times a SIGUSR2
 /// snapshot (signal to the `snapshot` line). Returns (blocks, ms, RSS, peak RSS) rows.
-fn snapshot_cost(heapbpf: &std::path::Path, blocks: &[u64]) -> Result<Vec<(u64, f64, u64, u64)>> {
-    use std::io::{BufRead, BufReader, Write};
+fn snapshot_cost(heapbpf: &Path, blocks: &[u64]) -> Result<Vec<(u64, f64, u64, u64)>> {
     let grow = crate::root().join("target/bench/grow");
     crate::gcc(&crate::root().join("tests/fixtures/grow.c"), &grow, &[])?;
     let dir = crate::root().join("target/bench/snapshots");
@@ -180,7 +443,7 @@ fn snapshot_cost(heapbpf: &std::path::Path, blocks: &[u64]) -> Result<Vec<(u64, 
     let mut fx_out = BufReader::new(fx.stdout.take().unwrap()).lines();
     fx_out.next();
     let mut hb = Command::new(heapbpf)
-        .args(["attach", &fx.id().to_string(), "-o"])
+        .args(["attach", &fx.id().to_string(), "--sample-bytes", "0", "-o"])
         .arg(&dir)
         .stderr(Stdio::piped())
         .spawn()?;

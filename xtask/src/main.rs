@@ -143,6 +143,17 @@ pub fn bootstrap() -> Result<()> {
     if output(Command::new("go").arg("version")).is_none() {
         packages.push("golang-go");
     }
+    // The bench's real program and its peers.
+    for (tool, package) in [
+        ("redis-server", "redis-server"),
+        ("redis-benchmark", "redis-tools"),
+        ("bpftrace", "bpftrace"),
+        ("heaptrack", "heaptrack"),
+    ] {
+        if output(Command::new("which").arg(tool)).is_none() {
+            packages.push(package);
+        }
+    }
     if !packages.is_empty() {
         run(Command::new("apt-get").arg("update"))?;
         run(Command::new("apt-get")
@@ -159,7 +170,7 @@ pub fn bootstrap() -> Result<()> {
             .status();
     }
     eprintln!(
-        "xtask: toolchain ready (nightly rust-src, bpf-linker {BPF_LINKER_VERSION}, gcc, go)"
+        "xtask: toolchain ready (nightly rust-src, bpf-linker {BPF_LINKER_VERSION}, gcc, go, redis, bpftrace, heaptrack)"
     );
     Ok(())
 }
@@ -205,6 +216,8 @@ fn test() -> Result<()> {
             "--test-threads=1",
         ])
         .env("HEAPBPF_BIN", root().join("target/debug/heapbpf")))?;
+    // The bench is not a timed test: a short setting only checks it works.
+    bench::run(bench::BenchArgs::short())?;
     eprintln!("xtask: all tests passed");
     Ok(())
 }

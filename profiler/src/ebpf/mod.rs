@@ -79,18 +79,70 @@ pub struct AllocatorLib {
     pub open_path: PathBuf,
 }
 
-/// Finds the C library in a target's memory map.
-pub fn find_allocator(pid: u32, maps: &[Mapping]) -> Option<AllocatorLib> {
-    maps.iter()
-        .filter(|m| m.is_file())
-        .find(|m| {
-            let name = m.file_name();
-            name.starts_with("libc.so") || (name.starts_with("libc-") && name.ends_with(".so"))
+/// Which allocator to hook.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AllocatorChoice {
+    /// The first of jemalloc, tcmalloc, mimalloc mapped into the target, else libc.
+    Auto,
+    Libc,
+    Jemalloc,
+    Tcmalloc,
+    Mimalloc,
+}
+
+impl AllocatorChoice {
+    pub fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "auto" => AllocatorChoice::Auto,
+            "libc" => AllocatorChoice::Libc,
+            "jemalloc" => AllocatorChoice::Jemalloc,
+            "tcmalloc" => AllocatorChoice::Tcmalloc,
+            "mimalloc" => AllocatorChoice::Mimalloc,
+            _ => return None,
         })
-        .map(|m| AllocatorLib {
-            path: m.path.clone(),
-            open_path: m.map_file(pid),
-        })
+    }
+
+    fn matches(self, file_name: &str) -> bool {
+        let lib = |prefix: &str| file_name.starts_with(prefix) && file_name.contains(".so");
+        match self {
+            AllocatorChoice::Auto => false,
+            AllocatorChoice::Libc => {
+                file_name.starts_with("libc.so")
+                    || (file_name.starts_with("libc-") && file_name.ends_with(".so"))
+            }
+            AllocatorChoice::Jemalloc => lib("libjemalloc"),
+            // gperftools: libtcmalloc.so, libtcmalloc_minimal.so, ...
+            AllocatorChoice::Tcmalloc => lib("libtcmalloc"),
+            AllocatorChoice::Mimalloc => lib("libmimalloc"),
+        }
+    }
+}
+
+/// Finds the allocator library in a target's memory map: a dedicated
+/// allocator library when one is mapped (it interposes libc's malloc for the
+/// whole process), else the C library.
+pub fn find_allocator(pid: u32, maps: &[Mapping], choice: AllocatorChoice) -> Option<AllocatorLib> {
+    let order: &[AllocatorChoice] = match choice {
+        AllocatorChoice::Auto => &[
+            AllocatorChoice::Jemalloc,
+            AllocatorChoice::Tcmalloc,
+            AllocatorChoice::Mimalloc,
+            AllocatorChoice::Libc,
+        ],
+        AllocatorChoice::Libc => &[AllocatorChoice::Libc],
+        AllocatorChoice::Jemalloc => &[AllocatorChoice::Jemalloc],
+        AllocatorChoice::Tcmalloc => &[AllocatorChoice::Tcmalloc],
+        AllocatorChoice::Mimalloc => &[AllocatorChoice::Mimalloc],
+    };
+    order.iter().find_map(|c| {
+        maps.iter()
+            .filter(|m| m.is_file())
+            .find(|m| c.matches(m.file_name()))
+            .map(|m| AllocatorLib {
+                path: m.path.clone(),
+                open_path: m.map_file(pid),
+            })
+    })
 }
 
 struct Target {

@@ -1,6 +1,7 @@
 //! The probe table: which program goes on which allocator symbol, and at
 //! which offset. One row per symbol; the performance work chooses offsets
-//! here, nowhere else.
+//! here, nowhere else. Symbols an allocator library does not export are
+//! skipped (only `malloc` and `free` are required).
 
 /// One allocator entry point.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -17,6 +18,7 @@ pub struct ProbeSpec {
 
 pub const RETURN_PROGRAM: &str = "alloc_return";
 
+/// An allocating function: entry program plus the return program.
 const fn alloc(symbol: &'static str, entry_program: &'static str) -> ProbeSpec {
     ProbeSpec {
         symbol,
@@ -26,7 +28,17 @@ const fn alloc(symbol: &'static str, entry_program: &'static str) -> ProbeSpec {
     }
 }
 
-/// The glibc / POSIX allocator surface.
+/// A freeing function (pointer in the first argument): entry only.
+const fn release(symbol: &'static str) -> ProbeSpec {
+    ProbeSpec {
+        symbol,
+        entry_program: "free_enter",
+        entry_offset: 0,
+        has_return: false,
+    }
+}
+
+/// The C / POSIX allocator surface, and jemalloc's own API (redis uses it).
 pub const LIBC_PROBES: &[ProbeSpec] = &[
     alloc("malloc", "malloc_enter"),
     alloc("calloc", "calloc_enter"),
@@ -37,12 +49,11 @@ pub const LIBC_PROBES: &[ProbeSpec] = &[
     alloc("memalign", "alloc_size1_enter"),
     alloc("valloc", "alloc_size0_enter"),
     alloc("pvalloc", "alloc_size0_enter"),
-    ProbeSpec {
-        symbol: "free",
-        entry_program: "free_enter",
-        entry_offset: 0,
-        has_return: false,
-    },
+    release("free"),
+    alloc("mallocx", "malloc_enter"),
+    alloc("rallocx", "realloc_enter"),
+    release("dallocx"),
+    release("sdallocx"),
 ];
 
 /// Every program name the table uses, each once.
@@ -80,10 +91,15 @@ mod tests {
         ] {
             assert!(symbols.contains(&s), "{s} missing");
         }
-        // Only free is entry-only.
-        assert!(LIBC_PROBES
-            .iter()
-            .all(|p| p.has_return == (p.symbol != "free")));
+        // Frees are entry-only, everything else has a return probe.
+        for p in LIBC_PROBES {
+            assert_eq!(
+                p.has_return,
+                p.entry_program != "free_enter",
+                "{}",
+                p.symbol
+            );
+        }
         assert_eq!(programs().len(), 11);
     }
 }
