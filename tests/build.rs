@@ -3,7 +3,7 @@
 //! `noinline` function with known figures.
 use std::{env, path::PathBuf, process::Command};
 
-const FIXTURES: &[&str] = &["allocs", "grow"];
+const FIXTURES: &[&str] = &["allocs", "grow", "startleak"];
 
 fn main() {
     let out = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR"));

@@ -24,6 +24,8 @@ pub struct Cli {
 pub enum Command {
     /// Profile running processes: no restart, no code change.
     Attach(AttachArgs),
+    /// Start a command under the profiler, tracked from its first allocation.
+    Run(RunArgs),
     /// Show the top allocation sites of a snapshot.
     Report(ReportArgs),
     /// What grew between two snapshots.
@@ -58,6 +60,22 @@ pub struct AttachArgs {
     /// Process ids to profile.
     #[arg(required = true, value_name = "PID")]
     pub pids: Vec<u32>,
+    #[command(flatten)]
+    pub profile: ProfileArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub profile: ProfileArgs,
+    /// The command to start and profile from its first allocation.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+/// The options `attach` and `run` share.
+#[derive(Debug, Args)]
+pub struct ProfileArgs {
     /// Where snapshots go.
     #[arg(short = 'o', long, value_name = "DIR", default_value = ".")]
     pub output_dir: PathBuf,
@@ -159,8 +177,8 @@ pub struct AttachConfig {
     pub quiet: bool,
 }
 
-impl AttachArgs {
-    pub fn into_config(self) -> Result<AttachConfig> {
+impl ProfileArgs {
+    pub fn into_config(self, pids: Vec<u32>) -> Result<AttachConfig> {
         let formats = Format::parse_list(
             self.format
                 .as_deref()
@@ -199,7 +217,7 @@ impl AttachArgs {
         if self.max_snapshots == Some(0) {
             return Err(Error::BadInput("--max-snapshots must be at least 1".into()));
         }
-        let mut pids = self.pids;
+        let mut pids = pids;
         pids.dedup();
         Ok(AttachConfig {
             pids,
@@ -231,7 +249,7 @@ mod tests {
         let cli = Cli::try_parse_from(["heapbpf", "attach"].iter().chain(args))
             .map_err(|e| Error::BadInput(e.to_string()))?;
         match cli.command {
-            Command::Attach(a) => a.into_config(),
+            Command::Attach(a) => a.profile.into_config(a.pids),
             _ => unreachable!(),
         }
     }

@@ -22,6 +22,7 @@ pub mod cli;
 pub mod ebpf;
 pub mod elf;
 pub mod error;
+pub mod launch;
 pub mod model;
 pub mod output;
 pub mod procfs;

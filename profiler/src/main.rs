@@ -13,7 +13,8 @@ fn main() {
         }
     };
     let (verbose, quiet) = match &cli.command {
-        Command::Attach(a) => (a.verbose, a.quiet),
+        Command::Attach(a) => (a.profile.verbose, a.profile.quiet),
+        Command::Run(r) => (r.profile.verbose, r.profile.quiet),
         Command::Report(_) | Command::Diff(_) => (0, false),
     };
     let level = match (quiet, verbose) {
@@ -32,7 +33,18 @@ fn main() {
         .init();
 
     let result = match cli.command {
-        Command::Attach(args) => args.into_config().and_then(heapbpf::session::run_attach),
+        Command::Attach(args) => args
+            .profile
+            .into_config(args.pids)
+            .and_then(heapbpf::session::run_attach),
+        Command::Run(args) => match args.profile.into_config(Vec::new()) {
+            // heapbpf run exits with the command's own status.
+            Ok(cfg) => match heapbpf::session::run_command(cfg, args.command) {
+                Ok(code) => std::process::exit(code),
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
+        },
         Command::Report(args) => heapbpf::session::run_report(&args),
         Command::Diff(args) => heapbpf::session::run_diff(&args),
     };

@@ -55,6 +55,8 @@ struct Session {
     profiler: Profiler,
     symbolizer: Symbolizer,
     targets: Vec<Target>,
+    /// `heapbpf run`: the command heapbpf started and holds at exit.
+    launched: Option<crate::launch::Launched>,
 }
 
 pub fn run_attach(cfg: AttachConfig) -> Result<()> {
@@ -76,12 +78,10 @@ async fn attach(cfg: AttachConfig) -> Result<()> {
         .map(|&pid| procfs::process_info(pid))
         .collect::<Result<Vec<_>>>()?;
     // Signal handlers first: a SIGINT during attach still detaches cleanly.
-    let mut usr2 =
+    let usr2 =
         signal(SignalKind::user_defined2()).map_err(|e| Error::runtime("SIGUSR2 handler", e))?;
-    let mut int =
-        signal(SignalKind::interrupt()).map_err(|e| Error::runtime("SIGINT handler", e))?;
-    let mut term =
-        signal(SignalKind::terminate()).map_err(|e| Error::runtime("SIGTERM handler", e))?;
+    let int = signal(SignalKind::interrupt()).map_err(|e| Error::runtime("SIGINT handler", e))?;
+    let term = signal(SignalKind::terminate()).map_err(|e| Error::runtime("SIGTERM handler", e))?;
 
     let profiler = Profiler::load(&LoadOptions {
         max_live_blocks: cfg.max_live_blocks,
@@ -93,78 +93,251 @@ async fn attach(cfg: AttachConfig) -> Result<()> {
         profiler,
         symbolizer: Symbolizer::new(),
         targets: Vec::new(),
+        launched: None,
     };
     for info in infos {
         s.attach_target(info)?;
     }
+    s.event_loop(usr2, int, term).await.map(|_| ())
+}
 
-    let started = Instant::now();
-    let deadline = s.cfg.duration.map(|d| started + d);
-    let mut next_interval = s.cfg.interval.map(|i| started + i);
-    let mut next_refresh = started + MAPS_REFRESH;
-    let mut tick = tokio::time::interval(POLL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = usr2.recv() => s.snapshot_all(Trigger::Signal),
-            _ = int.recv() => { s.snapshot_all(Trigger::Stop); break; }
-            _ = term.recv() => { s.snapshot_all(Trigger::Stop); break; }
-            _ = tick.tick() => {
-                let now = Instant::now();
-                if deadline.is_some_and(|d| now >= d) {
-                    s.snapshot_all(Trigger::Duration);
-                    break;
-                }
-                s.check_oom();
-                s.reap_exited();
-                if s.targets.is_empty() {
-                    break;
-                }
-                if next_interval.is_some_and(|t| now >= t) {
-                    s.snapshot_all(Trigger::Interval);
-                    next_interval = s.cfg.interval.map(|i| now + i);
-                }
-                s.check_steps();
-                if now >= next_refresh {
-                    for t in &s.targets {
-                        s.symbolizer.refresh(t.info.pid);
-                    }
-                    next_refresh = now + MAPS_REFRESH;
-                }
-            }
+/// `heapbpf run`: starts `command` stopped, attaches, lets it run, and
+/// returns its exit status once the final snapshot is written.
+pub fn run_command(cfg: AttachConfig, command: Vec<String>) -> Result<i32> {
+    output::check_output_dir(&cfg.output_dir)?;
+    ebpf::preflight()?;
+    let launched = crate::launch::start(&command)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::runtime("cannot start the runtime", e))?;
+    // On error, dropping `launched` kills the held command.
+    rt.block_on(run_launched(cfg, command, launched))
+}
+
+async fn run_launched(
+    cfg: AttachConfig,
+    command: Vec<String>,
+    launched: crate::launch::Launched,
+) -> Result<i32> {
+    let pid = launched.pid;
+    let usr2 =
+        signal(SignalKind::user_defined2()).map_err(|e| Error::runtime("SIGUSR2 handler", e))?;
+    let int = signal(SignalKind::interrupt()).map_err(|e| Error::runtime("SIGINT handler", e))?;
+    let term = signal(SignalKind::terminate()).map_err(|e| Error::runtime("SIGTERM handler", e))?;
+    let profiler = Profiler::load(&LoadOptions {
+        max_live_blocks: cfg.max_live_blocks,
+        floor: cfg.floor,
+        sample_bytes: cfg.sample_bytes,
+    })?;
+    let mut s = Session {
+        cfg,
+        profiler,
+        symbolizer: Symbolizer::new(),
+        targets: Vec::new(),
+        launched: None,
+    };
+    // The command has not run `exec` yet: its allocator is the C library
+    // heapbpf itself maps (same root), plus any allocator it preloads.
+    let own = procfs::read_maps(std::process::id())?;
+    let libc = ebpf::find_allocator(std::process::id(), &own, ebpf::AllocatorChoice::Libc)
+        .ok_or_else(|| Error::Runtime("heapbpf cannot find its own C library".into()))?;
+    let mut libs = vec![libc];
+    for lib in std::env::var("LD_PRELOAD")
+        .unwrap_or_default()
+        .split([' ', ':'])
+        .filter(|l| !l.is_empty())
+    {
+        let name = lib.rsplit('/').next().unwrap_or(lib);
+        if ["libjemalloc", "libtcmalloc", "libmimalloc"]
+            .iter()
+            .any(|p| name.starts_with(p))
+        {
+            libs.insert(
+                0,
+                ebpf::AllocatorLib {
+                    path: lib.to_string(),
+                    open_path: lib.into(),
+                },
+            );
         }
     }
-    let pids: Vec<u32> = s.targets.iter().map(|t| t.info.pid).collect();
-    for pid in pids {
-        s.profiler.detach(pid);
-    }
-    Ok(())
+    let program = &command[0];
+    let exe = if program.contains('/') {
+        std::fs::canonicalize(program)
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| program.clone())
+    } else {
+        std::env::var_os("PATH")
+            .and_then(|paths| {
+                std::env::split_paths(&paths)
+                    .map(|d| d.join(program))
+                    .find(|p| p.is_file())
+            })
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| program.clone())
+    };
+    let comm: String = exe
+        .rsplit('/')
+        .next()
+        .unwrap_or(&exe)
+        .chars()
+        .take(15)
+        .collect();
+    let info = ProcessInfo { pid, comm, exe };
+    s.attach_libs(info, &libs)?;
+    launched.go();
+    s.launched = Some(launched);
+    s.event_loop(usr2, int, term)
+        .await
+        .map(|code| code.unwrap_or(0))
 }
 
 impl Session {
+    /// Runs until every target is gone or heapbpf is told to stop. Returns
+    /// the launched command's exit status in `run` mode.
+    async fn event_loop(
+        &mut self,
+        mut usr2: tokio::signal::unix::Signal,
+        mut int: tokio::signal::unix::Signal,
+        mut term: tokio::signal::unix::Signal,
+    ) -> Result<Option<i32>> {
+        let s = self;
+
+        let started = Instant::now();
+        let mut deadline = s.cfg.duration.map(|d| started + d);
+        let mut next_interval = s.cfg.interval.map(|i| started + i);
+        let mut next_refresh = started + MAPS_REFRESH;
+        let mut tick = tokio::time::interval(POLL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut exit_code = None;
+        loop {
+            tokio::select! {
+                _ = usr2.recv() => s.snapshot_all(Trigger::Signal),
+                _ = int.recv() => { if s.stop(libc::SIGINT) { break; } }
+                _ = term.recv() => { if s.stop(libc::SIGTERM) { break; } }
+                _ = tick.tick() => {
+                    let now = Instant::now();
+                    if deadline.is_some_and(|d| now >= d) {
+                        s.snapshot_all(Trigger::Duration);
+                        deadline = None;
+                        if s.launched.is_none() {
+                            break;
+                        }
+                        // run: stop profiling, let the command finish.
+                        s.detach_all();
+                    }
+                    if let Some(code) = s.launched_events() {
+                        exit_code = Some(code);
+                        break;
+                    }
+                    s.check_oom();
+                    s.reap_exited();
+                    if s.targets.is_empty() && s.launched.is_none() {
+                        break;
+                    }
+                    if next_interval.is_some_and(|t| now >= t) {
+                        s.snapshot_all(Trigger::Interval);
+                        next_interval = s.cfg.interval.map(|i| now + i);
+                    }
+                    s.check_steps();
+                    if now >= next_refresh {
+                        for t in &s.targets {
+                            s.symbolizer.refresh(t.info.pid);
+                        }
+                        next_refresh = now + MAPS_REFRESH;
+                    }
+                }
+            }
+        }
+        s.detach_all();
+        Ok(exit_code)
+    }
+
+    fn detach_all(&mut self) {
+        let pids: Vec<u32> = self.targets.iter().map(|t| t.info.pid).collect();
+        for pid in pids {
+            self.profiler.detach(pid);
+        }
+        self.targets.clear();
+    }
+
+    /// SIGINT/SIGTERM: final snapshot and stop; in `run` mode the signal is
+    /// the command's (it ends, and its exit writes the final snapshot).
+    fn stop(&mut self, sig: i32) -> bool {
+        match &self.launched {
+            Some(l) => {
+                // SAFETY: kill(2) on our own child.
+                unsafe { libc::kill(l.pid as i32, sig) };
+                false
+            }
+            None => {
+                self.snapshot_all(Trigger::Stop);
+                true
+            }
+        }
+    }
+
+    /// `run` mode: the command's exit. Returns its status once it is gone.
+    fn launched_events(&mut self) -> Option<i32> {
+        loop {
+            let event = self.launched.as_ref()?.events.try_recv();
+            match event {
+                Ok(crate::launch::LaunchEvent::Exiting) => {
+                    let pid = self.launched.as_ref()?.pid;
+                    if let Some(i) = self.targets.iter().position(|t| t.info.pid == pid) {
+                        // Held at the start of its exit: the map is still there.
+                        self.symbolizer.refresh(pid);
+                        self.check_oom();
+                        if !self.targets[i].oom_written {
+                            self.snapshot(i, Trigger::Exit);
+                        }
+                        self.profiler.detach(pid);
+                        self.targets.remove(i);
+                    }
+                    let _ = self.launched.as_ref()?.ack.send(());
+                }
+                Ok(crate::launch::LaunchEvent::Exited(code)) => return Some(code),
+                Err(std::sync::mpsc::TryRecvError::Empty) => return None,
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => return Some(1),
+            }
+        }
+    }
+
     fn attach_target(&mut self, info: ProcessInfo) -> Result<()> {
         let pid = info.pid;
         let maps = procfs::read_maps(pid)?;
         let lib = ebpf::find_allocator(pid, &maps, self.cfg.allocator).ok_or_else(|| Error::NotTraceable {
             pid,
             why: format!(
-                "no {:?} allocator library is mapped into {} (a statically linked program?); heapbpf hooks the allocator of a shared library",
-                self.cfg.allocator, info.comm
+                "no {} library is mapped into {} (a statically linked program?); heapbpf hooks the allocator of a shared library",
+                self.cfg.allocator.as_str(), info.comm
             ),
         })?;
+        self.attach_libs(info, &[lib])
+    }
+
+    /// Hooks the allocator in each of `libs` and registers the target.
+    fn attach_libs(&mut self, info: ProcessInfo, libs: &[ebpf::AllocatorLib]) -> Result<()> {
+        let pid = info.pid;
         // Open every mapped module before the first allocation is seen, so
         // that the stacks stay symbolizable after the target exits.
         self.symbolizer.track(pid);
-        let probes = self.profiler.attach(pid, &lib)?;
-        for p in &probes {
-            tracing::info!(pid, symbol = p.symbol, offset = p.offset, ret = p.is_return, library = %lib.path, "probe placed at {}+{:#x}{}", p.symbol, p.offset, if p.is_return { " (return)" } else { "" });
+        let mut probes = Vec::new();
+        for lib in libs {
+            let placed = self.profiler.attach(pid, lib)?;
+            for p in &placed {
+                tracing::info!(pid, symbol = p.symbol, offset = p.offset, ret = p.is_return, library = %lib.path, "probe placed at {}+{:#x}{}", p.symbol, p.offset, if p.is_return { " (return)" } else { "" });
+            }
+            probes.extend(placed);
         }
+        let lib_paths: Vec<&str> = libs.iter().map(|l| l.path.as_str()).collect();
         let rss = procfs::rss_bytes(pid).unwrap_or(0);
         say(&format!(
             "attached to {pid} ({}): {} probes in {}; sampling {}; heapbpf pid {}",
             info.comm,
             probes.len(),
-            lib.path,
+            lib_paths.join(", "),
             if self.cfg.sample_bytes == 0 {
                 "EXACT".to_string()
             } else {
@@ -207,7 +380,8 @@ impl Session {
         let mut i = 0;
         while i < self.targets.len() {
             let pid = self.targets[i].info.pid;
-            if procfs::is_alive(pid) {
+            let launched = self.launched.as_ref().is_some_and(|l| l.pid == pid);
+            if launched || procfs::is_alive(pid) {
                 i += 1;
                 continue;
             }

@@ -102,6 +102,16 @@ impl AllocatorChoice {
         })
     }
 
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AllocatorChoice::Auto => "allocator",
+            AllocatorChoice::Libc => "libc",
+            AllocatorChoice::Jemalloc => "jemalloc",
+            AllocatorChoice::Tcmalloc => "tcmalloc",
+            AllocatorChoice::Mimalloc => "mimalloc",
+        }
+    }
+
     fn matches(self, file_name: &str) -> bool {
         let lib = |prefix: &str| file_name.starts_with(prefix) && file_name.contains(".so");
         match self {
@@ -320,10 +330,12 @@ impl Profiler {
     /// first, so that no call is seen entering without its return hooked.
     /// On error, whatever was attached for this target is detached again.
     pub fn attach(&mut self, pid: u32, lib: &AllocatorLib) -> Result<Vec<AttachedProbe>> {
-        self.targets_map()?
-            .insert(pid, TargetState::default(), 0)
-            .map_err(|e| Error::runtime(format!("cannot register pid {pid}"), e))?;
-        self.targets.insert(pid, Target { links: Vec::new() });
+        if !self.targets.contains_key(&pid) {
+            self.targets_map()?
+                .insert(pid, TargetState::default(), 0)
+                .map_err(|e| Error::runtime(format!("cannot register pid {pid}"), e))?;
+            self.targets.insert(pid, Target { links: Vec::new() });
+        }
         match self.attach_all(pid, lib) {
             Ok(attached) => Ok(attached),
             Err(e) => {

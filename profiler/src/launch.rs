@@ -1,0 +1,161 @@
+//! `heapbpf run`: starting a command stopped, so probes are live before its
+//! first instruction, and holding it at exit until its last snapshot is
+//! written (its memory map is gone once it has exited).
+//!
+//! A watcher thread forks the command, which asks to be traced
+//! (`PTRACE_TRACEME`) and stops itself before `exec`. The thread, its tracer,
+//! waits for the session to attach, then lets it run. ptrace serves one
+//! purpose, `PTRACE_EVENT_EXIT`: a stop at the start of the command's exit,
+//! with its memory map intact, held until the session has written the final
+//! snapshot. Every other stop is a signal for the command, passed on.
+use std::{
+    ffi::CString,
+    sync::mpsc::{channel, Receiver, Sender},
+};
+
+use crate::error::{Error, Result};
+
+/// What the watcher thread reports.
+#[derive(Debug)]
+pub enum LaunchEvent {
+    /// The command is exiting and held; answer on the ack channel to let it go.
+    Exiting,
+    /// The command is gone, with the exit code heapbpf should return.
+    Exited(i32),
+}
+
+pub struct Launched {
+    pub pid: u32,
+    pub events: Receiver<LaunchEvent>,
+    pub ack: Sender<()>,
+    go: Sender<()>,
+}
+
+impl Launched {
+    /// Lets the command run (after its probes are attached).
+    pub fn go(&self) {
+        let _ = self.go.send(());
+    }
+}
+
+fn which(name: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    })
+}
+
+/// Forks `command`, stopped before `exec`, under a watcher thread.
+pub fn start(command: &[String]) -> Result<Launched> {
+    let args: Vec<CString> = command
+        .iter()
+        .map(|a| {
+            CString::new(a.as_bytes())
+                .map_err(|_| Error::BadInput(format!("argument {a:?} contains a NUL byte")))
+        })
+        .collect::<Result<_>>()?;
+    let Some(first) = command.first() else {
+        return Err(Error::BadInput(
+            "heapbpf run needs a command after --".into(),
+        ));
+    };
+    let found = if first.contains('/') {
+        std::path::Path::new(first).is_file()
+    } else {
+        which(first).is_some()
+    };
+    if !found {
+        return Err(Error::BadInput(format!("{first}: command not found")));
+    }
+    let (events_tx, events) = channel();
+    let (ack, ack_rx) = channel::<()>();
+    let (go, go_rx) = channel::<()>();
+    let (pid_tx, pid_rx) = channel::<std::result::Result<u32, String>>();
+    std::thread::spawn(move || {
+        let mut argv: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
+        argv.push(std::ptr::null());
+        // SAFETY: the child calls only async-signal-safe functions before
+        // exec; this thread, its parent, becomes its tracer.
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            let _ = pid_tx.send(Err(format!(
+                "cannot fork: {}",
+                std::io::Error::last_os_error()
+            )));
+            return;
+        }
+        if pid == 0 {
+            // SAFETY: async-signal-safe calls only.
+            unsafe {
+                libc::ptrace(libc::PTRACE_TRACEME, 0, 0usize, 0usize);
+                libc::raise(libc::SIGSTOP);
+                libc::execvp(argv[0], argv.as_ptr());
+                libc::_exit(127);
+            }
+        }
+        let mut status = 0;
+        // SAFETY: our own child, stopping itself.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::__WALL) };
+        if r != pid || !libc::WIFSTOPPED(status) {
+            let _ = pid_tx.send(Err("the command did not start".into()));
+            return;
+        }
+        let opts = (libc::PTRACE_O_TRACEEXIT | libc::PTRACE_O_TRACEEXEC | libc::PTRACE_O_EXITKILL)
+            as usize;
+        // SAFETY: our stopped tracee.
+        unsafe { libc::ptrace(libc::PTRACE_SETOPTIONS, pid, 0usize, opts) };
+        let _ = pid_tx.send(Ok(pid as u32));
+        if go_rx.recv().is_err() {
+            // The session failed: nothing may be left behind.
+            // SAFETY: our own child.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            unsafe { libc::waitpid(pid, &mut status, libc::__WALL) };
+            return;
+        }
+        // Resume, dropping the SIGSTOP it stopped itself with.
+        // SAFETY: our stopped tracee.
+        unsafe { libc::ptrace(libc::PTRACE_CONT, pid, 0usize, 0usize) };
+        loop {
+            // SAFETY: waiting for our own tracee.
+            let r = unsafe { libc::waitpid(pid, &mut status, libc::__WALL) };
+            if r < 0 {
+                let _ = events_tx.send(LaunchEvent::Exited(1));
+                return;
+            }
+            if libc::WIFEXITED(status) {
+                let _ = events_tx.send(LaunchEvent::Exited(libc::WEXITSTATUS(status)));
+                return;
+            }
+            if libc::WIFSIGNALED(status) {
+                let _ = events_tx.send(LaunchEvent::Exited(128 + libc::WTERMSIG(status)));
+                return;
+            }
+            if !libc::WIFSTOPPED(status) {
+                continue;
+            }
+            let event = (status >> 16) & 0xff;
+            let pass = match event {
+                libc::PTRACE_EVENT_EXIT => {
+                    let _ = events_tx.send(LaunchEvent::Exiting);
+                    let _ = ack_rx.recv();
+                    0
+                }
+                libc::PTRACE_EVENT_EXEC => 0,
+                _ => libc::WSTOPSIG(status),
+            };
+            // SAFETY: our stopped tracee.
+            unsafe { libc::ptrace(libc::PTRACE_CONT, pid, 0usize, pass as usize) };
+        }
+    });
+    match pid_rx.recv() {
+        Ok(Ok(pid)) => Ok(Launched {
+            pid,
+            events,
+            ack,
+            go,
+        }),
+        Ok(Err(e)) => Err(Error::Runtime(e)),
+        Err(_) => Err(Error::Runtime("the command watcher died".into())),
+    }
+}

@@ -1,0 +1,79 @@
+//! `heapbpf run`: a command started under the profiler is tracked from its
+//! first allocation, its final snapshot is written as it exits, and heapbpf
+//! returns its exit status.
+use heapbpf_integration_tests::*;
+
+#[test]
+fn run_tracks_a_command_from_its_first_allocation_and_returns_its_status() {
+    require_root();
+    let dir = TempDir::new("run");
+    let fixture = fixture_path("startleak");
+    let (code, _, err) = run_heapbpf(&[
+        "run",
+        "--sample-bytes",
+        "0",
+        "-o",
+        dir.path().to_str().unwrap(),
+        "--",
+        fixture.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 3, "heapbpf run returns the command's status:\n{err}");
+    let attached = err.lines().filter(|l| l.contains(" attached to ")).count();
+    assert_eq!(attached, 1, "{err}");
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("heapbpf: snapshot exit pid="))
+        .unwrap_or_else(|| panic!("{err}"));
+    let json = line
+        .split(" -> ")
+        .nth(1)
+        .unwrap()
+        .split(", ")
+        .next()
+        .unwrap();
+    let s = read_json(std::path::Path::new(json));
+    assert_eq!(s["trigger"], "exit");
+    assert_eq!(s["comm"], "startleak");
+    assert_eq!(
+        site(&s, "leak_at_start"),
+        Site {
+            live_bytes: 100_000,
+            live_allocations: 100,
+            allocated_bytes: 100_000,
+            allocations: 100
+        }
+    );
+    assert_eq!(
+        site(&s, "transient"),
+        Site {
+            live_bytes: 0,
+            live_allocations: 0,
+            allocated_bytes: 20_000,
+            allocations: 50
+        }
+    );
+    assert_eq!(s["totals"]["frees"], 50);
+    let st = s["stacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|st| st["frames"][0]["function"] == "leak_at_start")
+        .unwrap();
+    assert_eq!(
+        st["frames"][1]["function"], "main",
+        "symbolized after the command is gone"
+    );
+}
+
+#[test]
+fn run_refuses_a_missing_command() {
+    require_root();
+    let (code, _, err) = run_heapbpf(&["run", "--", "/nonexistent/program"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("/nonexistent/program: command not found"),
+        "{err}"
+    );
+    let (code, _, err) = run_heapbpf(&["run"]);
+    assert_eq!(code, 2, "{err}");
+}
