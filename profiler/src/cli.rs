@@ -110,7 +110,7 @@ pub struct ProfileArgs {
     #[arg(long, value_name = "ALLOCATOR", default_value = "auto")]
     pub allocator: String,
     /// Live blocks the kernel maps can hold at once (all targets together).
-    #[arg(long, value_name = "N", default_value_t = 1 << 21, hide = true)]
+    #[arg(long, value_name = "N", default_value_t = 1 << 21)]
     pub max_live_blocks: u32,
     /// Benchmark floor: empty programs at the same probe points (entry or return).
     #[arg(long, value_enum, hide = true)]
