@@ -78,27 +78,30 @@ async fn attach(cfg: AttachConfig) -> Result<()> {
         .map(|&pid| procfs::process_info(pid))
         .collect::<Result<Vec<_>>>()?;
     // Signal handlers first: a SIGINT during attach still detaches cleanly.
-    let usr2 =
-        signal(SignalKind::user_defined2()).map_err(|e| Error::runtime("SIGUSR2 handler", e))?;
-    let int = signal(SignalKind::interrupt()).map_err(|e| Error::runtime("SIGINT handler", e))?;
-    let term = signal(SignalKind::terminate()).map_err(|e| Error::runtime("SIGTERM handler", e))?;
-
-    let profiler = Profiler::load(&LoadOptions {
-        max_live_blocks: cfg.max_live_blocks,
-        floor: cfg.floor,
-        sample_bytes: cfg.sample_bytes,
-    })?;
-    let mut s = Session {
-        cfg,
-        profiler,
-        symbolizer: Symbolizer::new(),
-        targets: Vec::new(),
-        launched: None,
-    };
+    let (usr2, int, term) = signals()?;
+    let mut s = Session::new(cfg)?;
     for info in infos {
         s.attach_target(info)?;
     }
     s.event_loop(usr2, int, term).await.map(|_| ())
+}
+
+type Signals = (
+    tokio::signal::unix::Signal,
+    tokio::signal::unix::Signal,
+    tokio::signal::unix::Signal,
+);
+
+/// SIGUSR2, SIGINT and SIGTERM, handled by the session from now on.
+fn signals() -> Result<Signals> {
+    let handler = |kind: SignalKind, name: &str| {
+        signal(kind).map_err(|e| Error::runtime(format!("{name} handler"), e))
+    };
+    Ok((
+        handler(SignalKind::user_defined2(), "SIGUSR2")?,
+        handler(SignalKind::interrupt(), "SIGINT")?,
+        handler(SignalKind::terminate(), "SIGTERM")?,
+    ))
 }
 
 /// `heapbpf run`: starts `command` stopped, attaches, lets it run, and
@@ -121,22 +124,8 @@ async fn run_launched(
     launched: crate::launch::Launched,
 ) -> Result<i32> {
     let pid = launched.pid;
-    let usr2 =
-        signal(SignalKind::user_defined2()).map_err(|e| Error::runtime("SIGUSR2 handler", e))?;
-    let int = signal(SignalKind::interrupt()).map_err(|e| Error::runtime("SIGINT handler", e))?;
-    let term = signal(SignalKind::terminate()).map_err(|e| Error::runtime("SIGTERM handler", e))?;
-    let profiler = Profiler::load(&LoadOptions {
-        max_live_blocks: cfg.max_live_blocks,
-        floor: cfg.floor,
-        sample_bytes: cfg.sample_bytes,
-    })?;
-    let mut s = Session {
-        cfg,
-        profiler,
-        symbolizer: Symbolizer::new(),
-        targets: Vec::new(),
-        launched: None,
-    };
+    let (usr2, int, term) = signals()?;
+    let mut s = Session::new(cfg)?;
     // The command has not run `exec` yet: its allocator is the C library
     // heapbpf itself maps (same root), plus any allocator it preloads.
     let own = procfs::read_maps(std::process::id())?;
@@ -194,6 +183,22 @@ async fn run_launched(
 }
 
 impl Session {
+    /// Loads the eBPF programs for `cfg`; no target yet.
+    fn new(cfg: AttachConfig) -> Result<Self> {
+        let profiler = Profiler::load(&LoadOptions {
+            max_live_blocks: cfg.max_live_blocks,
+            floor: cfg.floor,
+            sample_bytes: cfg.sample_bytes,
+        })?;
+        Ok(Session {
+            cfg,
+            profiler,
+            symbolizer: Symbolizer::new(),
+            targets: Vec::new(),
+            launched: None,
+        })
+    }
+
     /// Runs until every target is gone or heapbpf is told to stop. Returns
     /// the launched command's exit status in `run` mode.
     async fn event_loop(
