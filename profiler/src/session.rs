@@ -131,26 +131,19 @@ async fn run_launched(
     let own = procfs::read_maps(std::process::id())?;
     let libc = ebpf::find_allocator(std::process::id(), &own, ebpf::AllocatorChoice::Libc)
         .ok_or_else(|| Error::Runtime("heapbpf cannot find its own C library".into()))?;
-    let mut libs = vec![libc];
-    for lib in std::env::var("LD_PRELOAD")
+    let preloaded = std::env::var("LD_PRELOAD")
         .unwrap_or_default()
         .split([' ', ':'])
-        .filter(|l| !l.is_empty())
-    {
-        let name = lib.rsplit('/').next().unwrap_or(lib);
-        if ["libjemalloc", "libtcmalloc", "libmimalloc"]
-            .iter()
-            .any(|p| name.starts_with(p))
-        {
-            libs.insert(
-                0,
-                ebpf::AllocatorLib {
+        .find_map(|lib| {
+            let name = lib.rsplit('/').next().unwrap_or(lib);
+            ["libjemalloc", "libtcmalloc", "libmimalloc"]
+                .iter()
+                .any(|p| name.starts_with(p))
+                .then(|| ebpf::AllocatorLib {
                     path: lib.to_string(),
                     open_path: lib.into(),
-                },
-            );
-        }
-    }
+                })
+        });
     let program = &command[0];
     let exe = if program.contains('/') {
         std::fs::canonicalize(program)
@@ -174,7 +167,10 @@ async fn run_launched(
         .take(15)
         .collect();
     let info = ProcessInfo { pid, comm, exe };
-    s.attach_libs(info, &libs)?;
+    match &preloaded {
+        Some(alloc) => s.attach_libs(info, alloc, Some(&libc))?,
+        None => s.attach_libs(info, &libc, None)?,
+    }
     launched.go();
     s.launched = Some(launched);
     s.event_loop(usr2, int, term)
@@ -319,24 +315,36 @@ impl Session {
                 self.cfg.allocator.as_str(), info.comm
             ),
         })?;
-        self.attach_libs(info, &[lib])
+        let fallback = if self.cfg.allocator == ebpf::AllocatorChoice::Libc {
+            None
+        } else {
+            ebpf::find_allocator(pid, &maps, ebpf::AllocatorChoice::Libc)
+                .filter(|l| l.path != lib.path)
+        };
+        self.attach_libs(info, &lib, fallback.as_ref())
     }
 
     /// Hooks the allocator in each of `libs` and registers the target.
-    fn attach_libs(&mut self, info: ProcessInfo, libs: &[ebpf::AllocatorLib]) -> Result<()> {
+    fn attach_libs(
+        &mut self,
+        info: ProcessInfo,
+        lib: &ebpf::AllocatorLib,
+        fallback: Option<&ebpf::AllocatorLib>,
+    ) -> Result<()> {
         let pid = info.pid;
         // Open every mapped module before the first allocation is seen, so
         // that the stacks stay symbolizable after the target exits.
         self.symbolizer.track(pid);
-        let mut probes = Vec::new();
-        for lib in libs {
-            let placed = self.profiler.attach(pid, lib)?;
-            for p in &placed {
-                tracing::info!(pid, symbol = p.symbol, offset = p.offset, ret = p.is_return, library = %lib.path, "probe placed at {}+{:#x}{}", p.symbol, p.offset, if p.is_return { " (return)" } else { "" });
-            }
-            probes.extend(placed);
+        let probes = self.profiler.attach(pid, lib, fallback)?;
+        for p in &probes {
+            tracing::info!(pid, symbol = p.symbol, offset = p.offset, ret = p.is_return, library = %p.library, "probe placed at {}+{:#x}{} in {}", p.symbol, p.offset, if p.is_return { " (return)" } else { "" }, p.library);
         }
-        let lib_paths: Vec<&str> = libs.iter().map(|l| l.path.as_str()).collect();
+        let mut lib_paths: Vec<&str> = Vec::new();
+        for p in &probes {
+            if !lib_paths.contains(&p.library.as_str()) {
+                lib_paths.push(&p.library);
+            }
+        }
         let rss = procfs::rss_bytes(pid).unwrap_or(0);
         say(&format!(
             "attached to {pid} ({}): {} probes in {}; sampling {}; heapbpf pid {}",

@@ -94,6 +94,17 @@ impl Fixture {
         Fixture::from_command(&mut cmd, |child, _| child.id())
     }
 
+    /// Spawns a fixture with another allocator preloaded.
+    pub fn spawn_preloaded(name: &str, library: &str) -> Fixture {
+        assert!(
+            Path::new(library).exists(),
+            "{library} is missing (cargo xtask bootstrap installs it)"
+        );
+        let mut cmd = Command::new(fixture_path(name));
+        cmd.env("LD_PRELOAD", library);
+        Fixture::from_command(&mut cmd, |child, _| child.id())
+    }
+
     /// Spawns `cmd` (which runs a fixture, maybe in a namespace) and finds
     /// the fixture's host pid with `host_pid` once it printed `ready`.
     pub fn from_command(cmd: &mut Command, host_pid: impl FnOnce(&Child, u32) -> u32) -> Fixture {

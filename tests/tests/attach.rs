@@ -332,3 +332,41 @@ fn a_burst_of_signals_never_writes_half_files() {
         assert_eq!(site(&snap, "site_malloc").live_bytes, 40_000, "{name}");
     }
 }
+
+/// The same exact figures with jemalloc or tcmalloc serving the fixture:
+/// heapbpf hooks the allocator library, and the C library for what it does
+/// not export (reallocarray, pvalloc), which glibc then serves.
+fn exact_with_preloaded(library: &str, name: &str) {
+    require_root();
+    let dir = TempDir::new(name);
+    let mut fx = Fixture::spawn_preloaded("allocs", library);
+    let mut hb = Heapbpf::attach(&[fx.pid], dir.path(), &["--format", "json"]);
+    let attached = hb
+        .stderr
+        .iter()
+        .find(|l| l.contains(" attached to "))
+        .unwrap()
+        .clone();
+    assert!(attached.contains(name), "{attached}");
+    fx.command("run");
+    fx.command("free-pre");
+    hb.signal(libc::SIGUSR2);
+    let snap = read_json(&hb.wait_snapshot("signal", fx.pid)[0]);
+    assert_exact(&snap, &fixture_path("allocs").to_string_lossy());
+    hb.signal(libc::SIGINT);
+    hb.wait_snapshot("stop", fx.pid);
+    assert_eq!(hb.wait_exit().code(), Some(0));
+}
+
+#[test]
+fn exact_figures_with_jemalloc() {
+    exact_with_preloaded("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "libjemalloc");
+}
+
+#[test]
+fn exact_figures_with_tcmalloc() {
+    exact_with_preloaded(
+        "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
+        "libtcmalloc",
+    );
+}

@@ -154,6 +154,18 @@ pub fn bootstrap() -> Result<()> {
             packages.push(package);
         }
     }
+    // Allocators the tests preload.
+    for (file, package) in [
+        ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "libjemalloc2"),
+        (
+            "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
+            "libtcmalloc-minimal4",
+        ),
+    ] {
+        if !Path::new(file).exists() {
+            packages.push(package);
+        }
+    }
     if !packages.is_empty() {
         run(Command::new("apt-get").arg("update"))?;
         run(Command::new("apt-get")

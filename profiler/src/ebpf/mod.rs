@@ -68,6 +68,8 @@ pub struct AttachedProbe {
     pub symbol: &'static str,
     pub offset: u64,
     pub is_return: bool,
+    /// The library the probe sits in, as the target sees it.
+    pub library: String,
 }
 
 /// The allocator library of a target, found through its memory map.
@@ -326,17 +328,22 @@ impl Profiler {
         BpfHashMap::try_from(map).map_err(|e| Error::runtime("TARGETS map", e))
     }
 
-    /// Attaches every probe of the table to `lib` for `pid`. Return probes go
-    /// first, so that no call is seen entering without its return hooked.
-    /// On error, whatever was attached for this target is detached again.
-    pub fn attach(&mut self, pid: u32, lib: &AllocatorLib) -> Result<Vec<AttachedProbe>> {
+    /// Attaches every probe of the table to `lib` for `pid`; symbols `lib`
+    /// does not export go to `fallback` (the C library) when given. On error,
+    /// whatever was attached for this target is detached again.
+    pub fn attach(
+        &mut self,
+        pid: u32,
+        lib: &AllocatorLib,
+        fallback: Option<&AllocatorLib>,
+    ) -> Result<Vec<AttachedProbe>> {
         if !self.targets.contains_key(&pid) {
             self.targets_map()?
                 .insert(pid, TargetState::default(), 0)
                 .map_err(|e| Error::runtime(format!("cannot register pid {pid}"), e))?;
             self.targets.insert(pid, Target { links: Vec::new() });
         }
-        match self.attach_all(pid, lib) {
+        match self.attach_all(pid, lib, fallback) {
             Ok(attached) => Ok(attached),
             Err(e) => {
                 self.detach(pid);
@@ -345,55 +352,71 @@ impl Profiler {
         }
     }
 
-    fn attach_all(&mut self, pid: u32, lib: &AllocatorLib) -> Result<Vec<AttachedProbe>> {
+    fn attach_all(
+        &mut self,
+        pid: u32,
+        lib: &AllocatorLib,
+        fallback: Option<&AllocatorLib>,
+    ) -> Result<Vec<AttachedProbe>> {
         let mut attached = Vec::new();
         let scope =
             UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or(Error::NoSuchProcess { pid })?);
-        let returns: Vec<&ProbeSpec> = match self.floor {
-            Some(Floor::Entry) => Vec::new(),
-            _ => LIBC_PROBES.iter().filter(|p| p.has_return).collect(),
+        // Each symbol from the allocator library, or from the fallback (the C
+        // library) when the allocator does not export it: glibc then serves
+        // those calls (jemalloc and tcmalloc have no reallocarray, ...).
+        let exports = placement::exported_symbols(&lib.open_path);
+        let fallback_exports = fallback
+            .map(|f| placement::exported_symbols(&f.open_path))
+            .unwrap_or_default();
+        let lib_for = |symbol: &str| -> Option<&AllocatorLib> {
+            if exports.contains(symbol) {
+                Some(lib)
+            } else if fallback_exports.contains(symbol) {
+                fallback
+            } else {
+                None
+            }
         };
         let return_program = if self.floor.is_some() {
             "noop_return"
         } else {
             RETURN_PROGRAM
         };
-        let mut missing = Vec::new();
-        for spec in returns {
-            match self.attach_one(return_program, spec.symbol, 0, lib, scope, pid) {
-                Ok(()) => attached.push(AttachedProbe {
-                    symbol: spec.symbol,
-                    offset: 0,
-                    is_return: true,
-                }),
-                Err(AttachFailure::NoSymbol) => missing.push(spec.symbol),
-                Err(AttachFailure::Other(e)) => return Err(e),
-            }
+        let with_returns = self.floor != Some(Floor::Entry);
+        // Return probes first, so that no call is seen entering without its
+        // return hooked.
+        for spec in LIBC_PROBES.iter().filter(|p| p.has_return && with_returns) {
+            let Some(target) = lib_for(spec.symbol) else {
+                continue;
+            };
+            self.attach_one(return_program, spec.symbol, 0, target, scope, pid)?;
+            attached.push(AttachedProbe {
+                symbol: spec.symbol,
+                offset: 0,
+                is_return: true,
+                library: target.path.clone(),
+            });
         }
         for spec in LIBC_PROBES {
-            if missing.contains(&spec.symbol) {
+            let Some(target) = lib_for(spec.symbol) else {
+                tracing::info!(pid, symbol = spec.symbol, library = %lib.path, "symbol not exported; not hooked");
                 continue;
-            }
-            let offset = entry_offset(spec, lib);
+            };
+            let offset = entry_offset(spec, target);
             let program = if self.floor.is_some() {
                 "noop_enter"
             } else {
                 spec.entry_program
             };
-            match self.attach_one(program, spec.symbol, offset, lib, scope, pid) {
-                Ok(()) => attached.push(AttachedProbe {
-                    symbol: spec.symbol,
-                    offset,
-                    is_return: false,
-                }),
-                Err(AttachFailure::NoSymbol) => missing.push(spec.symbol),
-                Err(AttachFailure::Other(e)) => return Err(e),
-            }
+            self.attach_one(program, spec.symbol, offset, target, scope, pid)?;
+            attached.push(AttachedProbe {
+                symbol: spec.symbol,
+                offset,
+                is_return: false,
+                library: target.path.clone(),
+            });
         }
-        for m in &missing {
-            tracing::info!(pid, symbol = m, library = %lib.path, "symbol not found; not hooked");
-        }
-        if missing.contains(&"malloc") || missing.contains(&"free") {
+        if lib_for("malloc").is_none() || lib_for("free").is_none() {
             return Err(Error::NotTraceable {
                 pid,
                 why: format!("{} does not export malloc and free", lib.path),
@@ -410,14 +433,12 @@ impl Profiler {
         lib: &AllocatorLib,
         scope: UProbeScope,
         pid: u32,
-    ) -> Result<(), AttachFailure> {
+    ) -> Result<()> {
         let prog: &mut UProbe = self
             .ebpf
             .program_mut(program)
             .and_then(|p| p.try_into().ok())
-            .ok_or_else(|| {
-                AttachFailure::Other(Error::Runtime(format!("no uprobe program {program}")))
-            })?;
+            .ok_or_else(|| Error::Runtime(format!("no uprobe program {program}")))?;
         let location = if offset == 0 {
             UProbeAttachLocation::Symbol(symbol)
         } else {
@@ -432,16 +453,13 @@ impl Profiler {
                 Ok(())
             }
             Err(e) => {
-                let text = format!("{e:?}");
-                if text.contains("SymbolError") {
-                    Err(AttachFailure::NoSymbol)
-                } else if !crate::procfs::is_alive(pid) {
-                    Err(AttachFailure::Other(Error::NoSuchProcess { pid }))
+                if !crate::procfs::is_alive(pid) {
+                    Err(Error::NoSuchProcess { pid })
                 } else {
-                    Err(AttachFailure::Other(load_error(format!(
+                    Err(load_error(format!(
                         "cannot hook {symbol} in {}: {e}",
                         lib.path
-                    ))))
+                    )))
                 }
             }
         }
@@ -611,11 +629,6 @@ fn map_fd(map: &aya::maps::Map) -> Result<std::os::fd::BorrowedFd<'_>> {
         aya::maps::Map::HashMap(data) => Ok(data.fd().as_fd()),
         _ => Err(Error::Runtime("expected a hash map".into())),
     }
-}
-
-enum AttachFailure {
-    NoSymbol,
-    Other(Error),
 }
 
 /// Kernel counts are in thousandths (sampled weights are fractional).

@@ -35,6 +35,23 @@ pub fn past_null_check(code: &[u8]) -> Option<u64> {
     emulated.then_some(at as u64)
 }
 
+/// The defined function symbols of the ELF file at `path` (dynamic and
+/// static symbol tables).
+pub fn exported_symbols(path: &std::path::Path) -> std::collections::HashSet<String> {
+    use object::{Object, ObjectSymbol};
+    let Ok(data) = std::fs::read(path) else {
+        return Default::default();
+    };
+    let Ok(file) = object::File::parse(&*data) else {
+        return Default::default();
+    };
+    file.dynamic_symbols()
+        .chain(file.symbols())
+        .filter(|s| s.is_definition() && s.address() != 0)
+        .filter_map(|s| s.name().ok().map(str::to_string))
+        .collect()
+}
+
 /// The first bytes of `symbol` in the ELF file at `path`.
 pub fn symbol_bytes(path: &std::path::Path, symbol: &str, len: usize) -> Option<Vec<u8>> {
     use object::{Object, ObjectSegment, ObjectSymbol};
