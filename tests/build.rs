@@ -25,5 +25,22 @@ fn main() {
             .expect("run gcc (install it: apt-get install gcc)");
         assert!(status.success(), "gcc failed on {src}");
     }
+    // The same exactness fixture, statically linked: its malloc lives in the
+    // executable itself.
+    let status = Command::new("gcc")
+        .args([
+            "-static",
+            "-O0",
+            "-g",
+            "-fno-omit-frame-pointer",
+            "-pthread",
+            "-Wall",
+            "-o",
+        ])
+        .arg(out.join("allocs-static"))
+        .arg("fixtures/allocs.c")
+        .status()
+        .expect("run gcc");
+    assert!(status.success(), "gcc -static failed on fixtures/allocs.c");
     println!("cargo:rustc-env=FIXTURE_DIR={}", out.display());
 }

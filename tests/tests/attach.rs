@@ -370,3 +370,30 @@ fn exact_figures_with_tcmalloc() {
         "libtcmalloc",
     );
 }
+
+#[test]
+fn exact_figures_in_a_statically_linked_program() {
+    require_root();
+    let dir = TempDir::new("static");
+    let mut fx = Fixture::spawn("allocs-static");
+    let mut hb = Heapbpf::attach(&[fx.pid], dir.path(), &["--format", "json"]);
+    let module = fixture_path("allocs-static").to_string_lossy().into_owned();
+    let attached = hb
+        .stderr
+        .iter()
+        .find(|l| l.contains(" attached to "))
+        .unwrap()
+        .clone();
+    assert!(
+        attached.contains(&format!("probes in {module};")),
+        "malloc lives in the executable: {attached}"
+    );
+    fx.command("run");
+    fx.command("free-pre");
+    hb.signal(libc::SIGUSR2);
+    let snap = read_json(&hb.wait_snapshot("signal", fx.pid)[0]);
+    assert_exact(&snap, &module);
+    hb.signal(libc::SIGINT);
+    hb.wait_snapshot("stop", fx.pid);
+    assert_eq!(hb.wait_exit().code(), Some(0));
+}

@@ -146,7 +146,7 @@ pub fn find_allocator(pid: u32, maps: &[Mapping], choice: AllocatorChoice) -> Op
         AllocatorChoice::Tcmalloc => &[AllocatorChoice::Tcmalloc],
         AllocatorChoice::Mimalloc => &[AllocatorChoice::Mimalloc],
     };
-    order.iter().find_map(|c| {
+    let shared = order.iter().find_map(|c| {
         maps.iter()
             .filter(|m| m.is_file())
             .find(|m| c.matches(m.file_name()))
@@ -154,7 +154,19 @@ pub fn find_allocator(pid: u32, maps: &[Mapping], choice: AllocatorChoice) -> Op
                 path: m.path.clone(),
                 open_path: m.map_file(pid),
             })
-    })
+    });
+    if shared.is_some() || choice != AllocatorChoice::Auto {
+        return shared;
+    }
+    // A statically linked program carries its own malloc: hook the
+    // executable itself when its symbol table defines malloc and free.
+    let exe = maps.iter().find(|m| m.is_file() && m.is_exec())?;
+    let lib = AllocatorLib {
+        path: exe.path.clone(),
+        open_path: exe.map_file(pid),
+    };
+    let symbols = placement::exported_symbols(&lib.open_path);
+    (symbols.contains("malloc") && symbols.contains("free")).then_some(lib)
 }
 
 struct Target {
