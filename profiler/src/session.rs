@@ -472,6 +472,13 @@ impl Session {
         );
         let mut snapshot = snapshot;
         snapshot.mappings = self.symbolizer.mapping_infos(pid);
+        if snapshot.totals.dropped_events > 0 {
+            say(&format!(
+                "warning: pid={pid}: {} events could not be recorded (full maps or failed stack walks); \
+                 figures are lower bounds; raise --max-live-blocks (now {}) if the live-block map filled",
+                snapshot.totals.dropped_events, self.cfg.max_live_blocks
+            ));
+        }
         let taken_at = snapshot.taken_at.clone();
         let t = &mut self.targets[i];
         t.seq += 1;
