@@ -24,6 +24,12 @@ pub struct ModuleTable {
     files: HashMap<(String, u64), File>,
     build_ids: HashMap<(String, u64), Option<String>>,
     text: String,
+    /// JIT symbols from `/tmp/perf-PID.map` (node --perf-basic-prof, ...),
+    /// kept while the target lives: (start, end, name), sorted.
+    perf_map: Vec<(u64, u64, String)>,
+    /// The perf map's path as the target sees it, and its size when read.
+    perf_map_path: Option<String>,
+    perf_map_len: u64,
 }
 
 impl ModuleTable {
@@ -38,11 +44,12 @@ impl ModuleTable {
     /// Returns whether anything changed. Mappings of modules that were
     /// unmapped are kept: their blocks may still be live.
     pub fn refresh(&mut self) -> bool {
+        let perf = self.refresh_perf_map();
         let Ok(text) = std::fs::read_to_string(format!("/proc/{}/maps", self.pid)) else {
-            return false;
+            return perf;
         };
         if text.is_empty() || text == self.text {
-            return false;
+            return perf;
         }
         let mut fresh = procfs::parse_maps(&text);
         procfs::to_target_view(&mut fresh, procfs::root_of(self.pid).as_deref());
@@ -70,6 +77,42 @@ impl ModuleTable {
         merged.sort_by_key(|m| m.start);
         self.mappings = merged;
         true
+    }
+
+    /// Re-reads the target's perf map when it grew. It is named after the
+    /// pid the target sees (its namespace's) and read through its root.
+    fn refresh_perf_map(&mut self) -> bool {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap_or_default();
+        let ns_pid = status
+            .lines()
+            .find_map(|l| l.strip_prefix("NSpid:"))
+            .and_then(|v| v.split_whitespace().last().map(str::to_string))
+            .unwrap_or_else(|| self.pid.to_string());
+        let seen_as = format!("/tmp/perf-{ns_pid}.map");
+        let host = format!("/proc/{}/root{seen_as}", self.pid);
+        let Ok(meta) = std::fs::metadata(&host) else {
+            return false;
+        };
+        if meta.len() == self.perf_map_len {
+            return false;
+        }
+        let Ok(text) = std::fs::read_to_string(&host) else {
+            return false;
+        };
+        self.perf_map = parse_perf_map(&text);
+        self.perf_map_len = meta.len();
+        self.perf_map_path = Some(seen_as);
+        true
+    }
+
+    /// The JIT symbol at `addr`, from the perf map.
+    pub fn perf_symbol(&self, addr: u64) -> Option<&str> {
+        let i = self
+            .perf_map
+            .partition_point(|(start, _, _)| *start <= addr);
+        let (start, end, name) = self.perf_map.get(i.checked_sub(1)?)?;
+        (*start <= addr && addr < *end).then_some(name.as_str())
     }
 
     pub fn mapping(&self, addr: u64) -> Option<&Mapping> {
@@ -115,6 +158,25 @@ impl ModuleTable {
         let f = self.files.get(&(m.dev.clone(), m.inode))?;
         Some(PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd())))
     }
+}
+
+/// Parses a perf map (`START SIZE NAME` per line, hex), sorted by start.
+/// Later entries for the same start win (code gets recompiled in place).
+pub fn parse_perf_map(text: &str) -> Vec<(u64, u64, String)> {
+    let mut out: Vec<(u64, u64, String)> = text
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.splitn(3, ' ');
+            let start = u64::from_str_radix(it.next()?.trim_start_matches("0x"), 16).ok()?;
+            let size = u64::from_str_radix(it.next()?.trim_start_matches("0x"), 16).ok()?;
+            let name = it.next()?.trim().to_string();
+            Some((start, start.checked_add(size)?, name))
+        })
+        .collect();
+    out.reverse();
+    out.sort_by_key(|e| e.0);
+    out.dedup_by_key(|e| e.0);
+    out
 }
 
 /// Symbolizes the stacks of all targets of a session.
@@ -200,6 +262,20 @@ impl Symbolizer {
                 ..Default::default()
             }];
         };
+        if let Some(name) = table.perf_symbol(ip.saturating_sub(1)) {
+            // JIT code (anonymous memory) named by the runtime's perf map.
+            if table
+                .mapping(ip.saturating_sub(1))
+                .is_none_or(|m| !m.is_file())
+            {
+                return vec![Frame {
+                    address,
+                    function: Some(name.to_string()),
+                    module: table.perf_map_path.clone(),
+                    ..Default::default()
+                }];
+            }
+        }
         let Some(m) = table.mapping(ip.saturating_sub(1)) else {
             return vec![Frame {
                 address,
@@ -261,5 +337,33 @@ impl Symbolizer {
             inlined: false,
         });
         frames
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn perf_maps_name_jit_code() {
+        let text = "18c4000 300 Builtin:DeoptimizationEntry_Eager\n\
+                    7f79837c7cc0 1d8 JS:^retainBuffers /tmp/nd/retain.js:3:23\n\
+                    garbage line\n\
+                    7f79837c7cc0 1e0 JS:*retainBuffers /tmp/nd/retain.js:3:23\n";
+        let map = parse_perf_map(text);
+        assert_eq!(map.len(), 2);
+        let mut t = ModuleTable::new(1);
+        t.perf_map = map;
+        assert_eq!(
+            t.perf_symbol(0x7f79837c7dd6),
+            Some("JS:*retainBuffers /tmp/nd/retain.js:3:23"),
+            "the newer entry wins"
+        );
+        assert_eq!(
+            t.perf_symbol(0x18c4000),
+            Some("Builtin:DeoptimizationEntry_Eager")
+        );
+        assert_eq!(t.perf_symbol(0x18c4300), None);
+        assert_eq!(t.perf_symbol(0x10), None);
     }
 }

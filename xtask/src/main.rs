@@ -149,6 +149,7 @@ pub fn bootstrap() -> Result<()> {
         ("redis-benchmark", "redis-tools"),
         ("bpftrace", "bpftrace"),
         ("heaptrack", "heaptrack"),
+        ("node", "nodejs"),
     ] {
         if output(Command::new("which").arg(tool)).is_none() {
             packages.push(package);
