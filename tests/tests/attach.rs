@@ -222,15 +222,30 @@ fn several_targets_at_once() {
 fn build_chroot(root: &Path) {
     let fixture = fixture_path("allocs");
     std::fs::copy(&fixture, root.join("allocs")).unwrap();
-    let ldd = Command::new("ldd").arg(&fixture).output().unwrap();
+    copy_with_libraries(root, &fixture);
+}
+
+/// Copies the shared libraries `elf` needs (and `elf` itself, if it is a
+/// library path) into `root` at the same paths.
+fn copy_with_libraries(root: &Path, elf: &Path) {
+    let ldd = Command::new("ldd").arg(elf).output().unwrap();
     assert!(ldd.status.success());
-    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
-        let path = line.split_whitespace().find(|w| w.starts_with('/'));
-        if let Some(path) = path {
-            let dst = root.join(path.trim_start_matches('/'));
-            std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
-            std::fs::copy(path, &dst).unwrap();
-        }
+    let own = elf
+        .to_str()
+        .filter(|p| p.contains(".so"))
+        .map(str::to_string);
+    let listed = String::from_utf8_lossy(&ldd.stdout)
+        .lines()
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find(|w| w.starts_with('/'))
+                .map(str::to_string)
+        })
+        .collect::<Vec<_>>();
+    for path in own.into_iter().chain(listed) {
+        let dst = root.join(path.trim_start_matches('/'));
+        std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
+        std::fs::copy(&path, &dst).unwrap();
     }
 }
 
@@ -270,6 +285,50 @@ fn a_target_in_its_own_mount_and_pid_namespace_with_its_own_libc() {
     fx.command("exit");
     let last = read_json(&hb.wait_snapshot("exit", fx.pid)[0]);
     assert_exact(&last, "/allocs");
+    assert_eq!(hb.wait_exit().code(), Some(0));
+}
+
+#[test]
+fn a_containerised_target_with_its_own_jemalloc() {
+    require_root();
+    let root = TempDir::new("chroot-je");
+    build_chroot(root.path());
+    let jemalloc = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2";
+    copy_with_libraries(root.path(), Path::new(jemalloc));
+    let dir = TempDir::new("chroot-je-out");
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--pid", "--fork", "chroot"])
+        .arg(root.path())
+        .arg("/allocs")
+        .env("LD_PRELOAD", jemalloc);
+    let mut fx = Fixture::from_command(&mut cmd, |unshare, _| {
+        let children =
+            std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", unshare.id())).unwrap();
+        children
+            .split_whitespace()
+            .next()
+            .expect("unshare has a child")
+            .parse()
+            .unwrap()
+    });
+    let mut hb = Heapbpf::attach(&[fx.pid], dir.path(), &["--format", "json"]);
+    let attached = hb
+        .stderr
+        .iter()
+        .find(|l| l.contains(" attached to "))
+        .unwrap()
+        .clone();
+    assert!(
+        attached.contains(&format!("probes in {jemalloc}")),
+        "the container's own jemalloc copy: {attached}"
+    );
+    fx.command("run");
+    fx.command("free-pre");
+    hb.signal(libc::SIGUSR2);
+    let snap = read_json(&hb.wait_snapshot("signal", fx.pid)[0]);
+    assert_exact(&snap, "/allocs");
+    hb.signal(libc::SIGINT);
+    hb.wait_snapshot("stop", fx.pid);
     assert_eq!(hb.wait_exit().code(), Some(0));
 }
 
