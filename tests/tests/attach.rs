@@ -289,18 +289,18 @@ fn a_target_in_its_own_mount_and_pid_namespace_with_its_own_libc() {
 }
 
 #[test]
-fn a_containerised_target_with_its_own_jemalloc() {
+fn a_containerised_target_with_its_own_tcmalloc() {
     require_root();
-    let root = TempDir::new("chroot-je");
+    let root = TempDir::new("chroot-tc");
     build_chroot(root.path());
-    let jemalloc = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2";
-    copy_with_libraries(root.path(), Path::new(jemalloc));
-    let dir = TempDir::new("chroot-je-out");
+    let tcmalloc = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4";
+    copy_with_libraries(root.path(), Path::new(tcmalloc));
+    let dir = TempDir::new("chroot-tc-out");
     let mut cmd = Command::new("unshare");
     cmd.args(["--mount", "--pid", "--fork", "chroot"])
         .arg(root.path())
         .arg("/allocs")
-        .env("LD_PRELOAD", jemalloc);
+        .env("LD_PRELOAD", tcmalloc);
     let mut fx = Fixture::from_command(&mut cmd, |unshare, _| {
         let children =
             std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", unshare.id())).unwrap();
@@ -319,8 +319,8 @@ fn a_containerised_target_with_its_own_jemalloc() {
         .unwrap()
         .clone();
     assert!(
-        attached.contains(&format!("probes in {jemalloc}")),
-        "the container's own jemalloc copy: {attached}"
+        attached.contains(&format!("probes in {tcmalloc}")),
+        "the container's own tcmalloc copy: {attached}"
     );
     fx.command("run");
     fx.command("free-pre");
@@ -408,7 +408,7 @@ fn a_burst_of_signals_never_writes_half_files() {
     }
 }
 
-/// The same exact figures with jemalloc or tcmalloc serving the fixture:
+/// The same exact figures with another allocator serving the fixture:
 /// heapbpf hooks the allocator library, and the C library for what it does
 /// not export (reallocarray, pvalloc), which glibc then serves.
 fn exact_with_preloaded(library: &str, name: &str, zero_blocks: u64) {
@@ -437,14 +437,11 @@ fn exact_with_preloaded(library: &str, name: &str, zero_blocks: u64) {
     assert_eq!(hb.wait_exit().code(), Some(0));
 }
 
-#[test]
-fn exact_figures_with_jemalloc() {
-    exact_with_preloaded(
-        "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
-        "libjemalloc",
-        0,
-    );
-}
+// No preloaded-jemalloc variant: with jemalloc preloaded, the fixture's own
+// threads sometimes abort in glibc ("malloc assertion failure in
+// __malloc_arena_thread_freeres: a->attached_threads > 0"), without heapbpf
+// too, once its threads overlap (glibc then serves the pvalloc and
+// reallocarray jemalloc lacks). jemalloc is covered by the redis test.
 
 #[test]
 fn exact_figures_with_tcmalloc() {
