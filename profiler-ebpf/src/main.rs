@@ -20,6 +20,7 @@ mod floor;
 mod maps;
 mod oom;
 mod probes;
+mod unwind;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

@@ -4,11 +4,11 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray, ProgramArray},
 };
 use heapbpf_common::{
-    config, AllocInfo, AllocKey, Pending, StackKey, StackStats, StackTrace, TargetState,
-    SAMPLE_TABLE_LEN,
+    config, AllocInfo, AllocKey, ModuleTable, Pending, StackKey, StackStats, StackTrace,
+    TargetState, UnwindRow, UnwindState, SAMPLE_TABLE_LEN,
 };
 
 /// Traced processes by tgid. A process absent here is ignored.
@@ -48,3 +48,20 @@ pub static CONFIG: Array<u64> = Array::with_max_entries(config::LEN, 0);
 /// `1 - exp(-x)` in units of 2^-32 for x = i / SAMPLE_TABLE_STEPS.
 #[map]
 pub static SAMPLE_P: Array<u32> = Array::with_max_entries(SAMPLE_TABLE_LEN, 0);
+
+/// Call-frame rows of every module the stack walk knows, each module's rows
+/// sorted by address (see `heapbpf_common::UnwindRow`). Sized by user space.
+#[map]
+pub static UNWIND_ROWS: Array<UnwindRow> = Array::with_max_entries(1, 0);
+
+/// Executable mappings per traced process (tgid), for the stack walk.
+#[map]
+pub static MODULES: HashMap<u32, ModuleTable> = HashMap::with_max_entries(1024, BPF_F_NO_PREALLOC);
+
+/// The stack walk in progress on this CPU, carried across tail calls.
+#[map]
+pub static UNWIND: PerCpuArray<UnwindState> = PerCpuArray::with_max_entries(1, 0);
+
+/// Slot 0: the stack-walk program, which tail-calls itself per batch of frames.
+#[map]
+pub static UNWIND_PROGS: ProgramArray = ProgramArray::with_max_entries(1, 0);

@@ -21,9 +21,11 @@ use aya_ebpf::{
     programs::{ProbeContext, RetProbeContext},
     EbpfContext,
 };
+use heapbpf_common::unwind_mode;
 use heapbpf_common::{
     config, drop_reason, info_counter, kind, AllocInfo, AllocKey, Pending, StackKey, StackStats,
-    TargetState, COUNT_UNIT, MAX_STACK_DEPTH, NO_STACK, SAMPLE_TABLE_LEN, SAMPLE_TABLE_STEPS,
+    StackTrace, TargetState, COUNT_UNIT, MAX_STACK_DEPTH, NO_STACK, SAMPLE_TABLE_LEN,
+    SAMPLE_TABLE_STEPS, STACK_LEN_MASK,
 };
 
 use crate::maps::{ALLOCS, CONFIG, PENDING, SAMPLE_P, SCRATCH, STACKS, STACK_STATS, TARGETS};
@@ -38,7 +40,7 @@ fn add(field: &mut u64, value: u64) {
 }
 
 #[inline(always)]
-fn count(state: *mut TargetState, counter: usize) {
+pub(crate) fn count(state: *mut TargetState, counter: usize) {
     if counter < info_counter::COUNT {
         // SAFETY: `state` comes from a successful map lookup.
         add(unsafe { &mut (*state).counters[counter] }, 1);
@@ -46,7 +48,7 @@ fn count(state: *mut TargetState, counter: usize) {
 }
 
 #[inline(always)]
-fn target(tgid: u32) -> Option<*mut TargetState> {
+pub(crate) fn target(tgid: u32) -> Option<*mut TargetState> {
     TARGETS.get_ptr_mut(tgid)
 }
 
@@ -296,21 +298,28 @@ fn stack_id<C: EbpfContext>(ctx: &C, state: *mut TargetState) -> u64 {
         count(state, drop_reason::STACK_ERROR);
         return NO_STACK;
     }
-    let len = (bytes as u64) / 8;
-    buf.len = len;
-    // FNV-1a over the addresses; 0 is reserved for "no stack".
+    buf.len = (bytes as u64) / 8;
+    intern(state, buf)
+}
+
+/// Interns `trace` (length and flags in `len`) by an FNV-1a hash of its
+/// addresses; returns the stack id, or [`NO_STACK`] when the map is full.
+#[inline(always)]
+pub(crate) fn intern(state: *mut TargetState, trace: &StackTrace) -> u64 {
+    let len = trace.len & STACK_LEN_MASK;
+    // 0 is reserved for "no stack".
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for i in 0..MAX_STACK_DEPTH {
         if i as u64 >= len {
             break;
         }
-        hash = (hash ^ buf.ips[i]).wrapping_mul(0x0100_0000_01b3);
+        hash = (hash ^ trace.ips[i]).wrapping_mul(0x0100_0000_01b3);
     }
-    hash = (hash ^ len).wrapping_mul(0x0100_0000_01b3);
+    hash = (hash ^ trace.len).wrapping_mul(0x0100_0000_01b3);
     if hash == NO_STACK {
         hash = 1;
     }
-    match STACKS.insert(hash, &*buf, BPF_NOEXIST as u64) {
+    match STACKS.insert(hash, trace, BPF_NOEXIST as u64) {
         Ok(()) => hash,
         Err(e) if e == -17 => hash, // EEXIST: already interned
         Err(_) => {
@@ -320,10 +329,30 @@ fn stack_id<C: EbpfContext>(ctx: &C, state: *mut TargetState) -> u64 {
     }
 }
 
-/// Records a new live block of `size` bytes at `addr`.
+/// Records a new live block of `size` bytes at `addr`, with the stack of
+/// the call site. With heapbpf's own stack walk for this target, the walk
+/// (a tail call) finishes the record; if the tail call cannot be made, the
+/// kernel's frame-pointer walk stands in.
 #[inline(always)]
-fn record<C: EbpfContext>(ctx: &C, state: *mut TargetState, tgid: u32, addr: u64, size: u64) {
+fn record(ctx: &RetProbeContext, state: *mut TargetState, tgid: u32, addr: u64, size: u64) {
+    // SAFETY: valid map value.
+    if unsafe { (*state).unwind } == unwind_mode::WALK {
+        crate::unwind::start(ctx, tgid, addr, size);
+    }
     let stack_id = stack_id(ctx, state);
+    record_with_stack(state, tgid, addr, size, stack_id);
+}
+
+/// Records a new live block of `size` bytes at `addr` allocated by the
+/// interned stack `stack_id`.
+#[inline(always)]
+pub(crate) fn record_with_stack(
+    state: *mut TargetState,
+    tgid: u32,
+    addr: u64,
+    size: u64,
+    stack_id: u64,
+) {
     let key = AllocKey {
         tgid,
         _pad: 0,

@@ -174,6 +174,7 @@ pub struct AttachConfig {
     pub max_live_blocks: u32,
     pub floor: Option<crate::ebpf::Floor>,
     pub allocator: crate::ebpf::AllocatorChoice,
+    pub unwind: crate::unwind::Mode,
     pub quiet: bool,
 }
 
@@ -191,11 +192,6 @@ impl ProfileArgs {
                 self.sample_bytes,
                 heapbpf_common::MAX_SAMPLE_BYTES
             )));
-        }
-        if self.unwind == Unwind::Dwarf {
-            return Err(Error::BadInput(
-                "--unwind dwarf is not available yet in this heapbpf; use --unwind fp (auto uses frame pointers)".into(),
-            ));
         }
         let allocator = crate::ebpf::AllocatorChoice::parse(&self.allocator).ok_or_else(|| {
             Error::BadInput(format!(
@@ -228,6 +224,11 @@ impl ProfileArgs {
             rss_step: self.rss_step,
             heap_step: self.heap_step,
             sample_bytes: self.sample_bytes,
+            unwind: match self.unwind {
+                Unwind::Auto => crate::unwind::Mode::Auto,
+                Unwind::Fp => crate::unwind::Mode::Fp,
+                Unwind::Dwarf => crate::unwind::Mode::Dwarf,
+            },
             min_age: self.min_age.unwrap_or_default(),
             max_snapshots: self.max_snapshots,
             max_live_blocks: self.max_live_blocks,
@@ -306,10 +307,14 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("png"));
-        assert!(attach(&["1", "--unwind", "dwarf"])
+        assert_eq!(
+            attach(&["1", "--unwind", "dwarf"]).unwrap().unwind,
+            crate::unwind::Mode::Dwarf
+        );
+        assert!(attach(&["1", "--unwind", "lbr"])
             .unwrap_err()
             .to_string()
-            .contains("dwarf"));
+            .contains("lbr"));
         assert!(attach(&["1", "--allocator", "hoard"])
             .unwrap_err()
             .to_string()

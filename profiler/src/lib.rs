@@ -31,5 +31,6 @@ pub mod session;
 pub mod symbolize;
 pub mod trigger;
 pub mod units;
+pub mod unwind;
 
 pub use error::{Error, Result};

@@ -92,6 +92,21 @@ pub fn text(s: &Snapshot, top: usize, color: bool) -> String {
         );
         let _ = writeln!(o, "{}", c.warn(&warning));
     }
+    if t.truncated_stacks > 0 {
+        let bytes: u64 = s
+            .stacks
+            .iter()
+            .filter(|st| st.truncated)
+            .map(|st| st.live_bytes)
+            .sum();
+        let _ = writeln!(
+            o,
+            "{} of {} stacks are truncated ({} live): the walk stopped before the program's or thread's start",
+            t.truncated_stacks,
+            s.stacks.len(),
+            human_bytes(bytes as i128)
+        );
+    }
     let _ = writeln!(o);
     let shown: Vec<_> = s
         .stacks
@@ -142,6 +157,14 @@ pub fn text(s: &Snapshot, top: usize, color: bool) -> String {
         if rest > 0 {
             let _ = writeln!(o, "{:>44}  ... {rest} more frames", "");
         }
+        if st.truncated {
+            let _ = writeln!(
+                o,
+                "{:>44}  {}",
+                "",
+                c.warn("[truncated] (callers beyond this frame are unknown)")
+            );
+        }
     }
     let others = s
         .stacks
@@ -165,6 +188,7 @@ pub fn json(s: &Snapshot, top: usize) -> String {
             "live_allocations": st.live_allocations,
             "share": if s.totals.live_bytes > 0 { st.live_bytes as f64 / s.totals.live_bytes as f64 } else { 0.0 },
             "oldest_age_ms": st.oldest_age_ms,
+            "truncated": st.truncated,
             "frames": st.frames,
         })
     }).collect();
@@ -308,6 +332,7 @@ mod tests {
                 frees: 1,
                 rss_bytes: 1 << 20,
                 dropped_events: 0,
+                truncated_stacks: 1,
             },
             stacks: vec![
                 Stack {
@@ -316,6 +341,7 @@ mod tests {
                     allocated_bytes: 2048,
                     allocations: 2,
                     oldest_age_ms: 5120,
+                    truncated: false,
                     frames: vec![frame("leak_malloc", 12), frame("main", 30)],
                 },
                 Stack {
@@ -324,6 +350,7 @@ mod tests {
                     allocated_bytes: 2048,
                     allocations: 2,
                     oldest_age_ms: 10,
+                    truncated: true,
                     frames: vec![],
                 },
                 Stack {
@@ -332,6 +359,7 @@ mod tests {
                     allocated_bytes: 64,
                     allocations: 1,
                     oldest_age_ms: 0,
+                    truncated: false,
                     frames: vec![frame("tmp", 3)],
                 },
             ],
@@ -400,5 +428,13 @@ mod tests {
         assert_eq!(v["stacks"][0]["live_bytes"], 2048);
         assert_eq!(v["stacks"][0]["frames"][0]["function"], "leak_malloc");
         assert_eq!(v["totals"]["live_bytes"], 3072);
+        assert_eq!(v["stacks"][0]["truncated"], false);
+    }
+
+    #[test]
+    fn truncated_stacks_are_said_to_be() {
+        let r = text(&snap(), 10, false);
+        assert!(r.contains("1 of 3 stacks are truncated (1.0 KiB live)"), "{r}");
+        assert_eq!(r.matches("[truncated]").count(), 1, "{r}");
     }
 }

@@ -185,6 +185,7 @@ impl Session {
             max_live_blocks: cfg.max_live_blocks,
             floor: cfg.floor,
             sample_bytes: cfg.sample_bytes,
+            unwind: cfg.unwind,
         })?;
         Ok(Session {
             cfg,
@@ -560,13 +561,19 @@ pub fn build_snapshot(
     let stacks: Vec<Stack> = raw
         .stacks
         .iter()
-        .map(|r| Stack {
-            live_bytes: r.live_bytes,
-            live_allocations: r.live_allocations,
-            allocated_bytes: r.allocated_bytes,
-            allocations: r.allocations,
-            oldest_age_ms: r.oldest_age_ms,
-            frames: symbolize(&r.ips),
+        .map(|r| {
+            let frames = symbolize(&r.ips);
+            Stack {
+                live_bytes: r.live_bytes,
+                live_allocations: r.live_allocations,
+                allocated_bytes: r.allocated_bytes,
+                allocations: r.allocations,
+                oldest_age_ms: r.oldest_age_ms,
+                truncated: r
+                    .truncated
+                    .unwrap_or_else(|| !crate::model::reaches_root(&frames)),
+                frames,
+            }
         })
         .collect();
     Snapshot {
@@ -587,6 +594,7 @@ pub fn build_snapshot(
             frees: raw.frees,
             rss_bytes,
             dropped_events: raw.dropped_events,
+            truncated_stacks: stacks.iter().filter(|s| s.truncated).count() as u64,
         },
         stacks,
         mappings: Vec::new(),

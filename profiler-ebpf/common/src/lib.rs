@@ -165,9 +165,112 @@ pub struct TargetState {
     pub frees: u64,
     /// Indexed by [`drop_reason`] and then [`info_counter`].
     pub counters: [u64; info_counter::COUNT],
-    pub _reserved: [u64; 7],
+    /// How stacks are taken for this process: [`unwind_mode`].
+    pub unwind: u64,
+    pub _reserved: [u64; 6],
 }
 const _: () = assert!(core::mem::size_of::<TargetState>() == 8 * (4 + 9 + 7));
+
+/// Values of [`TargetState::unwind`].
+pub mod unwind_mode {
+    /// The kernel's frame-pointer walk (`bpf_get_stack`): cheapest, complete
+    /// only where every caller keeps frame pointers.
+    pub const KERNEL_FP: u64 = 0;
+    /// heapbpf's own walk over the target's [`super::ModuleTable`]: frame
+    /// pointers in modules that keep them, `.eh_frame` rows elsewhere.
+    pub const WALK: u64 = 1;
+}
+
+/// [`StackTrace::len`] holds the number of frames in its low 32 bits and
+/// these flags above them.
+pub const STACK_LEN_MASK: u64 = 0xffff_ffff;
+/// The walk stopped before the stack's root (no unwind data for an address,
+/// unreadable stack, too deep): the callers beyond the last frame are missing.
+pub const STACK_TRUNCATED: u64 = 1 << 32;
+/// The walk reached the stack's root (a frame whose return address the
+/// unwind data marks undefined, as `_start` and `clone3` do, or a null one).
+pub const STACK_COMPLETE: u64 = 1 << 33;
+
+/// What an [`UnwindRow`] says about the frame of an address.
+pub mod row_kind {
+    /// No usable unwind data (a gap between functions, a CFA expression):
+    /// the walk stops here, truncated.
+    pub const NONE: u8 = 0;
+    /// CFA = rsp + offset.
+    pub const CFA_RSP: u8 = 1;
+    /// CFA = rbp + offset.
+    pub const CFA_RBP: u8 = 2;
+    /// The return address is undefined: the outermost frame of a stack.
+    pub const END: u8 = 3;
+}
+
+/// One row of call-frame information, valid from `pc` (an ELF virtual
+/// address of its module) up to the next row's `pc`. The return address is
+/// at CFA - 8 (x86-64); the caller's rbp at CFA + `rbp_offset` when
+/// `rbp_saved`, else unchanged.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UnwindRow {
+    pub pc: u32,
+    pub cfa_offset: i32,
+    pub rbp_offset: i16,
+    pub kind: u8,
+    pub rbp_saved: u8,
+}
+const _: () = assert!(core::mem::size_of::<UnwindRow>() == 12);
+
+/// How the walk steps out of a frame in a module.
+pub mod module_kind {
+    /// The module keeps frame pointers: CFA = rbp + 16.
+    pub const FP: u32 = 0;
+    /// Rows `first_row .. first_row + rows` of the row table.
+    pub const DWARF: u32 = 1;
+}
+
+/// Most executable mappings the walk knows per process.
+pub const MAX_MODULES: usize = 128;
+
+/// One executable mapping of a process: `[start, end)`; an address `a` in it
+/// is ELF virtual address `a - bias` of its module.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ModuleEntry {
+    pub start: u64,
+    pub end: u64,
+    pub bias: u64,
+    pub first_row: u32,
+    pub rows: u32,
+    pub kind: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<ModuleEntry>() == 40);
+
+/// The executable mappings of one process, sorted by `start`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ModuleTable {
+    pub count: u64,
+    pub entries: [ModuleEntry; MAX_MODULES],
+}
+const _: () = assert!(core::mem::size_of::<ModuleTable>() == 8 + 40 * MAX_MODULES);
+
+/// The walk in progress on one CPU, carried across tail calls: the registers
+/// of the frame to step out of next, and the block to record once the stack
+/// is complete.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct UnwindState {
+    pub pc: u64,
+    pub sp: u64,
+    pub bp: u64,
+    pub addr: u64,
+    pub size: u64,
+    pub tgid: u32,
+    /// Tail calls made so far.
+    pub steps: u32,
+    pub trace: StackTrace,
+}
+const _: () = assert!(core::mem::size_of::<UnwindState>() == 48 + 1024);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -180,4 +283,7 @@ mod pod {
     unsafe impl aya::Pod for StackTrace {}
     unsafe impl aya::Pod for Pending {}
     unsafe impl aya::Pod for TargetState {}
+    unsafe impl aya::Pod for UnwindRow {}
+    unsafe impl aya::Pod for ModuleEntry {}
+    unsafe impl aya::Pod for ModuleTable {}
 }

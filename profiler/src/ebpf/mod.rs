@@ -20,13 +20,15 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use heapbpf_common::{
-    drop_reason, info_counter, AllocInfo, AllocKey, StackKey, StackStats, StackTrace, TargetState,
+    drop_reason, info_counter, unwind_mode, AllocInfo, AllocKey, ModuleTable, StackKey, StackStats,
+    StackTrace, TargetState, UnwindRow, STACK_COMPLETE, STACK_LEN_MASK, STACK_TRUNCATED,
 };
 
 use crate::{
     error::{Error, Result},
     model::{aggregate, LiveBlock, RawSnapshot, StackCounters},
     procfs::Mapping,
+    unwind,
 };
 use probes::{ProbeSpec, LIBC_PROBES, RETURN_PROGRAM};
 
@@ -41,7 +43,13 @@ pub struct LoadOptions {
     pub floor: Option<Floor>,
     /// Mean bytes between sampled allocations; 0 = exact.
     pub sample_bytes: u64,
+    /// How stacks are walked (`--unwind`).
+    pub unwind: unwind::Mode,
 }
+
+/// Call-frame rows the kernel can hold for all modules of all targets
+/// (12 bytes each): glibc needs about 20 k, a large C++ program a few 100 k.
+pub const UNWIND_ROWS: u32 = 1 << 20;
 
 impl Default for LoadOptions {
     fn default() -> Self {
@@ -49,6 +57,7 @@ impl Default for LoadOptions {
             max_live_blocks: 1 << 21,
             floor: None,
             sample_bytes: 0,
+            unwind: unwind::Mode::Auto,
         }
     }
 }
@@ -179,8 +188,9 @@ pub struct Profiler {
     sample_bytes: u64,
     ebpf: Ebpf,
     targets: HashMap<u32, Target>,
-    stacks: HashMap<u64, Vec<u64>>,
+    stacks: HashMap<u64, (Vec<u64>, Option<bool>)>,
     oom_watch: bool,
+    unwind: unwind::Tables,
 }
 
 /// Checks what heapbpf needs from the kernel and from its own credentials,
@@ -237,8 +247,14 @@ fn load_error(e: impl std::fmt::Display + std::fmt::Debug) -> Error {
 
 impl Profiler {
     pub fn load(opts: &LoadOptions) -> Result<Self> {
+        let unwind_rows = if opts.unwind == unwind::Mode::Fp {
+            1
+        } else {
+            UNWIND_ROWS
+        };
         let mut ebpf = EbpfLoader::new()
             .map_max_entries("ALLOCS", opts.max_live_blocks)
+            .map_max_entries("UNWIND_ROWS", unwind_rows)
             .load(PROGRAM_OBJECT)
             .map_err(load_error)?;
         for name in probes::programs() {
@@ -249,6 +265,7 @@ impl Profiler {
                 .map_err(|e| Error::runtime(format!("program {name}"), e))?;
             prog.load().map_err(load_error)?;
         }
+        install_unwinder(&mut ebpf)?;
         let mut profiler = Profiler {
             floor: opts.floor,
             sample_bytes: opts.sample_bytes,
@@ -256,6 +273,7 @@ impl Profiler {
             targets: HashMap::new(),
             stacks: HashMap::new(),
             oom_watch: false,
+            unwind: unwind::Tables::new(opts.unwind, unwind_rows),
         };
         profiler.configure_sampling()?;
         profiler.oom_watch = profiler.watch_oom();
@@ -350,8 +368,17 @@ impl Profiler {
         fallback: Option<&AllocatorLib>,
     ) -> Result<Vec<AttachedProbe>> {
         if !self.targets.contains_key(&pid) {
+            let walk = self.prepare_unwind(pid)?;
+            let state = TargetState {
+                unwind: if walk {
+                    unwind_mode::WALK
+                } else {
+                    unwind_mode::KERNEL_FP
+                },
+                ..Default::default()
+            };
             self.targets_map()?
-                .insert(pid, TargetState::default(), 0)
+                .insert(pid, state, 0)
                 .map_err(|e| Error::runtime(format!("cannot register pid {pid}"), e))?;
             self.targets.insert(pid, Target { links: Vec::new() });
         }
@@ -362,6 +389,92 @@ impl Profiler {
                 Err(e)
             }
         }
+    }
+
+    /// Prepares the stack walk of `pid`: its module table and the rows of
+    /// modules not seen before. Returns whether heapbpf walks its stacks
+    /// (false: the kernel's frame-pointer walk is enough, or `--unwind fp`).
+    fn prepare_unwind(&mut self, pid: u32) -> Result<bool> {
+        if self.unwind.mode() == unwind::Mode::Fp {
+            return Ok(false);
+        }
+        let maps = crate::procfs::read_maps(pid)?;
+        let t = self
+            .unwind
+            .for_target(pid, &maps, &mut |m| open_image(pid, m));
+        for path in &t.overflow {
+            tracing::warn!(pid, "no room left for the call-frame rows of {path}; stacks through it are marked truncated");
+        }
+        self.write_rows(&t.new_rows)?;
+        let walk = !(self.unwind.mode() == unwind::Mode::Auto && t.all_frame_pointers);
+        if walk {
+            self.write_modules(pid, &t.table)?;
+        }
+        tracing::info!(
+            pid,
+            walk,
+            rows = self.unwind.rows_used(),
+            "stack walk prepared"
+        );
+        Ok(walk)
+    }
+
+    /// Re-reads the modules of a walked target (after a `dlopen`). A target
+    /// left to the kernel's frame-pointer walk keeps it.
+    pub fn refresh_unwind(&mut self, pid: u32) {
+        if self.unwind.mode() == unwind::Mode::Fp {
+            return;
+        }
+        let Ok(maps) = crate::procfs::read_maps(pid) else {
+            return;
+        };
+        let walked = self
+            .ebpf
+            .map("MODULES")
+            .and_then(|m| BpfHashMap::<_, u32, ModuleTable>::try_from(m).ok())
+            .is_some_and(|m| m.get(&pid, 0).is_ok());
+        if !walked {
+            return;
+        }
+        let t = self
+            .unwind
+            .for_target(pid, &maps, &mut |m| open_image(pid, m));
+        if let Err(e) = self
+            .write_rows(&t.new_rows)
+            .and_then(|()| self.write_modules(pid, &t.table))
+        {
+            tracing::warn!(pid, "cannot update the stack walk's module table: {e}");
+        }
+    }
+
+    fn write_rows(&mut self, new_rows: &[unwind::NewRows]) -> Result<()> {
+        if new_rows.is_empty() {
+            return Ok(());
+        }
+        let err = |e: aya::maps::MapError| Error::runtime("cannot write call-frame rows", e);
+        let map = self
+            .ebpf
+            .map_mut("UNWIND_ROWS")
+            .ok_or_else(|| Error::Runtime("no UNWIND_ROWS map".into()))?;
+        let mut rows = aya::maps::Array::<_, UnwindRow>::try_from(map).map_err(err)?;
+        for chunk in new_rows {
+            for (i, row) in chunk.rows.iter().enumerate() {
+                rows.set(chunk.first + i as u32, *row, 0).map_err(err)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn write_modules(&mut self, pid: u32, table: &ModuleTable) -> Result<()> {
+        let map = self
+            .ebpf
+            .map_mut("MODULES")
+            .ok_or_else(|| Error::Runtime("no MODULES map".into()))?;
+        let mut modules = BpfHashMap::<_, u32, ModuleTable>::try_from(map)
+            .map_err(|e| Error::runtime("MODULES map", e))?;
+        modules
+            .insert(pid, table, 0)
+            .map_err(|e| Error::runtime(format!("cannot write the module table of pid {pid}"), e))
     }
 
     fn attach_all(
@@ -517,6 +630,11 @@ impl Profiler {
                 }
             }
         }
+        if let Some(map) = self.ebpf.map_mut("MODULES") {
+            if let Ok(mut modules) = BpfHashMap::<_, u32, ModuleTable>::try_from(map) {
+                let _ = modules.remove(&pid);
+            }
+        }
         if let Some(map) = self.ebpf.map_mut("STACK_STATS") {
             if let Ok(mut stats) = BpfHashMap::<_, StackKey, StackStats>::try_from(map) {
                 let keys: Vec<StackKey> = stats
@@ -595,13 +713,22 @@ impl Profiler {
             if s.stack_id == heapbpf_common::NO_STACK {
                 continue;
             }
-            if let Some(ips) = self.stacks.get(&s.stack_id) {
+            if let Some((ips, truncated)) = self.stacks.get(&s.stack_id) {
                 s.ips = ips.clone();
+                s.truncated = *truncated;
             } else if let Ok(t) = stack_map.get(&s.stack_id, 0) {
-                let n = (t.len as usize).min(t.ips.len());
+                let n = ((t.len & STACK_LEN_MASK) as usize).min(t.ips.len());
+                let truncated = if t.len & STACK_TRUNCATED != 0 {
+                    Some(true)
+                } else if t.len & STACK_COMPLETE != 0 {
+                    Some(false)
+                } else {
+                    None
+                };
                 let ips: Vec<u64> = t.ips[..n].to_vec();
-                self.stacks.insert(s.stack_id, ips.clone());
+                self.stacks.insert(s.stack_id, (ips.clone(), truncated));
                 s.ips = ips;
+                s.truncated = truncated;
             }
         }
         let dropped_events = state.counters[..drop_reason::COUNT].iter().sum();
@@ -622,6 +749,36 @@ impl Profiler {
             dropped_events,
         })
     }
+}
+
+/// The image of a mapped file, through the target's own view of it.
+fn open_image(pid: u32, m: &Mapping) -> Option<memmap2::Mmap> {
+    let file = std::fs::File::open(m.map_file(pid)).ok()?;
+    // SAFETY: a read-only private mapping of a file the target executes;
+    // heapbpf only reads it while parsing and drops it right after.
+    unsafe { memmap2::Mmap::map(&file) }.ok()
+}
+
+/// Puts the stack-walk program in the slot the return program tail-calls.
+fn install_unwinder(ebpf: &mut Ebpf) -> Result<()> {
+    let fd = {
+        let prog: &UProbe = ebpf
+            .program(probes::UNWIND_PROGRAM)
+            .and_then(|p| p.try_into().ok())
+            .ok_or_else(|| Error::Runtime("eBPF object has no stack-walk program".into()))?;
+        prog.fd()
+            .map_err(|e| Error::runtime("stack-walk program", e))?
+            .try_clone()
+            .map_err(|e| Error::runtime("stack-walk program", e))?
+    };
+    let map = ebpf
+        .map_mut("UNWIND_PROGS")
+        .ok_or_else(|| Error::Runtime("no UNWIND_PROGS map".into()))?;
+    let mut progs = aya::maps::ProgramArray::try_from(map)
+        .map_err(|e| Error::runtime("UNWIND_PROGS map", e))?;
+    progs
+        .set(0, &fd, 0)
+        .map_err(|e| Error::runtime("cannot install the stack walk", e))
 }
 
 /// The entry probe's offset: the table's, or past a verified null check for

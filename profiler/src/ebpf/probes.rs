@@ -18,6 +18,9 @@ pub struct ProbeSpec {
 
 pub const RETURN_PROGRAM: &str = "alloc_return";
 
+/// The stack walk, tail-called by the return program (never attached).
+pub const UNWIND_PROGRAM: &str = "unwind_step";
+
 /// An allocating function: entry program plus the return program.
 const fn alloc(symbol: &'static str, entry_program: &'static str) -> ProbeSpec {
     ProbeSpec {
@@ -60,7 +63,7 @@ pub const LIBC_PROBES: &[ProbeSpec] = &[
 pub fn programs() -> Vec<&'static str> {
     let mut names: Vec<&'static str> = LIBC_PROBES.iter().map(|p| p.entry_program).collect();
     names.push(RETURN_PROGRAM);
-    names.extend(["noop_enter", "noop_return"]);
+    names.extend(["noop_enter", "noop_return", UNWIND_PROGRAM]);
     names.sort_unstable();
     names.dedup();
     names
@@ -100,6 +103,6 @@ mod tests {
                 p.symbol
             );
         }
-        assert_eq!(programs().len(), 11);
+        assert_eq!(programs().len(), 12);
     }
 }

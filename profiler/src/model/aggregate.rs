@@ -25,6 +25,10 @@ pub struct RawStack {
     pub stack_id: u64,
     /// Return addresses, innermost first (`ips[0]` is in the allocator's caller).
     pub ips: Vec<u64>,
+    /// What the stack walk knew: `Some(true)` it stopped short of the root,
+    /// `Some(false)` it reached it, `None` it cannot tell (the kernel's
+    /// frame-pointer walk; decided from the outermost frame's symbol).
+    pub truncated: Option<bool>,
     pub live_bytes: u64,
     pub live_allocations: u64,
     pub allocated_bytes: u64,

@@ -97,10 +97,13 @@ fn by_key(s: &Snapshot) -> HashMap<Vec<String>, Acc> {
         .iter()
         .filter(|st| st.live_allocations > 0 || st.live_bytes > 0)
     {
-        let key: Vec<String> = st.frames.iter().map(frame_key).collect();
+        // A truncated stack keeps its `[truncated]` root: it is not the same
+        // as a complete stack with the same frames.
+        let frames = st.frames_with_root();
+        let key: Vec<String> = frames.iter().map(frame_key).collect();
         let acc = m.entry(key).or_default();
         if acc.frames.is_empty() {
-            acc.frames = st.frames.clone();
+            acc.frames = frames.into_owned();
         }
         acc.live_bytes += st.live_bytes;
         acc.live_allocations += st.live_allocations;
@@ -195,6 +198,7 @@ mod tests {
             allocated_bytes: live_bytes,
             allocations: live_allocations,
             oldest_age_ms: 0,
+            truncated: false,
             frames,
         }
     }

@@ -79,6 +79,10 @@ pub struct Totals {
     pub frees: u64,
     pub rss_bytes: u64,
     pub dropped_events: u64,
+    /// Stacks in `stacks` whose walk stopped short of the program's or the
+    /// thread's start (their `truncated` is true).
+    #[serde(default)]
+    pub truncated_stacks: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -89,6 +93,10 @@ pub struct Stack {
     pub allocated_bytes: u64,
     pub allocations: u64,
     pub oldest_age_ms: u64,
+    /// The walk stopped short of the program's or the thread's start: the
+    /// callers beyond the last frame are missing.
+    #[serde(default)]
+    pub truncated: bool,
     pub frames: Vec<Frame>,
 }
 
@@ -103,6 +111,62 @@ pub struct Frame {
     pub line: Option<u32>,
     pub module: Option<String>,
     pub inlined: bool,
+}
+
+/// Name of the root frame that stands for the callers a truncated stack is
+/// missing, in pprof, folded, flame graph and diff output.
+pub const TRUNCATED_FRAME: &str = "[truncated]";
+
+/// The root frame of a truncated stack (address 0, no module).
+pub fn truncated_frame() -> Frame {
+    Frame {
+        address: "0x0".into(),
+        function: Some(TRUNCATED_FRAME.into()),
+        ..Default::default()
+    }
+}
+
+pub fn is_truncated_frame(f: &Frame) -> bool {
+    f.address == "0x0" && f.module.is_none() && f.function.as_deref() == Some(TRUNCATED_FRAME)
+}
+
+impl Stack {
+    /// The frames, with a [`TRUNCATED_FRAME`] root when the stack is truncated.
+    pub fn frames_with_root(&self) -> std::borrow::Cow<'_, [Frame]> {
+        if self.truncated {
+            let mut f = self.frames.clone();
+            f.push(truncated_frame());
+            std::borrow::Cow::Owned(f)
+        } else {
+            std::borrow::Cow::Borrowed(&self.frames)
+        }
+    }
+}
+
+/// Functions where a stack legitimately ends: the program's and the
+/// threads' entry points (glibc, musl, Go's cgo, Rust's std).
+pub const ROOT_FUNCTIONS: &[&str] = &[
+    "_start",
+    "__libc_start_main",
+    "__libc_start_main_impl",
+    "__libc_start_call_main",
+    "start_thread",
+    "clone",
+    "clone3",
+    "__clone",
+    "__clone3",
+    "__GI___clone3",
+    "__GI___clone",
+    "thread_start",
+];
+
+/// Whether a stack (innermost first) reaches a root function, as a
+/// frame-pointer walk that got all the way does.
+pub fn reaches_root(frames: &[Frame]) -> bool {
+    frames
+        .last()
+        .and_then(|f| f.function.as_deref())
+        .is_some_and(|f| ROOT_FUNCTIONS.contains(&f))
 }
 
 impl Frame {

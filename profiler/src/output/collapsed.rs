@@ -41,7 +41,7 @@ fn folded_stack(frames: &[Frame]) -> String {
 pub fn to_string(s: &Snapshot) -> String {
     let mut out = String::new();
     for st in s.stacks.iter().filter(|st| st.live_bytes > 0) {
-        out.push_str(&folded_stack(&st.frames));
+        out.push_str(&folded_stack(&st.frames_with_root()));
         out.push(' ');
         out.push_str(&st.live_bytes.to_string());
         out.push('\n');

@@ -89,6 +89,7 @@ mod tests {
                 frees: 0,
                 rss_bytes: 8 << 20,
                 dropped_events: 0,
+                truncated_stacks: 0,
             },
             stacks: vec![Stack {
                 live_bytes: 4096000,
@@ -96,6 +97,7 @@ mod tests {
                 allocated_bytes: 4096000,
                 allocations: 1000,
                 oldest_age_ms: 5120,
+                truncated: false,
                 frames: vec![Frame {
                     address: "0x401136".into(),
                     function: Some("leak_malloc".into()),

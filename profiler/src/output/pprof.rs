@@ -242,17 +242,20 @@ pub fn to_profile(s: &Snapshot) -> Profile {
     let ms = st.get("ms");
     for stack in &s.stacks {
         let mut ids = Vec::new();
+        // A truncated stack gets a root frame that says so (address 0, no
+        // mapping), as in the folded and flame graph outputs.
+        let frames = stack.frames_with_root();
         // Frames sharing an address are one location: inlined ones first.
         let mut i = 0;
-        while i < stack.frames.len() {
+        while i < frames.len() {
             let mut j = i + 1;
-            while j < stack.frames.len()
-                && stack.frames[j].address == stack.frames[i].address
-                && stack.frames[j - 1].inlined
+            while j < frames.len()
+                && frames[j].address == frames[i].address
+                && frames[j - 1].inlined
             {
                 j += 1;
             }
-            let group = &stack.frames[i..j];
+            let group = &frames[i..j];
             let key: Vec<_> = group
                 .iter()
                 .map(|f| {
@@ -472,7 +475,12 @@ pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<Snapshot> {
             .iter()
             .find(|l| s(l.key) == "oldest_age_ms")
             .map_or(0, |l| l.num.max(0) as u64);
+        let truncated = frames.last().is_some_and(crate::model::is_truncated_frame);
+        if truncated {
+            frames.pop();
+        }
         stacks.push(Stack {
+            truncated,
             live_bytes: v(isp),
             live_allocations: v(io),
             allocated_bytes: v(asp),

@@ -1,0 +1,238 @@
+//! heapbpf's own user-stack walk, for code built without frame pointers.
+//!
+//! User space prepares, per traced process, the table of its executable
+//! mappings (`MODULES`) and, for modules without frame pointers, their
+//! call-frame rows taken from `.eh_frame` / `.debug_frame` (`UNWIND_ROWS`).
+//! The walk starts in the allocator's return probe, where the registers are
+//! the caller's again, and steps out one frame at a time: find the mapping
+//! of the address, then either follow rbp (module with frame pointers) or
+//! find the row covering the address (binary search) and compute the
+//! canonical frame address (CFA) from rsp or rbp. The return address is at
+//! CFA - 8. A batch of frames is walked per program run; the program
+//! tail-calls itself for the next batch (the verifier bounds each run).
+//!
+//! The walk ends complete at a frame whose return address is undefined
+//! (`_start`, `clone3`) or null, and truncated anywhere else it cannot go
+//! on; the flag travels with the stack (`STACK_COMPLETE` / `STACK_TRUNCATED`).
+
+use aya_ebpf::{
+    helpers::bpf_probe_read_user,
+    macros::uprobe,
+    programs::{ProbeContext, RetProbeContext},
+    EbpfContext,
+};
+use heapbpf_common::{
+    module_kind, row_kind, ModuleEntry, ModuleTable, UnwindRow, MAX_MODULES, MAX_STACK_DEPTH,
+    STACK_COMPLETE, STACK_LEN_MASK, STACK_TRUNCATED,
+};
+
+use crate::{
+    maps::{MODULES, UNWIND, UNWIND_PROGS, UNWIND_ROWS},
+    probes::{intern, record_with_stack, target},
+};
+
+/// Frames walked per program run.
+const FRAMES_PER_RUN: usize = 6;
+/// Tail calls per stack: with the first run, more than `MAX_STACK_DEPTH`
+/// frames.
+const MAX_TAIL_CALLS: u32 = (MAX_STACK_DEPTH / FRAMES_PER_RUN) as u32 + 1;
+/// Binary-search steps: enough for 2^22 rows and 2^8 mappings.
+const ROW_SEARCH_STEPS: usize = 22;
+const MODULE_SEARCH_STEPS: usize = 8;
+
+enum Step {
+    More,
+    Complete,
+    Truncated,
+}
+
+/// Begins the walk for a block of `size` bytes at `addr`; does not return
+/// when the tail call is made.
+#[inline(always)]
+pub fn start(ctx: &RetProbeContext, tgid: u32, addr: u64, size: u64) {
+    let Some(u) = UNWIND.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: per-CPU scratch value, ours until the walk records the block;
+    // `ctx.regs` is the probe's register frame.
+    unsafe {
+        let u = &mut *u;
+        let regs = &*ctx.regs;
+        u.pc = regs.rip;
+        u.sp = regs.rsp;
+        u.bp = regs.rbp;
+        u.addr = addr;
+        u.size = size;
+        u.tgid = tgid;
+        u.steps = 0;
+        u.trace.len = 0;
+        UNWIND_PROGS.tail_call(ctx, 0);
+    }
+}
+
+/// The mapping holding `pc`, by binary search over the sorted table.
+#[inline(always)]
+fn find_module(table: &ModuleTable, pc: u64) -> Option<ModuleEntry> {
+    let count = if table.count > MAX_MODULES as u64 {
+        MAX_MODULES
+    } else {
+        table.count as usize
+    };
+    let (mut lo, mut hi) = (0usize, count);
+    for _ in 0..MODULE_SEARCH_STEPS {
+        if lo >= hi {
+            break;
+        }
+        let mid = (lo + hi) / 2;
+        let entry = table.entries.get(mid)?;
+        if entry.start <= pc {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    let entry = *table.entries.get(lo.checked_sub(1)?)?;
+    (pc < entry.end).then_some(entry)
+}
+
+/// The last row of `module` at or below the module address `rel`.
+#[inline(always)]
+fn find_row(module: &ModuleEntry, rel: u64) -> Option<UnwindRow> {
+    if rel > u32::MAX as u64 {
+        return None;
+    }
+    let rel = rel as u32;
+    let first = module.first_row;
+    let (mut lo, mut hi) = (first, first.checked_add(module.rows)?);
+    for _ in 0..ROW_SEARCH_STEPS {
+        if lo >= hi {
+            break;
+        }
+        let mid = lo + (hi - lo) / 2;
+        let row = UNWIND_ROWS.get(mid)?;
+        if row.pc <= rel {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    if lo == first {
+        return None;
+    }
+    UNWIND_ROWS.get(lo - 1).copied()
+}
+
+#[inline(always)]
+fn read(addr: u64) -> Option<u64> {
+    // SAFETY: reads target memory through the checked helper.
+    unsafe { bpf_probe_read_user(addr as *const u64) }.ok()
+}
+
+/// Steps from the frame of `pc` (a return address) to its caller's.
+#[inline(always)]
+fn step(pc: &mut u64, sp: &mut u64, bp: &mut u64, table: &ModuleTable) -> Step {
+    if *pc == 0 {
+        return Step::Complete;
+    }
+    // A return address: the call is the instruction before it.
+    let at = *pc - 1;
+    let Some(module) = find_module(table, at) else {
+        return Step::Truncated;
+    };
+    let (cfa, saved_bp) = if module.kind == module_kind::FP {
+        if *bp == 0 {
+            return Step::Complete;
+        }
+        (bp.wrapping_add(16), Some(*bp))
+    } else {
+        let Some(row) = find_row(&module, at.wrapping_sub(module.bias)) else {
+            return Step::Truncated;
+        };
+        let base = match row.kind {
+            row_kind::CFA_RSP => *sp,
+            row_kind::CFA_RBP => *bp,
+            row_kind::END => return Step::Complete,
+            _ => return Step::Truncated,
+        };
+        let cfa = base.wrapping_add(row.cfa_offset as i64 as u64);
+        let saved = (row.rbp_saved != 0).then(|| cfa.wrapping_add(row.rbp_offset as i64 as u64));
+        (cfa, saved)
+    };
+    // Callers' frames lie above: a walk that does not climb is lost.
+    if cfa <= *sp {
+        return Step::Truncated;
+    }
+    let Some(ret) = read(cfa - 8) else {
+        return Step::Truncated;
+    };
+    if let Some(at) = saved_bp {
+        match read(at) {
+            Some(v) => *bp = v,
+            None => return Step::Truncated,
+        }
+    }
+    *sp = cfa;
+    *pc = ret;
+    if ret == 0 {
+        return Step::Complete;
+    }
+    Step::More
+}
+
+#[uprobe]
+pub fn unwind_step(ctx: ProbeContext) -> u32 {
+    let Some(u) = UNWIND.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: per-CPU scratch value, ours for the duration of the walk.
+    let u = unsafe { &mut *u };
+    let Some(state) = target(u.tgid) else {
+        return 0;
+    };
+    // SAFETY: plain data in a map value.
+    let flags = match unsafe { MODULES.get(u.tgid) } {
+        None => STACK_TRUNCATED,
+        Some(table) => {
+            let (mut pc, mut sp, mut bp) = (u.pc, u.sp, u.bp);
+            let mut flags = 0;
+            for _ in 0..FRAMES_PER_RUN {
+                let n = (u.trace.len & STACK_LEN_MASK) as usize;
+                let Some(slot) = u.trace.ips.get_mut(n) else {
+                    flags = STACK_TRUNCATED;
+                    break;
+                };
+                *slot = pc;
+                u.trace.len += 1;
+                match step(&mut pc, &mut sp, &mut bp, table) {
+                    Step::More => {}
+                    Step::Complete => {
+                        flags = STACK_COMPLETE;
+                        break;
+                    }
+                    Step::Truncated => {
+                        flags = STACK_TRUNCATED;
+                        break;
+                    }
+                }
+            }
+            if flags == 0 {
+                u.pc = pc;
+                u.sp = sp;
+                u.bp = bp;
+                if u.steps < MAX_TAIL_CALLS {
+                    u.steps += 1;
+                    // SAFETY: same program type, same context.
+                    unsafe { UNWIND_PROGS.tail_call(&ctx, 0) };
+                }
+                STACK_TRUNCATED
+            } else {
+                flags
+            }
+        }
+    };
+    u.trace.len |= flags;
+    let stack_id = intern(state, &u.trace);
+    record_with_stack(state, u.tgid, u.addr, u.size, stack_id);
+    let _ = ctx.as_ptr();
+    0
+}
