@@ -1,6 +1,7 @@
 //! Compiles the C fixture programs with the system's gcc: with frame
 //! pointers and debug info, unoptimized, so each call site is its own
-//! `noinline` function with known figures.
+//! `noinline` function with known figures; `deep` is optimized and without
+//! frame pointers, for the stack walk.
 use std::{env, path::PathBuf, process::Command};
 
 const FIXTURES: &[&str] = &["allocs", "grow", "startleak"];
@@ -25,6 +26,23 @@ fn main() {
             .expect("run gcc (install it: apt-get install gcc)");
         assert!(status.success(), "gcc failed on {src}");
     }
+    // The stack-walk fixture, built as distributions build: optimized,
+    // without frame pointers.
+    println!("cargo:rerun-if-changed=fixtures/deep.c");
+    let status = Command::new("gcc")
+        .args([
+            "-O2",
+            "-g",
+            "-fomit-frame-pointer",
+            "-pthread",
+            "-Wall",
+            "-o",
+        ])
+        .arg(out.join("deep"))
+        .arg("fixtures/deep.c")
+        .status()
+        .expect("run gcc");
+    assert!(status.success(), "gcc failed on fixtures/deep.c");
     // The same exactness fixture, statically linked: its malloc lives in the
     // executable itself.
     let status = Command::new("gcc")

@@ -14,6 +14,8 @@
 //! The walk ends complete at a frame whose return address is undefined
 //! (`_start`, `clone3`) or null, and truncated anywhere else it cannot go
 //! on; the flag travels with the stack (`STACK_COMPLETE` / `STACK_TRUNCATED`).
+//! Addresses outside the table (code mapped since it was made) are stepped
+//! out of by frame pointer, and such a walk carries neither flag.
 
 use aya_ebpf::{
     helpers::bpf_probe_read_user,
@@ -65,6 +67,7 @@ pub fn start(ctx: &RetProbeContext, tgid: u32, addr: u64, size: u64) {
         u.size = size;
         u.tgid = tgid;
         u.steps = 0;
+        u.guessed = 0;
         u.trace.len = 0;
         UNWIND_PROGS.tail_call(ctx, 0);
     }
@@ -130,15 +133,22 @@ fn read(addr: u64) -> Option<u64> {
 
 /// Steps from the frame of `pc` (a return address) to its caller's.
 #[inline(always)]
-fn step(pc: &mut u64, sp: &mut u64, bp: &mut u64, table: &ModuleTable) -> Step {
+fn step(pc: &mut u64, sp: &mut u64, bp: &mut u64, guessed: &mut u64, table: &ModuleTable) -> Step {
     if *pc == 0 {
         return Step::Complete;
     }
     // A return address: the call is the instruction before it.
     let at = *pc - 1;
-    let Some(module) = find_module(table, at) else {
-        return Step::Truncated;
-    };
+    // An address outside every known mapping (mapped since the table was
+    // made; user space refreshes it) is stepped out of by frame pointer,
+    // as the kernel's own walk would.
+    let module = find_module(table, at).unwrap_or_else(|| {
+        *guessed = 1;
+        ModuleEntry {
+            kind: module_kind::FP,
+            ..ModuleEntry::default()
+        }
+    });
     let (cfa, saved_bp) = if module.kind == module_kind::FP {
         if *bp == 0 {
             return Step::Complete;
@@ -203,7 +213,7 @@ pub fn unwind_step(ctx: ProbeContext) -> u32 {
                 };
                 *slot = pc;
                 u.trace.len += 1;
-                match step(&mut pc, &mut sp, &mut bp, table) {
+                match step(&mut pc, &mut sp, &mut bp, &mut u.guessed, table) {
                     Step::More => {}
                     Step::Complete => {
                         flags = STACK_COMPLETE;
@@ -230,6 +240,10 @@ pub fn unwind_step(ctx: ProbeContext) -> u32 {
             }
         }
     };
+    // A walk that went by guess may end anywhere, as the kernel's own
+    // frame-pointer walk does: leave the verdict to user space, which looks
+    // for a root function at the end.
+    let flags = if u.guessed != 0 { 0 } else { flags };
     u.trace.len |= flags;
     let stack_id = intern(state, &u.trace);
     record_with_stack(state, u.tgid, u.addr, u.size, stack_id);

@@ -434,7 +434,10 @@ mod tests {
     #[test]
     fn truncated_stacks_are_said_to_be() {
         let r = text(&snap(), 10, false);
-        assert!(r.contains("1 of 3 stacks are truncated (1.0 KiB live)"), "{r}");
+        assert!(
+            r.contains("1 of 3 stacks are truncated (1.0 KiB live)"),
+            "{r}"
+        );
         assert_eq!(r.matches("[truncated]").count(), 1, "{r}");
     }
 }

@@ -245,9 +245,18 @@ impl Session {
                     s.check_steps();
                     if now >= next_refresh {
                         for t in &s.targets {
-                            s.symbolizer.refresh(t.info.pid);
+                            if s.symbolizer.refresh(t.info.pid) {
+                                s.profiler.refresh_unwind(t.info.pid);
+                            }
                         }
-                        next_refresh = now + MAPS_REFRESH;
+                        // Quickly at first: a launched command maps its
+                        // libraries right after exec.
+                        next_refresh = now
+                            + if now.duration_since(started) < MAPS_REFRESH {
+                                Duration::from_millis(100)
+                            } else {
+                                MAPS_REFRESH
+                            };
                     }
                 }
             }

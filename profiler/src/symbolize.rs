@@ -218,13 +218,16 @@ impl Symbolizer {
         self.cache.retain(|(p, _), _| *p != pid);
     }
 
-    /// Picks up libraries loaded since the last call.
-    pub fn refresh(&mut self, pid: u32) {
+    /// Picks up libraries loaded since the last call; returns whether the
+    /// target's maps changed.
+    pub fn refresh(&mut self, pid: u32) -> bool {
         if let Some(t) = self.tables.get_mut(&pid) {
             if t.refresh() {
                 self.cache.retain(|(p, _), _| *p != pid);
+                return true;
             }
         }
+        false
     }
 
     pub fn table(&self, pid: u32) -> Option<&ModuleTable> {

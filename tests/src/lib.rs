@@ -141,13 +141,19 @@ impl Fixture {
     }
 
     pub fn command(&mut self, cmd: &str) {
+        self.ask(cmd);
+    }
+
+    /// Sends a command and returns what follows `done` in its answer.
+    pub fn ask(&mut self, cmd: &str) -> String {
         self.send(cmd);
-        wait_line(
+        let line = wait_line(
             &self.out,
             &format!("fixture to finish {cmd:?}"),
-            |l| l == "done",
+            |l| l == "done" || l.starts_with("done "),
             &mut self.seen,
         );
+        line["done".len()..].trim().to_string()
     }
 
     pub fn wait_exit(&mut self) -> ExitStatus {

@@ -153,6 +153,36 @@ fn exact_figures_per_call_site_in_four_threads() {
     fx.command("run");
 }
 
+/// The figures do not depend on how stacks are walked; with the call-frame
+/// walk every stack of the fixture's threads reaches the thread's start.
+#[test]
+fn exact_figures_are_the_same_under_each_unwinding_mode() {
+    require_root();
+    for mode in ["dwarf", "fp"] {
+        let dir = TempDir::new("exact-unwind");
+        let mut fx = Fixture::spawn("allocs");
+        let mut hb = Heapbpf::attach(&[fx.pid], dir.path(), &["--unwind", mode]);
+        fx.command("run");
+        fx.command("free-pre");
+        hb.signal(libc::SIGINT);
+        let snap = read_json(&hb.wait_snapshot("stop", fx.pid)[0]);
+        assert_eq!(hb.wait_exit().code(), Some(0));
+        let module = fixture_path("allocs").to_string_lossy().into_owned();
+        assert_exact(&snap, &module);
+        if mode == "dwarf" {
+            for st in snap["stacks"].as_array().unwrap() {
+                let last = st["frames"].as_array().unwrap().last().unwrap();
+                assert_eq!(st["truncated"], false, "{st}");
+                assert!(
+                    ["clone3", "_start"].contains(&last["function"].as_str().unwrap_or("?")),
+                    "{st}"
+                );
+            }
+            assert_eq!(snap["totals"]["truncated_stacks"], 0);
+        }
+    }
+}
+
 #[test]
 fn target_exit_writes_a_symbolized_final_snapshot() {
     require_root();

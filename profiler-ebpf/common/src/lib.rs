@@ -268,9 +268,13 @@ pub struct UnwindState {
     pub tgid: u32,
     /// Tail calls made so far.
     pub steps: u32,
+    /// 1 once the walk stepped out of an address no mapping of the table
+    /// holds (mapped after the table was made), by frame pointer: whether
+    /// such a walk is complete is then not known.
+    pub guessed: u64,
     pub trace: StackTrace,
 }
-const _: () = assert!(core::mem::size_of::<UnwindState>() == 48 + 1024);
+const _: () = assert!(core::mem::size_of::<UnwindState>() == 56 + 1024);
 
 #[cfg(feature = "user")]
 mod pod {
