@@ -1,15 +1,17 @@
 /* Allocation microbenchmark for `cargo xtask bench`: waits for a line on
  * stdin (so a profiler can attach first), then each of T threads runs N
  * rounds of mixed malloc / calloc / realloc / free with sizes from 64 B to
- * 4 KiB, and it prints the elapsed nanoseconds. */
+ * 4 KiB, D calls deep (default 0: straight from the thread's function), and
+ * it prints the elapsed nanoseconds. Usage: loop N T [D] */
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <time.h>
 
 static long rounds;
+static int depth;
 
-__attribute__((noinline)) static void *work(void *arg) {
+__attribute__((noinline)) static void *run(void *arg) {
     unsigned long x = (unsigned long)arg * 2654435761u + 1;
     for (long i = 0; i < rounds; i++) {
         x = x * 6364136223846793005ul + 1442695040888963407ul;
@@ -26,9 +28,19 @@ __attribute__((noinline)) static void *work(void *arg) {
     return NULL;
 }
 
+/* D frames between the thread's start and the loop (not a tail call). */
+__attribute__((noinline)) static void *descend(int d, void *arg) {
+    void *r = d > 0 ? descend(d - 1, arg) : run(arg);
+    __asm__ volatile("" : : "r"(r) : "memory");
+    return r;
+}
+
+static void *work(void *arg) { return descend(depth, arg); }
+
 int main(int argc, char **argv) {
     rounds = argc > 1 ? atol(argv[1]) : 1000000;
     int threads = argc > 2 ? atoi(argv[2]) : 1;
+    depth = argc > 3 ? atoi(argv[3]) : 0;
     char line[16];
     struct timespec a, b;
     pthread_t t[64];

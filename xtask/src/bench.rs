@@ -26,6 +26,10 @@ pub struct BenchArgs {
     /// Thread counts of the microbenchmark (comma list).
     #[arg(long, default_value = "1,2", value_delimiter = ',')]
     threads: Vec<u32>,
+    /// Extra frames between the thread's start and the loop for the
+    /// deep-stack microbenchmark (one thread); 0 skips it.
+    #[arg(long, default_value_t = 32)]
+    deep_stack: u32,
     /// Requests per redis-benchmark test (SET and GET); 0 skips redis.
     #[arg(long, default_value_t = 20_000)]
     redis_requests: u64,
@@ -41,6 +45,7 @@ impl BenchArgs {
             runs: 1,
             pairs: 2_000,
             threads: vec![1],
+            deep_stack: 32,
             redis_requests: 500,
             snapshot_blocks: vec![1_000],
         }
@@ -77,10 +82,22 @@ fn configs() -> Vec<(&'static str, Watcher)> {
             Watcher::Heapbpf(vec!["--probe-floor", "return"]),
         ),
         (
-            "heapbpf exact",
+            "heapbpf exact, fp",
+            Watcher::Heapbpf(vec!["--sample-bytes", "0", "--unwind", "fp"]),
+        ),
+        (
+            "heapbpf exact (auto)",
             Watcher::Heapbpf(vec!["--sample-bytes", "0"]),
         ),
-        ("heapbpf default sampling", Watcher::Heapbpf(vec![])),
+        (
+            "heapbpf exact, dwarf",
+            Watcher::Heapbpf(vec!["--sample-bytes", "0", "--unwind", "dwarf"]),
+        ),
+        (
+            "heapbpf sampling, fp",
+            Watcher::Heapbpf(vec!["--unwind", "fp"]),
+        ),
+        ("heapbpf default (sampling, auto)", Watcher::Heapbpf(vec![])),
         (
             "heapbpf sampled 512KiB",
             Watcher::Heapbpf(vec!["--sample-bytes", "512KiB"]),
@@ -211,6 +228,7 @@ fn micro_run(
     watcher: &Watcher,
     pairs: u64,
     threads: u32,
+    depth: u32,
 ) -> Result<f64> {
     let mut cmd = if matches!(watcher, Watcher::Heaptrack) {
         let dir = crate::root().join("target/bench/heaptrack");
@@ -225,6 +243,7 @@ fn micro_run(
     let mut child = cmd
         .arg(pairs.to_string())
         .arg(threads.to_string())
+        .arg(depth.to_string())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -318,14 +337,14 @@ fn print_table(title: &str, unit: &str, names: &[&str], medians: &[Option<f64>])
     println!();
     println!("{title}");
     println!(
-        "{:<30} {:>14} {:>8} {:>12}",
+        "{:<34} {:>14} {:>8} {:>12}",
         "configuration", unit, "ratio", "ns each"
     );
     let base = medians[0].unwrap_or(1.0);
     for (name, m) in names.iter().zip(medians) {
         match m {
-            Some(m) => println!("{name:<30} {m:>14.0} {:>8.3} {:>12.1}", m / base, 1e9 / m),
-            None => println!("{name:<30} {:>14} {:>8} {:>12}", "-", "-", "-"),
+            Some(m) => println!("{name:<34} {m:>14.0} {:>8.3} {:>12.1}", m / base, 1e9 / m),
+            None => println!("{name:<34} {:>14} {:>8} {:>12}", "-", "-", "-"),
         }
     }
 }
@@ -338,18 +357,29 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let configs = configs();
     let names: Vec<&str> = configs.iter().map(|c| c.0).collect();
     let mut micro: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); configs.len()]; args.threads.len()];
+    let mut deep: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
     let mut set: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
     let mut get: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
     for run in 0..args.runs {
         for (c, (name, watcher)) in configs.iter().enumerate() {
             for (t, &threads) in args.threads.iter().enumerate() {
-                let r = micro_run(&bin, &heapbpf, watcher, args.pairs, threads)?;
+                let r = micro_run(&bin, &heapbpf, watcher, args.pairs, threads, 0)?;
                 eprintln!(
                     "xtask bench: run {}/{}: {name}, {threads} thread(s): {r:.0} rounds/s",
                     run + 1,
                     args.runs
                 );
                 micro[t][c].push(r);
+            }
+            if args.deep_stack > 0 {
+                let r = micro_run(&bin, &heapbpf, watcher, args.pairs, 1, args.deep_stack)?;
+                eprintln!(
+                    "xtask bench: run {}/{}: {name}, 1 thread, {} frames deeper: {r:.0} rounds/s",
+                    run + 1,
+                    args.runs,
+                    args.deep_stack
+                );
+                deep[c].push(r);
             }
             if args.redis_requests > 0 && !matches!(watcher, Watcher::Heaptrack) {
                 let (s, g) = redis_run(&heapbpf, watcher, args.redis_requests)?;
@@ -378,6 +408,19 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "rounds/s",
             &names,
             &micro[t].iter().map(med).collect::<Vec<_>>(),
+        );
+    }
+    if args.deep_stack > 0 {
+        let title = format!(
+            "microbenchmark, 1 thread, the loop {} calls deeper (stacks of {} frames)",
+            args.deep_stack,
+            args.deep_stack + 5
+        );
+        print_table(
+            &title,
+            "rounds/s",
+            &names,
+            &deep.iter().map(med).collect::<Vec<_>>(),
         );
     }
     if args.redis_requests > 0 {
