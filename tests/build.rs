@@ -43,6 +43,15 @@ fn main() {
         .status()
         .expect("run gcc");
     assert!(status.success(), "gcc failed on fixtures/deep.c");
+    // The C++ fixture: operator new from methods.
+    println!("cargo:rerun-if-changed=fixtures/cache.cpp");
+    let status = Command::new("g++")
+        .args(["-O0", "-g", "-fno-omit-frame-pointer", "-Wall", "-o"])
+        .arg(out.join("cache"))
+        .arg("fixtures/cache.cpp")
+        .status()
+        .expect("run g++ (install it: apt-get install g++)");
+    assert!(status.success(), "g++ failed on fixtures/cache.cpp");
     // The same exactness fixture, statically linked: its malloc lives in the
     // executable itself.
     let status = Command::new("gcc")

@@ -571,7 +571,8 @@ pub fn build_snapshot(
         .stacks
         .iter()
         .map(|r| {
-            let frames = symbolize(&r.ips);
+            let mut frames = symbolize(&r.ips);
+            crate::model::strip_allocator_frames(&mut frames);
             Stack {
                 live_bytes: r.live_bytes,
                 live_allocations: r.live_allocations,

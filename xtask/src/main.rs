@@ -140,6 +140,9 @@ pub fn bootstrap() -> Result<()> {
     if output(Command::new("gcc").arg("--version")).is_none() {
         packages.extend(["gcc", "libc6-dev"]);
     }
+    if output(Command::new("g++").arg("--version")).is_none() {
+        packages.push("g++");
+    }
     if output(Command::new("go").arg("version")).is_none() {
         packages.push("golang-go");
     }

@@ -175,7 +175,7 @@ pub fn find_allocator(pid: u32, maps: &[Mapping], choice: AllocatorChoice) -> Op
         open_path: exe.map_file(pid),
     };
     let symbols = placement::exported_symbols(&lib.open_path);
-    (symbols.contains("malloc") && symbols.contains("free")).then_some(lib)
+    (symbols.contains_key("malloc") && symbols.contains_key("free")).then_some(lib)
 }
 
 struct Target {
@@ -494,14 +494,27 @@ impl Profiler {
             .map(|f| placement::exported_symbols(&f.open_path))
             .unwrap_or_default();
         let lib_for = |symbol: &str| -> Option<&AllocatorLib> {
-            if exports.contains(symbol) {
+            if exports.contains_key(symbol) {
                 Some(lib)
-            } else if fallback_exports.contains(symbol) {
+            } else if fallback_exports.contains_key(symbol) {
                 fallback
             } else {
                 None
             }
         };
+        // One probe per function: the first symbol of the table at an
+        // address wins, its aliases are skipped (a second probe on the same
+        // instruction would count each call twice).
+        let address_of = |symbol: &str, target: &AllocatorLib| -> Option<(PathBuf, u64)> {
+            let table = if std::ptr::eq(target, lib) {
+                &exports
+            } else {
+                &fallback_exports
+            };
+            table.get(symbol).map(|a| (target.open_path.clone(), *a))
+        };
+        let mut hooked_returns = std::collections::HashSet::new();
+        let mut hooked_entries = std::collections::HashSet::new();
         let return_program = if self.floor.is_some() {
             "noop_return"
         } else {
@@ -514,6 +527,9 @@ impl Profiler {
             let Some(target) = lib_for(spec.symbol) else {
                 continue;
             };
+            if address_of(spec.symbol, target).is_some_and(|a| !hooked_returns.insert(a)) {
+                continue;
+            }
             self.attach_one(return_program, spec.symbol, 0, target, scope, pid)?;
             attached.push(AttachedProbe {
                 symbol: spec.symbol,
@@ -527,6 +543,10 @@ impl Profiler {
                 tracing::info!(pid, symbol = spec.symbol, library = %lib.path, "symbol not exported; not hooked");
                 continue;
             };
+            if address_of(spec.symbol, target).is_some_and(|a| !hooked_entries.insert(a)) {
+                tracing::info!(pid, symbol = spec.symbol, library = %target.path, "alias of a function already hooked; not hooked again");
+                continue;
+            }
             let offset = entry_offset(spec, target);
             let program = if self.floor.is_some() {
                 "noop_enter"

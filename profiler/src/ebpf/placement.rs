@@ -35,11 +35,16 @@ pub fn past_null_check(code: &[u8]) -> Option<u64> {
     emulated.then_some(at as u64)
 }
 
-/// The defined function symbols of the ELF file at `path` (dynamic and
-/// static symbol tables).
-pub fn exported_symbols(path: &std::path::Path) -> std::collections::HashSet<String> {
+/// The defined symbols of the ELF file at `path` (dynamic and static symbol
+/// tables) with their addresses: aliases (tcmalloc's `free`, `tc_free` and
+/// `operator delete` are one function) share an address.
+pub fn exported_symbols(path: &std::path::Path) -> std::collections::HashMap<String, u64> {
     use object::{Object, ObjectSymbol};
-    let Ok(data) = std::fs::read(path) else {
+    let Ok(file) = std::fs::File::open(path) else {
+        return Default::default();
+    };
+    // SAFETY: a read-only private mapping, dropped before returning.
+    let Ok(data) = (unsafe { memmap2::Mmap::map(&file) }) else {
         return Default::default();
     };
     let Ok(file) = object::File::parse(&*data) else {
@@ -48,14 +53,16 @@ pub fn exported_symbols(path: &std::path::Path) -> std::collections::HashSet<Str
     file.dynamic_symbols()
         .chain(file.symbols())
         .filter(|s| s.is_definition() && s.address() != 0)
-        .filter_map(|s| s.name().ok().map(str::to_string))
+        .filter_map(|s| s.name().ok().map(|n| (n.to_string(), s.address())))
         .collect()
 }
 
 /// The first bytes of `symbol` in the ELF file at `path`.
 pub fn symbol_bytes(path: &std::path::Path, symbol: &str, len: usize) -> Option<Vec<u8>> {
     use object::{Object, ObjectSegment, ObjectSymbol};
-    let data = std::fs::read(path).ok()?;
+    let file = std::fs::File::open(path).ok()?;
+    // SAFETY: a read-only private mapping, dropped before returning.
+    let data = unsafe { memmap2::Mmap::map(&file) }.ok()?;
     let file = object::File::parse(&*data).ok()?;
     let addr = file
         .dynamic_symbols()

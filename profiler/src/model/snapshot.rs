@@ -143,6 +143,24 @@ impl Stack {
     }
 }
 
+/// Drops leading frames that are the allocator's own front door: C++
+/// `operator new` where it calls the hooked `malloc` (libstdc++'s), so that
+/// `frames[0]` is the code that asked for memory. A stack made only of such
+/// frames is left alone.
+pub fn strip_allocator_frames(frames: &mut Vec<Frame>) {
+    let front = frames
+        .iter()
+        .take_while(|f| {
+            f.function
+                .as_deref()
+                .is_some_and(|name| name.starts_with("operator new"))
+        })
+        .count();
+    if front < frames.len() {
+        frames.drain(..front);
+    }
+}
+
 /// Functions where a stack legitimately ends: the program's and the
 /// threads' entry points (glibc, musl, Go's cgo, Rust's std).
 pub const ROOT_FUNCTIONS: &[&str] = &[
@@ -188,5 +206,50 @@ impl Frame {
             },
             (None, _, _) => format!("[unknown] {} {}", module_name.unwrap_or("?"), self.address),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f(name: &str) -> Frame {
+        Frame {
+            address: "0x1".into(),
+            function: Some(name.into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn operator_new_is_not_the_allocation_site() {
+        let mut frames = vec![
+            f("operator new[](unsigned long)"),
+            f("Cache::remember(unsigned long)"),
+            f("main"),
+        ];
+        strip_allocator_frames(&mut frames);
+        assert_eq!(
+            frames[0].function.as_deref(),
+            Some("Cache::remember(unsigned long)")
+        );
+        let mut only = vec![f("operator new(unsigned long)")];
+        strip_allocator_frames(&mut only);
+        assert_eq!(only.len(), 1);
+        let mut plain = vec![f("leak"), f("operator new(unsigned long)")];
+        strip_allocator_frames(&mut plain);
+        assert_eq!(plain.len(), 2);
+    }
+
+    #[test]
+    fn roots_end_stacks() {
+        assert!(reaches_root(&[
+            f("leak"),
+            f("main"),
+            f("__libc_start_call_main")
+        ]));
+        assert!(reaches_root(&[f("work"), f("start_thread"), f("clone3")]));
+        assert!(!reaches_root(&[f("leak"), f("main")]));
+        assert!(!reaches_root(&[]));
     }
 }
