@@ -4,7 +4,19 @@
 //! frame pointers, for the stack walk.
 use std::{env, path::PathBuf, process::Command};
 
-const FIXTURES: &[&str] = &["allocs", "grow", "startleak"];
+const FIXTURES: &[&str] = &["allocs", "grow", "startleak", "plugin"];
+
+/// Fixtures linked against another allocator (not preloaded): the program
+/// needs the library (`DT_NEEDED`), as a program built with `-ltcmalloc`.
+const LINKED: &[(&str, &str, &str)] = &[
+    ("allocs-tcmalloc", "allocs", "libtcmalloc_minimal.so.4"),
+    ("allocs-mimalloc", "allocs", "libmimalloc.so.2"),
+    (
+        "startleak-tcmalloc",
+        "startleak",
+        "libtcmalloc_minimal.so.4",
+    ),
+];
 
 fn main() {
     let out = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR"));
@@ -25,6 +37,45 @@ fn main() {
             .status()
             .expect("run gcc (install it: apt-get install gcc)");
         assert!(status.success(), "gcc failed on {src}");
+    }
+    for (name, source, library) in LINKED {
+        let lib = format!("/usr/lib/x86_64-linux-gnu/{library}");
+        assert!(
+            std::path::Path::new(&lib).exists(),
+            "{lib} is missing: run `cargo xtask bootstrap` (it installs the allocators the tests link)"
+        );
+        let status = Command::new("gcc")
+            .args([
+                "-O0",
+                "-g",
+                "-fno-omit-frame-pointer",
+                "-pthread",
+                "-Wall",
+                "-o",
+            ])
+            .arg(out.join(name))
+            .arg(format!("fixtures/{source}.c"))
+            .arg(&lib)
+            .status()
+            .expect("run gcc");
+        assert!(status.success(), "gcc failed linking {name}");
+    }
+    // A program carrying its own allocator: je_-prefixed beside glibc's
+    // malloc, and unprefixed (it is the program's malloc).
+    println!("cargo:rerun-if-changed=fixtures/vendored.c");
+    for (name, prefix) in [("vendored-je", "je_"), ("vendored-plain", "")] {
+        let status = Command::new("gcc")
+            .args(["-O0", "-g", "-fno-omit-frame-pointer", "-Wall"])
+            .arg(format!("-DPREFIX={prefix}"))
+            .arg("-o")
+            .arg(out.join(name))
+            .arg("fixtures/vendored.c")
+            .status()
+            .expect("run gcc");
+        assert!(
+            status.success(),
+            "gcc failed on fixtures/vendored.c for {name}"
+        );
     }
     // The stack-walk fixture, built as distributions build: optimized,
     // without frame pointers.

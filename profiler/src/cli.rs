@@ -195,7 +195,7 @@ impl ProfileArgs {
         }
         let allocator = crate::ebpf::AllocatorChoice::parse(&self.allocator).ok_or_else(|| {
             Error::BadInput(format!(
-                "--allocator {}: expected auto, libc, jemalloc, tcmalloc or mimalloc (PATH[:PREFIX] is not available yet)",
+                "--allocator {}: expected auto, libc, jemalloc, tcmalloc, mimalloc, or PATH[:PREFIX] (a mapped file, e.g. /usr/lib/libjemalloc.so.2 or ./app:je_)",
                 self.allocator
             ))
         })?;

@@ -9,3 +9,79 @@ pub fn build_id(path: &Path) -> Option<String> {
     let id = file.build_id().ok()??;
     Some(id.iter().map(|b| format!("{b:02x}")).collect())
 }
+
+/// The `DT_NEEDED` libraries of an ELF file and its `DT_RUNPATH` /
+/// `DT_RPATH` directories (`$ORIGIN` resolved).
+pub fn needed_libraries(path: &Path) -> (Vec<String>, Vec<String>) {
+    use object::read::elf::{Dyn, ElfFile64, FileHeader};
+    let Ok(data) = std::fs::read(path) else {
+        return Default::default();
+    };
+    let Ok(elf) = ElfFile64::<object::Endianness>::parse(&*data) else {
+        return Default::default();
+    };
+    let endian = elf.endian();
+    let sections = match elf.elf_header().sections(endian, &*data) {
+        Ok(s) => s,
+        Err(_) => return Default::default(),
+    };
+    let Ok(Some((dyns, link))) = sections.dynamic(endian, &*data) else {
+        return Default::default();
+    };
+    let Ok(strings) = sections.strings(endian, &*data, link) else {
+        return Default::default();
+    };
+    let origin = path
+        .parent()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    let (mut needed, mut dirs) = (Vec::new(), Vec::new());
+    for d in dyns {
+        let tag = d.tag32(endian).map(i64::from);
+        let Ok(value) = d.string(endian, strings) else {
+            continue;
+        };
+        let value = String::from_utf8_lossy(value).into_owned();
+        match tag {
+            Some(object::elf::DT_NEEDED) => needed.push(value),
+            Some(object::elf::DT_RUNPATH) | Some(object::elf::DT_RPATH) => {
+                dirs.extend(value.split(':').map(|dir| {
+                    dir.replace("$ORIGIN", &origin)
+                        .replace("${ORIGIN}", &origin)
+                }))
+            }
+            _ => {}
+        }
+    }
+    (needed, dirs)
+}
+
+/// Where the dynamic linker would find `name` for a program with `runpath`
+/// directories: `LD_LIBRARY_PATH`, the run path, then the system
+/// directories (the `ld.so.cache` of a Debian-like system lists these).
+pub fn resolve_library(name: &str, runpath: &[String]) -> Option<std::path::PathBuf> {
+    if name.contains('/') {
+        return Some(std::path::PathBuf::from(name));
+    }
+    let env: Vec<String> = std::env::var("LD_LIBRARY_PATH")
+        .unwrap_or_default()
+        .split(':')
+        .filter(|d| !d.is_empty())
+        .map(str::to_string)
+        .collect();
+    const SYSTEM: &[&str] = &[
+        "/lib/x86_64-linux-gnu",
+        "/usr/lib/x86_64-linux-gnu",
+        "/usr/local/lib",
+        "/lib64",
+        "/usr/lib64",
+        "/lib",
+        "/usr/lib",
+    ];
+    env.iter()
+        .map(String::as_str)
+        .chain(runpath.iter().map(String::as_str))
+        .chain(SYSTEM.iter().copied())
+        .map(|dir| Path::new(dir).join(name))
+        .find(|p| p.is_file())
+}

@@ -48,6 +48,8 @@ struct Target {
     heap_step: Option<StepTrigger>,
     /// The OOM killer picked it and its `oom` snapshot is written.
     oom_written: bool,
+    /// Allocator libraries hooked (see [`library_identity`]).
+    hooked: Vec<String>,
 }
 
 struct Session {
@@ -129,7 +131,7 @@ async fn run_launched(
     // The command has not run `exec` yet: its allocator is the C library
     // heapbpf itself maps (same root), plus any allocator it preloads.
     let own = procfs::read_maps(std::process::id())?;
-    let libc = ebpf::find_allocator(std::process::id(), &own, ebpf::AllocatorChoice::Libc)
+    let libc = ebpf::find_allocator(std::process::id(), &own, &ebpf::AllocatorChoice::Libc)
         .ok_or_else(|| Error::Runtime("heapbpf cannot find its own C library".into()))?;
     let preloaded = std::env::var("LD_PRELOAD")
         .unwrap_or_default()
@@ -139,26 +141,22 @@ async fn run_launched(
             ["libjemalloc", "libtcmalloc", "libmimalloc"]
                 .iter()
                 .any(|p| name.starts_with(p))
-                .then(|| ebpf::AllocatorLib {
-                    path: lib.to_string(),
-                    open_path: lib.into(),
-                })
+                .then(|| ebpf::AllocatorLib::new(lib.to_string(), lib.into()))
         });
-    let program = &command[0];
-    let exe = if program.contains('/') {
-        std::fs::canonicalize(program)
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|_| program.clone())
-    } else {
-        std::env::var_os("PATH")
-            .and_then(|paths| {
-                std::env::split_paths(&paths)
-                    .map(|d| d.join(program))
-                    .find(|p| p.is_file())
-            })
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|| program.clone())
+    // An allocator the command links against (DT_NEEDED), found where its
+    // dynamic linker will find it.
+    let linked = || -> Option<ebpf::AllocatorLib> {
+        let exe = exe_path(&command[0]);
+        let (needed, runpath) = crate::elf::needed_libraries(std::path::Path::new(&exe));
+        needed
+            .iter()
+            .filter(|n| ebpf::is_dedicated_allocator(n))
+            .find_map(|n| crate::elf::resolve_library(n, &runpath))
+            .map(|p| ebpf::AllocatorLib::new(p.display().to_string(), p))
     };
+    let preloaded = preloaded.or_else(linked);
+    let program = &command[0];
+    let exe = exe_path(program);
     let comm: String = exe
         .rsplit('/')
         .next()
@@ -168,14 +166,42 @@ async fn run_launched(
         .collect();
     let info = ProcessInfo { pid, comm, exe };
     match &preloaded {
-        Some(alloc) => s.attach_libs(info, alloc, Some(&libc))?,
-        None => s.attach_libs(info, &libc, None)?,
+        Some(alloc) => s.attach_libs(info, alloc, Some(&libc), &[])?,
+        None => s.attach_libs(info, &libc, None, &[])?,
     }
     launched.go();
     s.launched = Some(launched);
     s.event_loop(usr2, int, term)
         .await
         .map(|code| code.unwrap_or(0))
+}
+
+/// What tells allocator libraries apart: the real path of the file
+/// (`/proc/PID/map_files/` links and preloaded names resolve to it).
+fn library_identity(lib: &ebpf::AllocatorLib) -> String {
+    let path = std::fs::canonicalize(&lib.open_path)
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| lib.path.clone());
+    format!("{path}:{}", lib.prefix)
+}
+
+/// The file `exec` will run for `program` (searched in `PATH` when it has no
+/// slash).
+fn exe_path(program: &str) -> String {
+    if program.contains('/') {
+        std::fs::canonicalize(program)
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| program.to_string())
+    } else {
+        std::env::var_os("PATH")
+            .and_then(|paths| {
+                std::env::split_paths(&paths)
+                    .map(|d| d.join(program))
+                    .find(|p| p.is_file())
+            })
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| program.to_string())
+    }
 }
 
 impl Session {
@@ -249,6 +275,7 @@ impl Session {
                                 s.profiler.refresh_unwind(t.info.pid);
                             }
                         }
+                        s.pick_up_allocators();
                         // Quickly at first: a launched command maps its
                         // libraries right after exec.
                         next_refresh = now
@@ -318,20 +345,42 @@ impl Session {
     fn attach_target(&mut self, info: ProcessInfo) -> Result<()> {
         let pid = info.pid;
         let maps = procfs::read_maps(pid)?;
-        let lib = ebpf::find_allocator(pid, &maps, self.cfg.allocator).ok_or_else(|| Error::NotTraceable {
+        let choice = self.cfg.allocator.clone();
+        let chosen = ebpf::find_allocator(pid, &maps, &choice).ok_or_else(|| Error::NotTraceable {
             pid,
-            why: format!(
-                "no {} library is mapped into {} (a statically linked program?); heapbpf hooks the allocator of a shared library",
-                self.cfg.allocator.as_str(), info.comm
-            ),
+            why: match &choice {
+                ebpf::AllocatorChoice::Custom { path, .. } => format!(
+                    "{path} is not mapped into {} (--allocator names a file the process has mapped: its path as in /proc/{pid}/maps, or its file name)",
+                    info.comm
+                ),
+                _ => format!(
+                    "no {} library is mapped into {} (a stripped static program?); heapbpf hooks the allocator of a shared library or of an executable with a symbol table",
+                    choice.as_str(),
+                    info.comm
+                ),
+            },
         })?;
-        let fallback = if self.cfg.allocator == ebpf::AllocatorChoice::Libc {
+        let libc = ebpf::find_allocator(pid, &maps, &ebpf::AllocatorChoice::Libc)
+            .filter(|l| l.path != chosen.path);
+        if !chosen.prefix.is_empty() {
+            // A prefixed allocator lives beside libc's malloc, which the rest
+            // of the program (and libc itself) keeps using: hook both.
+            if let Some(libc) = libc {
+                return self.attach_libs(info, &libc, None, &[chosen]);
+            }
+            return self.attach_libs(info, &chosen, None, &[]);
+        }
+        let fallback = if choice == ebpf::AllocatorChoice::Libc {
             None
         } else {
-            ebpf::find_allocator(pid, &maps, ebpf::AllocatorChoice::Libc)
-                .filter(|l| l.path != lib.path)
+            libc
         };
-        self.attach_libs(info, &lib, fallback.as_ref())
+        let extra: Vec<ebpf::AllocatorLib> = if choice == ebpf::AllocatorChoice::Auto {
+            ebpf::prefixed_allocators(pid, &maps)
+        } else {
+            Vec::new()
+        };
+        self.attach_libs(info, &chosen, fallback.as_ref(), &extra)
     }
 
     /// Hooks the allocator in each of `libs` and registers the target.
@@ -340,12 +389,22 @@ impl Session {
         info: ProcessInfo,
         lib: &ebpf::AllocatorLib,
         fallback: Option<&ebpf::AllocatorLib>,
+        extra: &[ebpf::AllocatorLib],
     ) -> Result<()> {
         let pid = info.pid;
         // Open every mapped module before the first allocation is seen, so
         // that the stacks stay symbolizable after the target exits.
         self.symbolizer.track(pid);
-        let probes = self.profiler.attach(pid, lib, fallback)?;
+        let mut probes = self.profiler.attach(pid, lib, fallback)?;
+        for more in extra {
+            match self.profiler.attach_more(pid, more) {
+                Ok(p) => probes.extend(p),
+                Err(e) => {
+                    self.profiler.detach(pid);
+                    return Err(e);
+                }
+            }
+        }
         for p in &probes {
             tracing::info!(pid, symbol = p.symbol, offset = p.offset, ret = p.is_return, library = %p.library, "probe placed at {}+{:#x}{} in {}", p.symbol, p.offset, if p.is_return { " (return)" } else { "" }, p.library);
         }
@@ -376,9 +435,46 @@ impl Session {
             rss_step: self.cfg.rss_step.map(|s| StepTrigger::new(rss, s)),
             heap_step: self.cfg.heap_step.map(|s| StepTrigger::new(0, s)),
             oom_written: false,
+            hooked: std::iter::once(lib)
+                .chain(fallback)
+                .chain(extra)
+                .map(library_identity)
+                .collect(),
             info,
         });
         Ok(())
+    }
+
+    /// Hooks allocator libraries targets mapped since they were attached
+    /// (`dlopen`, or linked by a launched command), in `--allocator auto`.
+    fn pick_up_allocators(&mut self) {
+        if self.cfg.allocator != ebpf::AllocatorChoice::Auto {
+            return;
+        }
+        for t in &mut self.targets {
+            let pid = t.info.pid;
+            let Ok(maps) = procfs::read_maps(pid) else {
+                continue;
+            };
+            for lib in ebpf::dedicated_allocators(pid, &maps) {
+                let id = library_identity(&lib);
+                if t.hooked.contains(&id) {
+                    continue;
+                }
+                t.hooked.push(id);
+                match self.profiler.attach_more(pid, &lib) {
+                    Ok(probes) => say(&format!(
+                        "hooked {} in {pid} ({}), mapped since: {} probes",
+                        lib.path,
+                        t.info.comm,
+                        probes.len()
+                    )),
+                    Err(e) => {
+                        tracing::warn!(pid, library = %lib.path, "cannot hook an allocator mapped since: {e}")
+                    }
+                }
+            }
+        }
     }
 
     fn snapshot_all(&mut self, trigger: Trigger) {

@@ -517,3 +517,168 @@ fn exact_figures_with_mimalloc() {
         2,
     );
 }
+
+/// The allocs fixture linked against an allocator (not preloaded): found
+/// through the target's maps, exact on every site.
+fn exact_linked(fixture: &str, name: &str, zero_blocks: u64) {
+    require_root();
+    let dir = TempDir::new("linked");
+    let mut fx = Fixture::spawn(fixture);
+    let mut hb = Heapbpf::attach(&[fx.pid], dir.path(), &["--format", "json"]);
+    let attached = hb
+        .stderr
+        .iter()
+        .find(|l| l.contains(" attached to "))
+        .unwrap()
+        .clone();
+    assert!(attached.contains(name), "{attached}");
+    fx.command("run");
+    fx.command("free-pre");
+    hb.signal(libc::SIGINT);
+    let snap = read_json(&hb.wait_snapshot("stop", fx.pid)[0]);
+    assert_exact_with(&snap, &fixture_path(fixture).to_string_lossy(), zero_blocks);
+    assert_eq!(hb.wait_exit().code(), Some(0));
+}
+
+#[test]
+fn exact_figures_linked_against_tcmalloc() {
+    exact_linked("allocs-tcmalloc", "libtcmalloc", 0);
+}
+
+#[test]
+fn exact_figures_linked_against_mimalloc() {
+    exact_linked("allocs-mimalloc", "libmimalloc", 2);
+}
+
+/// An allocator a target loads after attach (`dlopen`) is hooked within a
+/// maps refresh; the C library stays hooked.
+#[test]
+fn an_allocator_loaded_after_attach_is_picked_up() {
+    require_root();
+    let dir = TempDir::new("dlopen");
+    let mut fx = Fixture::spawn("plugin");
+    let mut hb = Heapbpf::attach(&[fx.pid], dir.path(), &["--format", "json"]);
+    fx.command("load");
+    let line = hb.wait_for("mimalloc hooked", |l| {
+        l.starts_with("heapbpf: hooked ") && l.contains("libmimalloc")
+    });
+    assert!(
+        line.contains(&format!(" in {} (plugin), mapped since: ", fx.pid)),
+        "{line}"
+    );
+    fx.command("alloc 20");
+    fx.command("libc 30");
+    hb.signal(libc::SIGINT);
+    let snap = read_json(&hb.wait_snapshot("stop", fx.pid)[0]);
+    assert_eq!(hb.wait_exit().code(), Some(0));
+    assert_eq!(
+        site(&snap, "plugin_alloc"),
+        Site {
+            live_bytes: 20_000,
+            live_allocations: 20,
+            allocated_bytes: 20_000,
+            allocations: 20
+        }
+    );
+    assert_eq!(
+        site(&snap, "libc_alloc"),
+        Site {
+            live_bytes: 21_000,
+            live_allocations: 30,
+            allocated_bytes: 21_000,
+            allocations: 30
+        }
+    );
+    assert!(
+        hb.stderr
+            .iter()
+            .filter(|l| l.contains("libmimalloc"))
+            .count()
+            == 1,
+        "{:?}",
+        hb.stderr
+    );
+}
+
+/// Figures of `fixtures/vendored.c`'s sites after `run`.
+fn assert_vendored(snap: &Value, glibc_seen: bool) {
+    let exact = |bytes: u64, n: u64| Site {
+        live_bytes: bytes * n,
+        live_allocations: n,
+        allocated_bytes: bytes * n,
+        allocations: n,
+    };
+    assert_eq!(site(snap, "vendored_site"), exact(500, 10), "{snap:#}");
+    assert_eq!(
+        site(snap, "vendored_freed"),
+        Site {
+            allocated_bytes: 1000,
+            allocations: 5,
+            ..Site::default()
+        }
+    );
+    assert_eq!(site(snap, "vendored_calloc"), exact(300, 4));
+    // Moved by realloc: freed at the seed, allocated at the realloc.
+    assert_eq!(
+        site(snap, "vendored_seed"),
+        Site {
+            allocated_bytes: 300,
+            allocations: 3,
+            ..Site::default()
+        }
+    );
+    assert_eq!(site(snap, "vendored_grow"), exact(900, 3));
+    if glibc_seen {
+        assert_eq!(site(snap, "glibc_site"), exact(300, 6));
+    }
+    assert_eq!(snap["totals"]["dropped_events"], 0);
+}
+
+fn vendored_snapshot(fixture: &str, extra: &[&str]) -> (Value, String) {
+    let dir = TempDir::new("vendored");
+    let mut fx = Fixture::spawn(fixture);
+    let mut args = vec!["--format", "json"];
+    args.extend_from_slice(extra);
+    let mut hb = Heapbpf::attach(&[fx.pid], dir.path(), &args);
+    let attached = hb
+        .stderr
+        .iter()
+        .find(|l| l.contains(" attached to "))
+        .unwrap()
+        .clone();
+    fx.command("run");
+    hb.signal(libc::SIGINT);
+    let snap = read_json(&hb.wait_snapshot("stop", fx.pid)[0]);
+    assert_eq!(hb.wait_exit().code(), Some(0));
+    (snap, attached)
+}
+
+/// A program that links a jemalloc-style allocator with its `je_` prefix
+/// beside glibc's malloc: both are found and hooked, exact on every site;
+/// the same with `--allocator PATH:je_`.
+#[test]
+fn a_vendored_prefixed_allocator_beside_glibc() {
+    require_root();
+    let exe = fixture_path("vendored-je").to_string_lossy().into_owned();
+    let (snap, attached) = vendored_snapshot("vendored-je", &[]);
+    assert!(attached.contains(&format!("{exe} (je_*)")), "{attached}");
+    assert!(attached.contains("libc.so.6"), "{attached}");
+    assert_vendored(&snap, true);
+    let flag = format!("{exe}:je_");
+    let (snap, attached) = vendored_snapshot("vendored-je", &["--allocator", &flag]);
+    assert!(attached.contains(&format!("{exe} (je_*)")), "{attached}");
+    assert_vendored(&snap, true);
+}
+
+/// A dynamically linked program that defines malloc and free itself: its
+/// own functions are hooked, not glibc's it never calls.
+#[test]
+fn a_program_with_its_own_malloc() {
+    require_root();
+    let exe = fixture_path("vendored-plain")
+        .to_string_lossy()
+        .into_owned();
+    let (snap, attached) = vendored_snapshot("vendored-plain", &[]);
+    assert!(attached.contains(&format!("probes in {exe}")), "{attached}");
+    assert_vendored(&snap, true);
+}

@@ -80,3 +80,43 @@ fn run_refuses_a_missing_command() {
     let (code, _, err) = run_heapbpf(&["run"]);
     assert_eq!(code, 2, "{err}");
 }
+
+/// A command linked against tcmalloc (`DT_NEEDED`, not preloaded): its
+/// allocator is found before exec, so its start-up allocations are seen.
+#[test]
+fn run_finds_the_allocator_a_command_links() {
+    require_root();
+    let dir = TempDir::new("run-linked");
+    let fixture = fixture_path("startleak-tcmalloc");
+    let (code, _, err) = run_heapbpf(&[
+        "run",
+        "--sample-bytes",
+        "0",
+        "--format",
+        "json",
+        "-o",
+        dir.path().to_str().unwrap(),
+        "--",
+        fixture.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 3, "{err}");
+    let attached = err.lines().find(|l| l.contains(" attached to ")).unwrap();
+    assert!(attached.contains("libtcmalloc_minimal.so.4"), "{attached}");
+    // Hooked once: the library mapped after exec is the one hooked before.
+    assert!(!err.contains("heapbpf: hooked "), "{err}");
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("heapbpf: snapshot exit pid="))
+        .unwrap_or_else(|| panic!("{err}"));
+    let s = read_json(std::path::Path::new(line.split(" -> ").nth(1).unwrap()));
+    assert_eq!(
+        site(&s, "leak_at_start"),
+        Site {
+            live_bytes: 100_000,
+            live_allocations: 100,
+            allocated_bytes: 100_000,
+            allocations: 100
+        }
+    );
+    assert_eq!(s["totals"]["frees"], 50);
+}

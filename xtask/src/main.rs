@@ -158,12 +158,16 @@ pub fn bootstrap() -> Result<()> {
             packages.push(package);
         }
     }
-    // Allocators the tests preload.
+    // Allocators the tests preload and link.
     for (file, package) in [
         ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "libjemalloc2"),
         (
             "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
             "libtcmalloc-minimal4",
+        ),
+        (
+            "/usr/lib/x86_64-linux-gnu/libmimalloc.so.2",
+            "libmimalloc2.0",
         ),
     ] {
         if !Path::new(file).exists() {

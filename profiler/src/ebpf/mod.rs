@@ -74,7 +74,7 @@ pub enum Floor {
 /// Where the probes of one target went.
 #[derive(Clone, Debug)]
 pub struct AttachedProbe {
-    pub symbol: &'static str,
+    pub symbol: String,
     pub offset: u64,
     pub is_return: bool,
     /// The library the probe sits in, as the target sees it.
@@ -88,17 +88,51 @@ pub struct AllocatorLib {
     pub path: String,
     /// `/proc/PID/map_files/...`: the very file the target mapped.
     pub open_path: PathBuf,
+    /// Prefix of the allocator's function names (`je_` for a jemalloc
+    /// built with `--with-jemalloc-prefix=je_`); empty for the standard names.
+    pub prefix: String,
+}
+
+impl AllocatorLib {
+    pub fn new(path: String, open_path: PathBuf) -> Self {
+        AllocatorLib {
+            path,
+            open_path,
+            prefix: String::new(),
+        }
+    }
+
+    /// The name of `symbol` in this library.
+    pub fn name(&self, symbol: &str) -> String {
+        format!("{}{symbol}", self.prefix)
+    }
+
+    /// How the `attached` line names it.
+    pub fn label(&self) -> String {
+        if self.prefix.is_empty() {
+            self.path.clone()
+        } else {
+            format!("{} ({}*)", self.path, self.prefix)
+        }
+    }
 }
 
 /// Which allocator to hook.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum AllocatorChoice {
-    /// The first of jemalloc, tcmalloc, mimalloc mapped into the target, else libc.
+    /// The first of jemalloc, tcmalloc, mimalloc mapped into the target, else
+    /// the executable when it defines malloc and free, else libc.
     Auto,
     Libc,
     Jemalloc,
     Tcmalloc,
     Mimalloc,
+    /// `--allocator PATH[:PREFIX]`: the mapped file at PATH (as the target
+    /// sees it, or just its file name), with function names prefixed.
+    Custom {
+        path: String,
+        prefix: String,
+    },
 }
 
 impl AllocatorChoice {
@@ -109,12 +143,27 @@ impl AllocatorChoice {
             "jemalloc" => AllocatorChoice::Jemalloc,
             "tcmalloc" => AllocatorChoice::Tcmalloc,
             "mimalloc" => AllocatorChoice::Mimalloc,
+            custom if custom.contains('/') || custom.contains(':') || custom.contains(".so") => {
+                let (path, prefix) = custom.split_once(':').unwrap_or((custom, ""));
+                if path.is_empty()
+                    || !prefix
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_')
+                {
+                    return None;
+                }
+                AllocatorChoice::Custom {
+                    path: path.to_string(),
+                    prefix: prefix.to_string(),
+                }
+            }
             _ => return None,
         })
     }
 
-    pub fn as_str(self) -> &'static str {
+    pub fn as_str(&self) -> &str {
         match self {
+            AllocatorChoice::Custom { path, .. } => path,
             AllocatorChoice::Auto => "allocator",
             AllocatorChoice::Libc => "libc",
             AllocatorChoice::Jemalloc => "jemalloc",
@@ -123,10 +172,10 @@ impl AllocatorChoice {
         }
     }
 
-    fn matches(self, file_name: &str) -> bool {
+    fn matches(&self, file_name: &str) -> bool {
         let lib = |prefix: &str| file_name.starts_with(prefix) && file_name.contains(".so");
         match self {
-            AllocatorChoice::Auto => false,
+            AllocatorChoice::Auto | AllocatorChoice::Custom { .. } => false,
             AllocatorChoice::Libc => {
                 file_name.starts_with("libc.so")
                     || (file_name.starts_with("libc-") && file_name.ends_with(".so"))
@@ -139,43 +188,96 @@ impl AllocatorChoice {
     }
 }
 
-/// Finds the allocator library in a target's memory map: a dedicated
-/// allocator library when one is mapped (it interposes libc's malloc for the
-/// whole process), else the C library.
-pub fn find_allocator(pid: u32, maps: &[Mapping], choice: AllocatorChoice) -> Option<AllocatorLib> {
-    let order: &[AllocatorChoice] = match choice {
-        AllocatorChoice::Auto => &[
+/// The dedicated allocator libraries (jemalloc, tcmalloc, mimalloc) mapped
+/// into a target, each once.
+pub fn dedicated_allocators(pid: u32, maps: &[Mapping]) -> Vec<AllocatorLib> {
+    let mut found: Vec<AllocatorLib> = Vec::new();
+    for m in maps.iter().filter(|m| m.is_file()) {
+        let dedicated = [
             AllocatorChoice::Jemalloc,
             AllocatorChoice::Tcmalloc,
             AllocatorChoice::Mimalloc,
-            AllocatorChoice::Libc,
-        ],
-        AllocatorChoice::Libc => &[AllocatorChoice::Libc],
-        AllocatorChoice::Jemalloc => &[AllocatorChoice::Jemalloc],
-        AllocatorChoice::Tcmalloc => &[AllocatorChoice::Tcmalloc],
-        AllocatorChoice::Mimalloc => &[AllocatorChoice::Mimalloc],
-    };
-    let shared = order.iter().find_map(|c| {
-        maps.iter()
-            .filter(|m| m.is_file())
-            .find(|m| c.matches(m.file_name()))
-            .map(|m| AllocatorLib {
-                path: m.path.clone(),
-                open_path: m.map_file(pid),
-            })
-    });
-    if shared.is_some() || choice != AllocatorChoice::Auto {
-        return shared;
+        ]
+        .iter()
+        .any(|c| c.matches(m.file_name()));
+        if dedicated && !found.iter().any(|l| l.path == m.path) {
+            found.push(AllocatorLib::new(m.path.clone(), m.map_file(pid)));
+        }
     }
-    // A statically linked program carries its own malloc: hook the
-    // executable itself when its symbol table defines malloc and free.
+    found
+}
+
+/// Whether a library file name is a dedicated allocator's.
+pub fn is_dedicated_allocator(file_name: &str) -> bool {
+    [
+        AllocatorChoice::Jemalloc,
+        AllocatorChoice::Tcmalloc,
+        AllocatorChoice::Mimalloc,
+    ]
+    .iter()
+    .any(|c| c.matches(file_name))
+}
+
+/// Finds the allocator library in a target's memory map: a dedicated
+/// allocator library when one is mapped (it interposes libc's malloc for the
+/// whole process), else the executable when it defines `malloc` and `free`
+/// itself (a static program, or one that carries its own allocator), else
+/// the C library.
+pub fn find_allocator(
+    pid: u32,
+    maps: &[Mapping],
+    choice: &AllocatorChoice,
+) -> Option<AllocatorLib> {
+    let files = || maps.iter().filter(|m| m.is_file());
+    if let AllocatorChoice::Custom { path, prefix } = choice {
+        let host = std::fs::canonicalize(path).ok();
+        let m = files().find(|m| {
+            m.path == *path
+                || (!path.contains('/') && m.file_name() == path)
+                || (host.is_some() && std::fs::canonicalize(m.map_file(pid)).ok() == host)
+        })?;
+        return Some(AllocatorLib {
+            prefix: prefix.clone(),
+            ..AllocatorLib::new(m.path.clone(), m.map_file(pid))
+        });
+    }
+    let mapped = |c: &AllocatorChoice| {
+        files()
+            .find(|m| c.matches(m.file_name()))
+            .map(|m| AllocatorLib::new(m.path.clone(), m.map_file(pid)))
+    };
+    if *choice != AllocatorChoice::Auto {
+        return mapped(choice);
+    }
+    let dedicated = [
+        AllocatorChoice::Jemalloc,
+        AllocatorChoice::Tcmalloc,
+        AllocatorChoice::Mimalloc,
+    ];
+    dedicated
+        .iter()
+        .find_map(mapped)
+        .or_else(|| own_allocator(pid, maps, ""))
+        .or_else(|| mapped(&AllocatorChoice::Libc))
+}
+
+/// The executable, when its symbol table defines `PREFIXmalloc` and
+/// `PREFIXfree`.
+fn own_allocator(pid: u32, maps: &[Mapping], prefix: &str) -> Option<AllocatorLib> {
     let exe = maps.iter().find(|m| m.is_file() && m.is_exec())?;
     let lib = AllocatorLib {
-        path: exe.path.clone(),
-        open_path: exe.map_file(pid),
+        prefix: prefix.to_string(),
+        ..AllocatorLib::new(exe.path.clone(), exe.map_file(pid))
     };
     let symbols = placement::exported_symbols(&lib.open_path);
-    (symbols.contains_key("malloc") && symbols.contains_key("free")).then_some(lib)
+    (symbols.contains_key(&lib.name("malloc")) && symbols.contains_key(&lib.name("free")))
+        .then_some(lib)
+}
+
+/// Allocators a program carries besides the one that serves `malloc`: a
+/// jemalloc linked in with its `je_` prefix (as some programs vendor it).
+pub fn prefixed_allocators(pid: u32, maps: &[Mapping]) -> Vec<AllocatorLib> {
+    own_allocator(pid, maps, "je_").into_iter().collect()
 }
 
 struct Target {
@@ -494,9 +596,9 @@ impl Profiler {
             .map(|f| placement::exported_symbols(&f.open_path))
             .unwrap_or_default();
         let lib_for = |symbol: &str| -> Option<&AllocatorLib> {
-            if exports.contains_key(symbol) {
+            if exports.contains_key(&lib.name(symbol)) {
                 Some(lib)
-            } else if fallback_exports.contains_key(symbol) {
+            } else if fallback.is_some_and(|f| fallback_exports.contains_key(&f.name(symbol))) {
                 fallback
             } else {
                 None
@@ -511,7 +613,9 @@ impl Profiler {
             } else {
                 &fallback_exports
             };
-            table.get(symbol).map(|a| (target.open_path.clone(), *a))
+            table
+                .get(&target.name(symbol))
+                .map(|a| (target.open_path.clone(), *a))
         };
         let mut hooked_returns = std::collections::HashSet::new();
         let mut hooked_entries = std::collections::HashSet::new();
@@ -530,12 +634,13 @@ impl Profiler {
             if address_of(spec.symbol, target).is_some_and(|a| !hooked_returns.insert(a)) {
                 continue;
             }
-            self.attach_one(return_program, spec.symbol, 0, target, scope, pid)?;
+            let name = target.name(spec.symbol);
+            self.attach_one(return_program, &name, 0, target, scope, pid)?;
             attached.push(AttachedProbe {
-                symbol: spec.symbol,
+                symbol: name,
                 offset: 0,
                 is_return: true,
-                library: target.path.clone(),
+                library: target.label(),
             });
         }
         for spec in LIBC_PROBES {
@@ -553,12 +658,13 @@ impl Profiler {
             } else {
                 spec.entry_program
             };
-            self.attach_one(program, spec.symbol, offset, target, scope, pid)?;
+            let name = target.name(spec.symbol);
+            self.attach_one(program, &name, offset, target, scope, pid)?;
             attached.push(AttachedProbe {
-                symbol: spec.symbol,
+                symbol: name,
                 offset,
                 is_return: false,
-                library: target.path.clone(),
+                library: target.label(),
             });
         }
         if lib_for("malloc").is_none() || lib_for("free").is_none() {
@@ -573,7 +679,7 @@ impl Profiler {
     fn attach_one(
         &mut self,
         program: &'static str,
-        symbol: &'static str,
+        symbol: &str,
         offset: u64,
         lib: &AllocatorLib,
         scope: UProbeScope,
@@ -610,20 +716,43 @@ impl Profiler {
         }
     }
 
+    /// Hooks one more allocator library of an attached target (one it
+    /// mapped after attach). On error, only the probes placed by this call
+    /// are removed; the target stays profiled as before.
+    pub fn attach_more(&mut self, pid: u32, lib: &AllocatorLib) -> Result<Vec<AttachedProbe>> {
+        let before = self.targets.get(&pid).map_or(0, |t| t.links.len());
+        match self.attach_all(pid, lib, None) {
+            Ok(attached) => Ok(attached),
+            Err(e) => {
+                let links: Vec<_> = self
+                    .targets
+                    .get_mut(&pid)
+                    .map(|t| t.links.split_off(before.min(t.links.len())))
+                    .unwrap_or_default();
+                self.detach_links(pid, links);
+                Err(e)
+            }
+        }
+    }
+
+    fn detach_links(&mut self, pid: u32, links: Vec<(&'static str, UProbeLinkId)>) {
+        for (program, link) in links {
+            if let Some(prog) = self
+                .ebpf
+                .program_mut(program)
+                .and_then(|p| <&mut UProbe>::try_from(p).ok())
+            {
+                if let Err(e) = prog.detach(link) {
+                    tracing::debug!(pid, program, error = %e, "detach failed");
+                }
+            }
+        }
+    }
+
     /// Detaches the probes of `pid` and forgets its data in the kernel maps.
     pub fn detach(&mut self, pid: u32) {
         if let Some(t) = self.targets.remove(&pid) {
-            for (program, link) in t.links {
-                if let Some(prog) = self
-                    .ebpf
-                    .program_mut(program)
-                    .and_then(|p| <&mut UProbe>::try_from(p).ok())
-                {
-                    if let Err(e) = prog.detach(link) {
-                        tracing::debug!(pid, program, error = %e, "detach failed");
-                    }
-                }
-            }
+            self.detach_links(pid, t.links);
         }
         if let Ok(mut m) = self.targets_map() {
             let _ = m.remove(&pid);
@@ -807,7 +936,7 @@ fn entry_offset(spec: &ProbeSpec, lib: &AllocatorLib) -> u64 {
     if spec.has_return || spec.entry_offset != 0 {
         return spec.entry_offset;
     }
-    placement::symbol_bytes(&lib.open_path, spec.symbol, 16)
+    placement::symbol_bytes(&lib.open_path, &lib.name(spec.symbol), 16)
         .and_then(|code| placement::past_null_check(&code))
         .unwrap_or(spec.entry_offset)
 }
@@ -835,4 +964,30 @@ pub fn monotonic_ns() -> u64 {
     // SAFETY: a valid timespec.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[cfg(test)]
+mod choice_tests {
+    use super::AllocatorChoice;
+
+    #[test]
+    fn allocator_paths_and_prefixes() {
+        assert_eq!(
+            AllocatorChoice::parse("/opt/app/bin/app:je_"),
+            Some(AllocatorChoice::Custom {
+                path: "/opt/app/bin/app".into(),
+                prefix: "je_".into()
+            })
+        );
+        assert_eq!(
+            AllocatorChoice::parse("libhoard.so"),
+            Some(AllocatorChoice::Custom {
+                path: "libhoard.so".into(),
+                prefix: String::new()
+            })
+        );
+        assert_eq!(AllocatorChoice::parse("jemaloc"), None);
+        assert_eq!(AllocatorChoice::parse(":je_"), None);
+        assert_eq!(AllocatorChoice::parse("/x:je-"), None);
+    }
 }
