@@ -9,6 +9,7 @@ const FIXTURES: &[&str] = &["allocs", "grow", "startleak", "plugin"];
 /// Fixtures linked against another allocator (not preloaded): the program
 /// needs the library (`DT_NEEDED`), as a program built with `-ltcmalloc`.
 const LINKED: &[(&str, &str, &str)] = &[
+    ("allocs-jemalloc", "allocs", "libjemalloc.so.2"),
     ("allocs-tcmalloc", "allocs", "libtcmalloc_minimal.so.4"),
     ("allocs-mimalloc", "allocs", "libmimalloc.so.2"),
     (

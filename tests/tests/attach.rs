@@ -521,6 +521,10 @@ fn exact_figures_with_mimalloc() {
 /// The allocs fixture linked against an allocator (not preloaded): found
 /// through the target's maps, exact on every site.
 fn exact_linked(fixture: &str, name: &str, zero_blocks: u64) {
+    exact_linked_with(fixture, name, zero_blocks, "run")
+}
+
+fn exact_linked_with(fixture: &str, name: &str, zero_blocks: u64, run: &str) {
     require_root();
     let dir = TempDir::new("linked");
     let mut fx = Fixture::spawn(fixture);
@@ -532,12 +536,18 @@ fn exact_linked(fixture: &str, name: &str, zero_blocks: u64) {
         .unwrap()
         .clone();
     assert!(attached.contains(name), "{attached}");
-    fx.command("run");
+    fx.command(run);
     fx.command("free-pre");
     hb.signal(libc::SIGINT);
     let snap = read_json(&hb.wait_snapshot("stop", fx.pid)[0]);
     assert_exact_with(&snap, &fixture_path(fixture).to_string_lossy(), zero_blocks);
     assert_eq!(hb.wait_exit().code(), Some(0));
+}
+
+/// Its threads run one after another: see `run-serial` in the fixture.
+#[test]
+fn exact_figures_linked_against_jemalloc() {
+    exact_linked_with("allocs-jemalloc", "libjemalloc", 0, "run-serial");
 }
 
 #[test]
