@@ -62,6 +62,7 @@ pub static MODULES: HashMap<u32, ModuleTable> = HashMap::with_max_entries(1024, 
 #[map]
 pub static UNWIND: PerCpuArray<UnwindState> = PerCpuArray::with_max_entries(1, 0);
 
-/// Slot 0: the stack-walk program, which tail-calls itself per batch of frames.
+/// Slot 0: the stack walk, which tail-calls itself per batch of frames;
+/// slot 1: the program that interns the stack and records the block.
 #[map]
-pub static UNWIND_PROGS: ProgramArray = ProgramArray::with_max_entries(1, 0);
+pub static UNWIND_PROGS: ProgramArray = ProgramArray::with_max_entries(2, 0);

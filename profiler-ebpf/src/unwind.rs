@@ -24,21 +24,25 @@ use aya_ebpf::{
     EbpfContext,
 };
 use heapbpf_common::{
-    module_kind, row_kind, ModuleEntry, ModuleTable, UnwindRow, MAX_MODULES, MAX_STACK_DEPTH,
-    STACK_COMPLETE, STACK_LEN_MASK, STACK_TRUNCATED,
+    drop_reason, module_kind, row_kind, ModuleEntry, ModuleTable, UnwindRow, MAX_MODULES,
+    MAX_STACK_DEPTH, STACK_COMPLETE, STACK_LEN_MASK, STACK_TRUNCATED,
 };
 
 use crate::{
     maps::{MODULES, UNWIND, UNWIND_PROGS, UNWIND_ROWS},
-    probes::{intern, record_with_stack, target},
+    probes::{count, intern, record_with_stack, target},
 };
 
 /// Frames walked per program run.
-const FRAMES_PER_RUN: usize = 6;
-/// Tail calls per stack: with the first run, more than `MAX_STACK_DEPTH`
-/// frames.
-const MAX_TAIL_CALLS: u32 = (MAX_STACK_DEPTH / FRAMES_PER_RUN) as u32 + 1;
-/// Binary-search steps: enough for 2^22 rows and 2^8 mappings.
+const FRAMES_PER_RUN: usize = 5;
+/// Runs of the walk after the first: together, at least `MAX_STACK_DEPTH`
+/// frames. With the tail call into the walk and the one to finish, the
+/// chain stays within the kernel's 33 tail calls.
+const MAX_TAIL_CALLS: u32 = MAX_STACK_DEPTH.div_ceil(FRAMES_PER_RUN) as u32 - 1;
+/// Slots of `UNWIND_PROGS`.
+pub const WALK_SLOT: u32 = 0;
+pub const FINISH_SLOT: u32 = 1;
+/// Binary-search steps: enough for 2^22 rows of a module and 2^8 mappings.
 const ROW_SEARCH_STEPS: usize = 22;
 const MODULE_SEARCH_STEPS: usize = 8;
 
@@ -69,60 +73,65 @@ pub fn start(ctx: &RetProbeContext, tgid: u32, addr: u64, size: u64) {
         u.steps = 0;
         u.guessed = 0;
         u.trace.len = 0;
-        UNWIND_PROGS.tail_call(ctx, 0);
+        UNWIND_PROGS.tail_call(ctx, WALK_SLOT);
     }
 }
 
-/// The mapping holding `pc`, by binary search over the sorted table.
+/// `x`, hidden from the optimizer: keeps the searches below free of
+/// branches (LLVM would turn the sign trick back into a compare and a
+/// branch, and each branch doubles what the verifier has to explore).
+#[inline(always)]
+fn opaque(x: u64) -> u64 {
+    // SAFETY: a read of a local.
+    unsafe { core::ptr::read_volatile(&x) }
+}
+
+/// All ones when `a <= b`, else 0, for `a` and `b` below 2^63 (user
+/// addresses, row addresses): the sign of `b - a`, without a branch.
+#[inline(always)]
+fn le_mask(a: u64, b: u64) -> u64 {
+    (opaque(b.wrapping_sub(a)) >> 63).wrapping_sub(1)
+}
+
+/// The mapping holding `pc`: a branch-free binary search over the sorted
+/// table (the index of the last mapping starting at or below `pc`).
 #[inline(always)]
 fn find_module(table: &ModuleTable, pc: u64) -> Option<ModuleEntry> {
     let count = if table.count > MAX_MODULES as u64 {
-        MAX_MODULES
+        MAX_MODULES as u64
     } else {
-        table.count as usize
+        table.count
     };
-    let (mut lo, mut hi) = (0usize, count);
-    for _ in 0..MODULE_SEARCH_STEPS {
-        if lo >= hi {
-            break;
-        }
-        let mid = (lo + hi) / 2;
-        let entry = table.entries.get(mid)?;
-        if entry.start <= pc {
-            lo = mid + 1;
-        } else {
-            hi = mid;
-        }
+    if count == 0 {
+        return None;
     }
-    let entry = *table.entries.get(lo.checked_sub(1)?)?;
-    (pc < entry.end).then_some(entry)
+    let (mut base, mut n) = (0u64, count);
+    for _ in 0..MODULE_SEARCH_STEPS {
+        let half = n / 2;
+        let entry = table.entries.get((base + half) as usize)?;
+        base += half & le_mask(entry.start, pc);
+        n -= half;
+    }
+    let entry = *table.entries.get(base as usize)?;
+    (entry.start <= pc && pc < entry.end).then_some(entry)
 }
 
-/// The last row of `module` at or below the module address `rel`.
+/// The last row of `module` at or below the module address `rel`, by a
+/// branch-free binary search.
 #[inline(always)]
 fn find_row(module: &ModuleEntry, rel: u64) -> Option<UnwindRow> {
-    if rel > u32::MAX as u64 {
+    if rel > u32::MAX as u64 || module.rows == 0 {
         return None;
     }
-    let rel = rel as u32;
-    let first = module.first_row;
-    let (mut lo, mut hi) = (first, first.checked_add(module.rows)?);
+    let (mut base, mut n) = (module.first_row as u64, module.rows as u64);
     for _ in 0..ROW_SEARCH_STEPS {
-        if lo >= hi {
-            break;
-        }
-        let mid = lo + (hi - lo) / 2;
-        let row = UNWIND_ROWS.get(mid)?;
-        if row.pc <= rel {
-            lo = mid + 1;
-        } else {
-            hi = mid;
-        }
+        let half = n / 2;
+        let row = UNWIND_ROWS.get((base + half) as u32)?;
+        base += half & le_mask(row.pc as u64, rel);
+        n -= half;
     }
-    if lo == first {
-        return None;
-    }
-    UNWIND_ROWS.get(lo - 1).copied()
+    let row = UNWIND_ROWS.get(base as u32).copied()?;
+    (row.pc as u64 <= rel).then_some(row)
 }
 
 #[inline(always)]
@@ -196,9 +205,6 @@ pub fn unwind_step(ctx: ProbeContext) -> u32 {
     };
     // SAFETY: per-CPU scratch value, ours for the duration of the walk.
     let u = unsafe { &mut *u };
-    let Some(state) = target(u.tgid) else {
-        return 0;
-    };
     // SAFETY: plain data in a map value.
     let flags = match unsafe { MODULES.get(u.tgid) } {
         None => STACK_TRUNCATED,
@@ -232,7 +238,7 @@ pub fn unwind_step(ctx: ProbeContext) -> u32 {
                 if u.steps < MAX_TAIL_CALLS {
                     u.steps += 1;
                     // SAFETY: same program type, same context.
-                    unsafe { UNWIND_PROGS.tail_call(&ctx, 0) };
+                    unsafe { UNWIND_PROGS.tail_call(&ctx, WALK_SLOT) };
                 }
                 STACK_TRUNCATED
             } else {
@@ -245,6 +251,28 @@ pub fn unwind_step(ctx: ProbeContext) -> u32 {
     // for a root function at the end.
     let flags = if u.guessed != 0 { 0 } else { flags };
     u.trace.len |= flags;
+    // Interning and recording run in their own program: verified once, not
+    // once per way out of the walk above.
+    // SAFETY: same program type, same context.
+    unsafe { UNWIND_PROGS.tail_call(&ctx, FINISH_SLOT) };
+    // Only if the tail call could not be made: the block is lost, and said.
+    if let Some(state) = target(u.tgid) {
+        count(state, drop_reason::STACK_ERROR);
+    }
+    0
+}
+
+/// Interns the walked stack and records the block.
+#[uprobe]
+pub fn unwind_finish(ctx: ProbeContext) -> u32 {
+    let Some(u) = UNWIND.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: per-CPU scratch value, filled by the walk.
+    let u = unsafe { &mut *u };
+    let Some(state) = target(u.tgid) else {
+        return 0;
+    };
     let stack_id = intern(state, &u.trace);
     record_with_stack(state, u.tgid, u.addr, u.size, stack_id);
     let _ = ctx.as_ptr();

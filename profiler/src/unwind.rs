@@ -282,7 +282,9 @@ impl Tables {
         let mut overflow = Vec::new();
         let mut all_fp = true;
         let mut entries: Vec<ModuleEntry> = Vec::new();
-        for m in maps.iter().filter(|m| m.is_exec()) {
+        // `[vsyscall]` sits at the top of the address space, above where any
+        // caller can be; the walk's search needs addresses below 2^63.
+        for m in maps.iter().filter(|m| m.is_exec() && m.end <= 1 << 63) {
             let mut entry = ModuleEntry {
                 start: m.start,
                 end: m.end,

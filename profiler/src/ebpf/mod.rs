@@ -366,6 +366,13 @@ impl Profiler {
                 .try_into()
                 .map_err(|e| Error::runtime(format!("program {name}"), e))?;
             prog.load().map_err(load_error)?;
+            if let Ok(info) = prog.info() {
+                tracing::debug!(
+                    program = name,
+                    verified_instructions = info.verified_instruction_count(),
+                    "program loaded"
+                );
+            }
         }
         install_unwinder(&mut ebpf)?;
         let mut profiler = Profiler {
@@ -908,26 +915,33 @@ fn open_image(pid: u32, m: &Mapping) -> Option<memmap2::Mmap> {
     unsafe { memmap2::Mmap::map(&file) }.ok()
 }
 
-/// Puts the stack-walk program in the slot the return program tail-calls.
+/// Puts the stack-walk programs in the slots the return program and the
+/// walk tail-call.
 fn install_unwinder(ebpf: &mut Ebpf) -> Result<()> {
-    let fd = {
+    let mut fds = Vec::new();
+    for name in [probes::UNWIND_PROGRAM, probes::UNWIND_FINISH_PROGRAM] {
         let prog: &UProbe = ebpf
-            .program(probes::UNWIND_PROGRAM)
+            .program(name)
             .and_then(|p| p.try_into().ok())
-            .ok_or_else(|| Error::Runtime("eBPF object has no stack-walk program".into()))?;
-        prog.fd()
-            .map_err(|e| Error::runtime("stack-walk program", e))?
+            .ok_or_else(|| Error::Runtime(format!("eBPF object has no program {name}")))?;
+        let fd = prog
+            .fd()
+            .map_err(|e| Error::runtime(format!("program {name}"), e))?
             .try_clone()
-            .map_err(|e| Error::runtime("stack-walk program", e))?
-    };
+            .map_err(|e| Error::runtime(format!("program {name}"), e))?;
+        fds.push(fd);
+    }
     let map = ebpf
         .map_mut("UNWIND_PROGS")
         .ok_or_else(|| Error::Runtime("no UNWIND_PROGS map".into()))?;
     let mut progs = aya::maps::ProgramArray::try_from(map)
         .map_err(|e| Error::runtime("UNWIND_PROGS map", e))?;
-    progs
-        .set(0, &fd, 0)
-        .map_err(|e| Error::runtime("cannot install the stack walk", e))
+    for (slot, fd) in fds.iter().enumerate() {
+        progs
+            .set(slot as u32, fd, 0)
+            .map_err(|e| Error::runtime("cannot install the stack walk", e))?;
+    }
+    Ok(())
 }
 
 /// The entry probe's offset: the table's, or past a verified null check for

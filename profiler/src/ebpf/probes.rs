@@ -18,8 +18,10 @@ pub struct ProbeSpec {
 
 pub const RETURN_PROGRAM: &str = "alloc_return";
 
-/// The stack walk, tail-called by the return program (never attached).
+/// The stack walk, tail-called by the return program (never attached), in
+/// slot 0 of `UNWIND_PROGS`, and the program that ends it, in slot 1.
 pub const UNWIND_PROGRAM: &str = "unwind_step";
+pub const UNWIND_FINISH_PROGRAM: &str = "unwind_finish";
 
 /// An allocating function: entry program plus the return program.
 const fn alloc(symbol: &'static str, entry_program: &'static str) -> ProbeSpec {
@@ -126,7 +128,12 @@ pub const LIBC_PROBES: &[ProbeSpec] = &[
 pub fn programs() -> Vec<&'static str> {
     let mut names: Vec<&'static str> = LIBC_PROBES.iter().map(|p| p.entry_program).collect();
     names.push(RETURN_PROGRAM);
-    names.extend(["noop_enter", "noop_return", UNWIND_PROGRAM]);
+    names.extend([
+        "noop_enter",
+        "noop_return",
+        UNWIND_PROGRAM,
+        UNWIND_FINISH_PROGRAM,
+    ]);
     names.sort_unstable();
     names.dedup();
     names
@@ -166,6 +173,6 @@ mod tests {
                 p.symbol
             );
         }
-        assert_eq!(programs().len(), 12);
+        assert_eq!(programs().len(), 13);
     }
 }
