@@ -61,6 +61,28 @@ fn main() {
             .expect("run gcc");
         assert!(status.success(), "gcc failed linking {name}");
     }
+    // jemalloc linked into the executable (libjemalloc.a): the program's
+    // malloc is its own.
+    let archive = "/usr/lib/x86_64-linux-gnu/libjemalloc.a";
+    assert!(
+        std::path::Path::new(archive).exists(),
+        "{archive} is missing: run `cargo xtask bootstrap` (it installs libjemalloc-dev)"
+    );
+    let status = Command::new("gcc")
+        .args([
+            "-O0",
+            "-g",
+            "-fno-omit-frame-pointer",
+            "-pthread",
+            "-Wall",
+            "-o",
+        ])
+        .arg(out.join("allocs-jemalloc-static"))
+        .arg("fixtures/allocs.c")
+        .args([archive, "-lm", "-ldl"])
+        .status()
+        .expect("run gcc");
+    assert!(status.success(), "gcc failed linking libjemalloc.a");
     // A program carrying its own allocator: je_-prefixed beside glibc's
     // malloc, and unprefixed (it is the program's malloc).
     println!("cargo:rerun-if-changed=fixtures/vendored.c");

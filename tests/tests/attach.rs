@@ -550,6 +550,21 @@ fn exact_figures_linked_against_jemalloc() {
     exact_linked_with("allocs-jemalloc", "libjemalloc", 0, "run-serial");
 }
 
+/// jemalloc linked into the executable itself (`libjemalloc.a`, no
+/// prefix): the executable's malloc family is hooked.
+#[test]
+fn exact_figures_with_jemalloc_linked_in() {
+    let exe = fixture_path("allocs-jemalloc-static")
+        .to_string_lossy()
+        .into_owned();
+    exact_linked_with(
+        "allocs-jemalloc-static",
+        &format!("probes in {exe}"),
+        0,
+        "run-serial",
+    );
+}
+
 #[test]
 fn exact_figures_linked_against_tcmalloc() {
     exact_linked("allocs-tcmalloc", "libtcmalloc", 0);

@@ -169,6 +169,7 @@ pub fn bootstrap() -> Result<()> {
             "/usr/lib/x86_64-linux-gnu/libmimalloc.so.2",
             "libmimalloc2.0",
         ),
+        ("/usr/lib/x86_64-linux-gnu/libjemalloc.a", "libjemalloc-dev"),
     ] {
         if !Path::new(file).exists() {
             packages.push(package);
