@@ -151,22 +151,30 @@ fn step(pc: &mut u64, sp: &mut u64, bp: &mut u64, guessed: &mut u64, table: &Mod
     // An address outside every known mapping (mapped since the table was
     // made; user space refreshes it) is stepped out of by frame pointer,
     // as the kernel's own walk would.
-    let module = find_module(table, at).unwrap_or_else(|| {
-        *guessed = 1;
-        ModuleEntry {
-            kind: module_kind::FP,
-            ..ModuleEntry::default()
-        }
+    let module = find_module(table, at).unwrap_or(ModuleEntry {
+        kind: module_kind::UNKNOWN,
+        ..ModuleEntry::default()
     });
-    let (cfa, saved_bp) = if module.kind == module_kind::FP {
+    if module.kind == module_kind::UNKNOWN {
+        *guessed = 1;
+    }
+    let row = if module.kind == module_kind::DWARF {
+        // No row: code without call-frame information (V8's embedded
+        // builtins in node's text, hand-written stubs).
+        let row = find_row(&module, at.wrapping_sub(module.bias)).unwrap_or_default();
+        if row.kind == row_kind::NONE {
+            *guessed = 1;
+        }
+        row
+    } else {
+        UnwindRow::default()
+    };
+    let (cfa, saved_bp) = if row.kind == row_kind::NONE {
         if *bp == 0 {
             return Step::Complete;
         }
         (bp.wrapping_add(16), Some(*bp))
     } else {
-        let Some(row) = find_row(&module, at.wrapping_sub(module.bias)) else {
-            return Step::Truncated;
-        };
         let base = match row.kind {
             row_kind::CFA_RSP => *sp,
             row_kind::CFA_RBP => *bp,

@@ -10,8 +10,10 @@ pub fn build_id(path: &Path) -> Option<String> {
     Some(id.iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// The `DT_NEEDED` libraries of an ELF file and its `DT_RUNPATH` /
-/// `DT_RPATH` directories (`$ORIGIN` resolved).
+/// The `DT_NEEDED` libraries of an ELF file, and the directories the
+/// dynamic linker searches for them before the system ones, in its order:
+/// `DT_RPATH` (only without `DT_RUNPATH`), `LD_LIBRARY_PATH`, `DT_RUNPATH`
+/// (`$ORIGIN` resolved).
 pub fn needed_libraries(path: &Path) -> (Vec<String>, Vec<String>) {
     use object::read::elf::{Dyn, ElfFile64, FileHeader};
     let Ok(data) = std::fs::read(path) else {
@@ -35,33 +37,28 @@ pub fn needed_libraries(path: &Path) -> (Vec<String>, Vec<String>) {
         .parent()
         .map(|p| p.display().to_string())
         .unwrap_or_default();
-    let (mut needed, mut dirs) = (Vec::new(), Vec::new());
+    let (mut needed, mut rpath, mut runpath) = (Vec::new(), Vec::new(), Vec::new());
     for d in dyns {
         let tag = d.tag32(endian).map(i64::from);
         let Ok(value) = d.string(endian, strings) else {
             continue;
         };
         let value = String::from_utf8_lossy(value).into_owned();
-        match tag {
-            Some(object::elf::DT_NEEDED) => needed.push(value),
-            Some(object::elf::DT_RUNPATH) | Some(object::elf::DT_RPATH) => {
-                dirs.extend(value.split(':').map(|dir| {
+        let dirs = || -> Vec<String> {
+            value
+                .split(':')
+                .map(|dir| {
                     dir.replace("$ORIGIN", &origin)
                         .replace("${ORIGIN}", &origin)
-                }))
-            }
+                })
+                .collect()
+        };
+        match tag {
+            Some(object::elf::DT_NEEDED) => needed.push(value.clone()),
+            Some(object::elf::DT_RUNPATH) => runpath.extend(dirs()),
+            Some(object::elf::DT_RPATH) => rpath.extend(dirs()),
             _ => {}
         }
-    }
-    (needed, dirs)
-}
-
-/// Where the dynamic linker would find `name` for a program with `runpath`
-/// directories: `LD_LIBRARY_PATH`, the run path, then the system
-/// directories (the `ld.so.cache` of a Debian-like system lists these).
-pub fn resolve_library(name: &str, runpath: &[String]) -> Option<std::path::PathBuf> {
-    if name.contains('/') {
-        return Some(std::path::PathBuf::from(name));
     }
     let env: Vec<String> = std::env::var("LD_LIBRARY_PATH")
         .unwrap_or_default()
@@ -69,6 +66,21 @@ pub fn resolve_library(name: &str, runpath: &[String]) -> Option<std::path::Path
         .filter(|d| !d.is_empty())
         .map(str::to_string)
         .collect();
+    let search = if runpath.is_empty() {
+        rpath.into_iter().chain(env).collect()
+    } else {
+        env.into_iter().chain(runpath).collect()
+    };
+    (needed, search)
+}
+
+/// Where the dynamic linker would find `name`: in `search` (from
+/// [`needed_libraries`]), then the system directories (the `ld.so.cache` of
+/// a Debian-like system lists these).
+pub fn resolve_library(name: &str, search: &[String]) -> Option<std::path::PathBuf> {
+    if name.contains('/') {
+        return Some(std::path::PathBuf::from(name));
+    }
     const SYSTEM: &[&str] = &[
         "/lib/x86_64-linux-gnu",
         "/usr/lib/x86_64-linux-gnu",
@@ -78,9 +90,9 @@ pub fn resolve_library(name: &str, runpath: &[String]) -> Option<std::path::Path
         "/lib",
         "/usr/lib",
     ];
-    env.iter()
+    search
+        .iter()
         .map(String::as_str)
-        .chain(runpath.iter().map(String::as_str))
         .chain(SYSTEM.iter().copied())
         .map(|dir| Path::new(dir).join(name))
         .find(|p| p.is_file())

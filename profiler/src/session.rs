@@ -147,11 +147,11 @@ async fn run_launched(
     // dynamic linker will find it.
     let linked = || -> Option<ebpf::AllocatorLib> {
         let exe = exe_path(&command[0]);
-        let (needed, runpath) = crate::elf::needed_libraries(std::path::Path::new(&exe));
+        let (needed, search) = crate::elf::needed_libraries(std::path::Path::new(&exe));
         needed
             .iter()
             .filter(|n| ebpf::is_dedicated_allocator(n))
-            .find_map(|n| crate::elf::resolve_library(n, &runpath))
+            .find_map(|n| crate::elf::resolve_library(n, &search))
             .map(|p| ebpf::AllocatorLib::new(p.display().to_string(), p))
     };
     let preloaded = preloaded.or_else(linked);
@@ -235,7 +235,9 @@ impl Session {
         let started = Instant::now();
         let mut deadline = s.cfg.duration.map(|d| started + d);
         let mut next_interval = s.cfg.interval.map(|i| started + i);
-        let mut next_refresh = started + MAPS_REFRESH;
+        // Quickly at first: a launched command maps its libraries right
+        // after exec.
+        let mut next_refresh = started + Duration::from_millis(100);
         let mut tick = tokio::time::interval(POLL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut exit_code = None;
@@ -270,10 +272,9 @@ impl Session {
                     }
                     s.check_steps();
                     if now >= next_refresh {
-                        for t in &s.targets {
-                            if s.symbolizer.refresh(t.info.pid) {
-                                s.profiler.refresh_unwind(t.info.pid);
-                            }
+                        let pids: Vec<u32> = s.targets.iter().map(|t| t.info.pid).collect();
+                        for pid in pids {
+                            s.refresh_maps(pid);
                         }
                         s.pick_up_allocators();
                         // Quickly at first: a launched command maps its
@@ -325,7 +326,7 @@ impl Session {
                     let pid = self.launched.as_ref()?.pid;
                     if let Some(i) = self.targets.iter().position(|t| t.info.pid == pid) {
                         // Held at the start of its exit: the map is still there.
-                        self.symbolizer.refresh(pid);
+                        self.refresh_maps(pid);
                         self.check_oom();
                         if !self.targets[i].oom_written {
                             self.snapshot(i, Trigger::Exit);
@@ -363,12 +364,17 @@ impl Session {
         let libc = ebpf::find_allocator(pid, &maps, &ebpf::AllocatorChoice::Libc)
             .filter(|l| l.path != chosen.path);
         if !chosen.prefix.is_empty() {
-            // A prefixed allocator lives beside libc's malloc, which the rest
-            // of the program (and libc itself) keeps using: hook both.
-            if let Some(libc) = libc {
-                return self.attach_libs(info, &libc, None, &[chosen]);
-            }
-            return self.attach_libs(info, &chosen, None, &[]);
+            // A prefixed allocator lives beside the program's malloc (glibc's,
+            // or one that interposes it), which the rest of the program keeps
+            // using: hook both.
+            let main = ebpf::find_allocator(pid, &maps, &ebpf::AllocatorChoice::Auto);
+            return match main {
+                Some(main) => {
+                    let fallback = libc.filter(|l| l.path != main.path);
+                    self.attach_libs(info, &main, fallback.as_ref(), &[chosen])
+                }
+                None => self.attach_libs(info, &chosen, None, &[]),
+            };
         }
         let fallback = if choice == ebpf::AllocatorChoice::Libc {
             None
@@ -443,6 +449,14 @@ impl Session {
             info,
         });
         Ok(())
+    }
+
+    /// Re-reads a target's maps: new modules for symbolization and for the
+    /// stack walk.
+    fn refresh_maps(&mut self, pid: u32) {
+        if self.symbolizer.refresh(pid) {
+            self.profiler.refresh_unwind(pid);
+        }
     }
 
     /// Hooks allocator libraries targets mapped since they were attached
@@ -559,7 +573,7 @@ impl Session {
         let pid = self.targets[i].info.pid;
         let started = Instant::now();
         if procfs::is_alive(pid) {
-            self.symbolizer.refresh(pid);
+            self.refresh_maps(pid);
             if let Some(rss) = procfs::rss_bytes(pid) {
                 self.targets[i].rss_bytes = rss;
             }

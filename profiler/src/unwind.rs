@@ -44,7 +44,8 @@ pub struct ModuleUnwind {
     /// Sorted by `pc`, one row per change of rule; gaps between functions
     /// are `row_kind::NONE` rows.
     pub rows: Vec<UnwindRow>,
-    /// Most functions set up a frame pointer (CFA computed from rbp).
+    /// At least 95% of the functions set up a frame pointer (CFA computed
+    /// from rbp) somewhere.
     pub frame_pointers: bool,
     /// Functions described.
     pub functions: usize,
@@ -143,7 +144,10 @@ impl Collector {
         }
         ModuleUnwind {
             rows,
-            frame_pointers: self.functions > 0 && self.rbp_functions * 2 >= self.functions,
+            // A function without a frame pointer in the middle of a stack
+            // makes a frame-pointer walk skip its caller, silently: only
+            // modules where (nearly) every function sets one up count.
+            frame_pointers: self.functions > 0 && self.rbp_functions * 100 >= self.functions * 95,
             functions: self.functions,
         }
     }
@@ -156,14 +160,17 @@ fn same_rule(a: &UnwindRow, b: &UnwindRow) -> bool {
 
 /// One row of rules → the walk's form. Anything the walk cannot follow
 /// (a CFA expression or register other than rsp/rbp, a return address not
-/// at CFA - 8, rbp restored by an expression) becomes `NONE`: the walk stops
-/// there, truncated, rather than guess.
+/// at CFA - 8, rbp restored by an expression) becomes `UNSUPPORTED`: the
+/// walk stops there, truncated, rather than guess.
 pub fn convert<T: gimli::ReaderOffset>(
     cfa: Option<(gimli::Register, i64)>,
     ra: Option<RegisterRule<T>>,
     rbp: Option<RegisterRule<T>>,
 ) -> UnwindRow {
-    let none = UnwindRow::default();
+    let none = UnwindRow {
+        kind: row_kind::UNSUPPORTED,
+        ..UnwindRow::default()
+    };
     match ra {
         Some(RegisterRule::Undefined) => {
             return UnwindRow {
@@ -204,13 +211,32 @@ pub fn convert<T: gimli::ReaderOffset>(
 
 /// The bias of a mapping: runtime address minus ELF virtual address, from
 /// the load segment that holds the mapping's file offset.
+/// An executable mapping maps the page holding the start of its segment, so
+/// the segment's file offset may lie above the mapping's (lld aligns
+/// segments only in memory): the executable segment whose page-aligned file
+/// range holds the mapping's offset is the one.
 pub fn mapping_bias(data: &[u8], m: &Mapping) -> Option<u64> {
+    const PAGE: u64 = 4096;
     let file = object::File::parse(data).ok()?;
-    file.segments().find_map(|seg| {
+    let holds = |seg: &object::Segment<'_, '_>| {
         let (off, size) = seg.file_range();
-        (m.offset >= off && m.offset < off + size.max(1))
-            .then(|| m.start.wrapping_sub(seg.address() + (m.offset - off)))
-    })
+        let first_page = off & !(PAGE - 1);
+        m.offset >= first_page && m.offset < off + size.max(1)
+    };
+    let executable = |seg: &object::Segment<'_, '_>| matches!(seg.flags(), object::SegmentFlags::Elf { p_flags } if p_flags & object::elf::PF_X != 0);
+    let seg = file
+        .segments()
+        .find(|s| executable(s) && holds(s))
+        .or_else(|| file.segments().find(|s| holds(s)))?;
+    let (off, _) = seg.file_range();
+    // The mapping's first byte is file offset m.offset, at m.start; the
+    // segment's file offset `off` is at ELF address `seg.address()`.
+    Some(
+        m.start
+            .wrapping_add(off)
+            .wrapping_sub(m.offset)
+            .wrapping_sub(seg.address()),
+    )
 }
 
 /// A module's rows in the kernel's row table.
@@ -285,10 +311,13 @@ impl Tables {
         // `[vsyscall]` sits at the top of the address space, above where any
         // caller can be; the walk's search needs addresses below 2^63.
         for m in maps.iter().filter(|m| m.is_exec() && m.end <= 1 << 63) {
+            // Unknown until proven otherwise: JIT code, `[vdso]`, a file
+            // heapbpf cannot read are stepped through by frame pointer, and
+            // the walk's verdict is left to the root check.
             let mut entry = ModuleEntry {
                 start: m.start,
                 end: m.end,
-                kind: module_kind::FP,
+                kind: module_kind::UNKNOWN,
                 ..Default::default()
             };
             if m.is_file() {
@@ -302,16 +331,21 @@ impl Tables {
                         p
                     }),
                 };
-                if let (Some(p), Some(data)) = (placed, image.as_ref()) {
-                    entry.kind = p.kind;
-                    entry.first_row = p.first_row;
-                    entry.rows = p.rows;
-                    entry.bias = mapping_bias(data, m).unwrap_or(m.start);
-                    if p.kind == module_kind::DWARF {
-                        all_fp = false;
+                let bias = image.as_ref().and_then(|data| mapping_bias(data, m));
+                match (placed, bias) {
+                    (Some(p), Some(bias)) => {
+                        entry.kind = p.kind;
+                        entry.first_row = p.first_row;
+                        entry.rows = p.rows;
+                        entry.bias = bias;
+                        if p.kind != module_kind::FP {
+                            all_fp = false;
+                        }
                     }
-                } else {
-                    tracing::debug!(pid, path = %m.path, "cannot read module for unwinding");
+                    _ => {
+                        all_fp = false;
+                        tracing::debug!(pid, path = %m.path, "cannot read module for unwinding");
+                    }
                 }
             }
             entries.push(entry);
@@ -440,8 +474,37 @@ mod tests {
                 Some(Rule::Register(X86_64::RBX)),
             ),
         ] {
-            assert_eq!(r.kind, row_kind::NONE);
+            assert_eq!(r.kind, row_kind::UNSUPPORTED);
         }
+    }
+
+    #[no_mangle]
+    #[inline(never)]
+    extern "C" fn heapbpf_bias_probe() -> u64 {
+        std::hint::black_box(42)
+    }
+
+    /// The bias of this test binary's executable mapping (rustc links with
+    /// lld here, whose segments are aligned in memory only): runtime
+    /// address minus bias is the function's ELF symbol address.
+    #[test]
+    fn bias_of_a_real_mapping() {
+        use object::{Object, ObjectSymbol};
+        let runtime = heapbpf_bias_probe as *const () as u64;
+        assert_eq!(heapbpf_bias_probe(), 42);
+        let maps = crate::procfs::parse_maps(&std::fs::read_to_string("/proc/self/maps").unwrap());
+        let m = maps
+            .iter()
+            .find(|m| m.is_exec() && m.start <= runtime && runtime < m.end)
+            .expect("mapping of the test code");
+        let data = std::fs::read(&m.path).unwrap();
+        let bias = mapping_bias(&data, m).expect("bias");
+        let file = object::File::parse(&*data).unwrap();
+        let symbol = file
+            .symbols()
+            .find(|s| s.name() == Ok("heapbpf_bias_probe"))
+            .expect("symbol");
+        assert_eq!(runtime - bias, symbol.address());
     }
 
     /// This test binary is Rust code with `.eh_frame`: rows come out sorted,

@@ -193,8 +193,9 @@ pub const STACK_COMPLETE: u64 = 1 << 33;
 
 /// What an [`UnwindRow`] says about the frame of an address.
 pub mod row_kind {
-    /// No usable unwind data (a gap between functions, a CFA expression):
-    /// the walk stops here, truncated.
+    /// No call-frame information covers the address (a gap between
+    /// functions; code without CFI, as V8's embedded builtins): stepped out
+    /// of by frame pointer, the walk's verdict left to user space.
     pub const NONE: u8 = 0;
     /// CFA = rsp + offset.
     pub const CFA_RSP: u8 = 1;
@@ -202,6 +203,10 @@ pub mod row_kind {
     pub const CFA_RBP: u8 = 2;
     /// The return address is undefined: the outermost frame of a stack.
     pub const END: u8 = 3;
+    /// A rule the walk cannot follow (a CFA expression, a CFA in another
+    /// register, a return address not at CFA - 8): the walk stops here,
+    /// truncated.
+    pub const UNSUPPORTED: u8 = 4;
 }
 
 /// One row of call-frame information, valid from `pc` (an ELF virtual
@@ -225,6 +230,9 @@ pub mod module_kind {
     pub const FP: u32 = 0;
     /// Rows `first_row .. first_row + rows` of the row table.
     pub const DWARF: u32 = 1;
+    /// Nothing known (JIT code, `[vdso]`, an unreadable file): stepped
+    /// through by frame pointer, and the walk's verdict left to user space.
+    pub const UNKNOWN: u32 = 2;
 }
 
 /// Most executable mappings the walk knows per process.

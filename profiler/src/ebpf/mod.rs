@@ -280,8 +280,16 @@ pub fn prefixed_allocators(pid: u32, maps: &[Mapping]) -> Vec<AllocatorLib> {
     own_allocator(pid, maps, "je_").into_iter().collect()
 }
 
+/// A probed function: (device, inode) of its file, its address there, and
+/// whether the probe is its return probe.
+type FunctionKey = (u64, u64, u64, bool);
+
 struct Target {
     links: Vec<(&'static str, UProbeLinkId)>,
+    /// Functions probed, by (device, inode, address) of their file, entry
+    /// and return apart: one probe per function however many names
+    /// (aliases, or the same file hooked as two allocators) lead to it.
+    hooked: std::collections::HashSet<FunctionKey>,
 }
 
 /// Loaded programs and maps, and the probes attached per target.
@@ -489,7 +497,13 @@ impl Profiler {
             self.targets_map()?
                 .insert(pid, state, 0)
                 .map_err(|e| Error::runtime(format!("cannot register pid {pid}"), e))?;
-            self.targets.insert(pid, Target { links: Vec::new() });
+            self.targets.insert(
+                pid,
+                Target {
+                    links: Vec::new(),
+                    hooked: Default::default(),
+                },
+            );
         }
         match self.attach_all(pid, lib, fallback) {
             Ok(attached) => Ok(attached),
@@ -586,13 +600,12 @@ impl Profiler {
             .map_err(|e| Error::runtime(format!("cannot write the module table of pid {pid}"), e))
     }
 
-    fn attach_all(
+    fn attach_all<'a>(
         &mut self,
         pid: u32,
-        lib: &AllocatorLib,
-        fallback: Option<&AllocatorLib>,
+        lib: &'a AllocatorLib,
+        fallback: Option<&'a AllocatorLib>,
     ) -> Result<Vec<AttachedProbe>> {
-        let mut attached = Vec::new();
         let scope =
             UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or(Error::NoSuchProcess { pid })?);
         // Each symbol from the allocator library, or from the fallback (the C
@@ -602,7 +615,7 @@ impl Profiler {
         let fallback_exports = fallback
             .map(|f| placement::exported_symbols(&f.open_path))
             .unwrap_or_default();
-        let lib_for = |symbol: &str| -> Option<&AllocatorLib> {
+        let lib_for = |symbol: &str| -> Option<&'a AllocatorLib> {
             if exports.contains_key(&lib.name(symbol)) {
                 Some(lib)
             } else if fallback.is_some_and(|f| fallback_exports.contains_key(&f.name(symbol))) {
@@ -614,18 +627,50 @@ impl Profiler {
         // One probe per function: the first symbol of the table at an
         // address wins, its aliases are skipped (a second probe on the same
         // instruction would count each call twice).
-        let address_of = |symbol: &str, target: &AllocatorLib| -> Option<(PathBuf, u64)> {
-            let table = if std::ptr::eq(target, lib) {
-                &exports
+        let file_id = |l: &AllocatorLib| {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(&l.open_path).map_or((0, 0), |m| (m.dev(), m.ino()))
+        };
+        let (lib_id, fallback_id) = (file_id(lib), fallback.map(file_id));
+        let address_of = |symbol: &str, target: &AllocatorLib, ret: bool| {
+            let (table, id) = if std::ptr::eq(target, lib) {
+                (&exports, lib_id)
             } else {
-                &fallback_exports
+                (&fallback_exports, fallback_id.unwrap_or_default())
             };
             table
                 .get(&target.name(symbol))
-                .map(|a| (target.open_path.clone(), *a))
+                .map(|a| (id.0, id.1, *a, ret))
         };
-        let mut hooked_returns = std::collections::HashSet::new();
-        let mut hooked_entries = std::collections::HashSet::new();
+        let mut hooked = self
+            .targets
+            .get_mut(&pid)
+            .map(|t| std::mem::take(&mut t.hooked))
+            .unwrap_or_default();
+        let result = self.attach_set(pid, scope, &lib_for, &address_of, &mut hooked);
+        if let Some(t) = self.targets.get_mut(&pid) {
+            t.hooked.extend(hooked);
+        }
+        let attached = result?;
+        if lib_for("malloc").is_none() || lib_for("free").is_none() {
+            return Err(Error::NotTraceable {
+                pid,
+                why: format!("{} does not export malloc and free", lib.path),
+            });
+        }
+        Ok(attached)
+    }
+
+    /// Places the probes of the table, skipping functions already probed.
+    fn attach_set<'a>(
+        &mut self,
+        pid: u32,
+        scope: UProbeScope,
+        lib_for: &dyn Fn(&str) -> Option<&'a AllocatorLib>,
+        address_of: &dyn Fn(&str, &AllocatorLib, bool) -> Option<FunctionKey>,
+        hooked: &mut std::collections::HashSet<FunctionKey>,
+    ) -> Result<Vec<AttachedProbe>> {
+        let mut attached = Vec::new();
         let return_program = if self.floor.is_some() {
             "noop_return"
         } else {
@@ -638,7 +683,7 @@ impl Profiler {
             let Some(target) = lib_for(spec.symbol) else {
                 continue;
             };
-            if address_of(spec.symbol, target).is_some_and(|a| !hooked_returns.insert(a)) {
+            if address_of(spec.symbol, target, true).is_some_and(|a| !hooked.insert(a)) {
                 continue;
             }
             let name = target.name(spec.symbol);
@@ -652,10 +697,10 @@ impl Profiler {
         }
         for spec in LIBC_PROBES {
             let Some(target) = lib_for(spec.symbol) else {
-                tracing::info!(pid, symbol = spec.symbol, library = %lib.path, "symbol not exported; not hooked");
+                tracing::info!(pid, symbol = spec.symbol, "symbol not exported; not hooked");
                 continue;
             };
-            if address_of(spec.symbol, target).is_some_and(|a| !hooked_entries.insert(a)) {
+            if address_of(spec.symbol, target, false).is_some_and(|a| !hooked.insert(a)) {
                 tracing::info!(pid, symbol = spec.symbol, library = %target.path, "alias of a function already hooked; not hooked again");
                 continue;
             }
@@ -672,12 +717,6 @@ impl Profiler {
                 offset,
                 is_return: false,
                 library: target.label(),
-            });
-        }
-        if lib_for("malloc").is_none() || lib_for("free").is_none() {
-            return Err(Error::NotTraceable {
-                pid,
-                why: format!("{} does not export malloc and free", lib.path),
             });
         }
         Ok(attached)
