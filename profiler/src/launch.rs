@@ -4,10 +4,14 @@
 //!
 //! A watcher thread forks the command, which asks to be traced
 //! (`PTRACE_TRACEME`) and stops itself before `exec`. The thread, its tracer,
-//! waits for the session to attach, then lets it run. ptrace serves one
-//! purpose, `PTRACE_EVENT_EXIT`: a stop at the start of the command's exit,
+//! waits for the session to attach, then lets it run. ptrace serves two
+//! purposes. `PTRACE_EVENT_EXIT`: a stop at the start of the command's exit,
 //! with its memory map intact, held until the session has written the final
-//! snapshot. Every other stop is a signal for the command, passed on.
+//! snapshot. And one stop at the program's entry point after `exec` (a
+//! breakpoint at `AT_ENTRY`, removed at once), when the dynamic linker has
+//! mapped its libraries: the session reads the new memory map there, so the
+//! stack walk knows the program's modules before `main` runs. Every other
+//! stop is a signal for the command, passed on.
 use std::{
     ffi::CString,
     sync::mpsc::{channel, Receiver, Sender},
@@ -18,6 +22,9 @@ use crate::error::{Error, Result};
 /// What the watcher thread reports.
 #[derive(Debug)]
 pub enum LaunchEvent {
+    /// The command reached its entry point after `exec` and is held; answer
+    /// on the ack channel to let it go.
+    AtEntry,
     /// The command is exiting and held; answer on the ack channel to let it go.
     Exiting,
     /// The command is gone, with the exit code heapbpf should return.
@@ -116,6 +123,7 @@ pub fn start(command: &[String]) -> Result<Launched> {
         // Resume, dropping the SIGSTOP it stopped itself with.
         // SAFETY: our stopped tracee.
         unsafe { libc::ptrace(libc::PTRACE_CONT, pid, 0usize, 0usize) };
+        let mut breakpoint: Option<Breakpoint> = None;
         loop {
             // SAFETY: waiting for our own tracee.
             let r = unsafe { libc::waitpid(pid, &mut status, libc::__WALL) };
@@ -141,7 +149,20 @@ pub fn start(command: &[String]) -> Result<Launched> {
                     let _ = ack_rx.recv();
                     0
                 }
-                libc::PTRACE_EVENT_EXEC => 0,
+                libc::PTRACE_EVENT_EXEC => {
+                    breakpoint = set_entry_breakpoint(pid);
+                    0
+                }
+                0 if libc::WSTOPSIG(status) == libc::SIGTRAP
+                    && breakpoint.is_some_and(|b| at_breakpoint(pid, b)) =>
+                {
+                    if let Some(b) = breakpoint.take() {
+                        clear_entry_breakpoint(pid, b);
+                    }
+                    let _ = events_tx.send(LaunchEvent::AtEntry);
+                    let _ = ack_rx.recv();
+                    0
+                }
                 _ => libc::WSTOPSIG(status),
             };
             // SAFETY: our stopped tracee.
@@ -157,5 +178,80 @@ pub fn start(command: &[String]) -> Result<Launched> {
         }),
         Ok(Err(e)) => Err(Error::Runtime(e)),
         Err(_) => Err(Error::Runtime("the command watcher died".into())),
+    }
+}
+
+/// A breakpoint heapbpf placed: its address and the word it replaced.
+#[derive(Clone, Copy, Debug)]
+struct Breakpoint {
+    addr: u64,
+    word: libc::c_long,
+}
+
+/// `AT_ENTRY` of a process: where the program starts once the dynamic
+/// linker is done.
+fn entry_point(pid: i32) -> Option<u64> {
+    let auxv = std::fs::read(format!("/proc/{pid}/auxv")).ok()?;
+    auxv.chunks_exact(16).find_map(|pair| {
+        let key = u64::from_ne_bytes(pair[..8].try_into().ok()?);
+        let value = u64::from_ne_bytes(pair[8..].try_into().ok()?);
+        (key == libc::AT_ENTRY).then_some(value)
+    })
+}
+
+/// Writes `int3` at the entry point of our stopped tracee.
+fn set_entry_breakpoint(pid: i32) -> Option<Breakpoint> {
+    let addr = entry_point(pid)?;
+    // SAFETY: our stopped tracee; errno tells a failed peek from data.
+    unsafe {
+        *libc::__errno_location() = 0;
+        let word = libc::ptrace(libc::PTRACE_PEEKTEXT, pid, addr as usize, 0usize);
+        if *libc::__errno_location() != 0 {
+            return None;
+        }
+        let patched = (word & !0xff) | 0xcc;
+        if libc::ptrace(libc::PTRACE_POKETEXT, pid, addr as usize, patched as usize) != 0 {
+            return None;
+        }
+        Some(Breakpoint { addr, word })
+    }
+}
+
+/// Whether our tracee stopped on our breakpoint (it has executed the int3).
+fn at_breakpoint(pid: i32, b: Breakpoint) -> bool {
+    // SAFETY: our stopped tracee; `regs` is plain data.
+    unsafe {
+        let mut regs: libc::user_regs_struct = std::mem::zeroed();
+        libc::ptrace(
+            libc::PTRACE_GETREGS,
+            pid,
+            0usize,
+            &mut regs as *mut _ as usize,
+        ) == 0
+            && regs.rip == b.addr + 1
+    }
+}
+
+/// Puts the original instruction back and resumes at it.
+fn clear_entry_breakpoint(pid: i32, b: Breakpoint) {
+    // SAFETY: our stopped tracee; `regs` is plain data.
+    unsafe {
+        libc::ptrace(libc::PTRACE_POKETEXT, pid, b.addr as usize, b.word as usize);
+        let mut regs: libc::user_regs_struct = std::mem::zeroed();
+        if libc::ptrace(
+            libc::PTRACE_GETREGS,
+            pid,
+            0usize,
+            &mut regs as *mut _ as usize,
+        ) == 0
+        {
+            regs.rip = b.addr;
+            libc::ptrace(
+                libc::PTRACE_SETREGS,
+                pid,
+                0usize,
+                &regs as *const _ as usize,
+            );
+        }
     }
 }

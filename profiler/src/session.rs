@@ -322,6 +322,13 @@ impl Session {
         loop {
             let event = self.launched.as_ref()?.events.try_recv();
             match event {
+                Ok(crate::launch::LaunchEvent::AtEntry) => {
+                    // The program's libraries are mapped; main has not run.
+                    let pid = self.launched.as_ref()?.pid;
+                    self.refresh_maps(pid);
+                    self.pick_up_allocators();
+                    let _ = self.launched.as_ref()?.ack.send(());
+                }
                 Ok(crate::launch::LaunchEvent::Exiting) => {
                     let pid = self.launched.as_ref()?.pid;
                     if let Some(i) = self.targets.iter().position(|t| t.info.pid == pid) {

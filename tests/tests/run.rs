@@ -130,3 +130,54 @@ fn run_finds_the_allocator_a_command_links() {
         }
     );
 }
+
+/// A command built without frame pointers, allocating five calls deep from
+/// its first instructions: its stacks are complete although its libraries
+/// were mapped after `exec` (heapbpf reads its map at the entry point).
+#[test]
+fn run_walks_stacks_of_a_command_from_its_start() {
+    require_root();
+    let dir = TempDir::new("run-deep");
+    let fixture = fixture_path("deep");
+    let (code, _, err) = run_heapbpf(&[
+        "run",
+        "--sample-bytes",
+        "0",
+        "--format",
+        "json",
+        "-o",
+        dir.path().to_str().unwrap(),
+        "--",
+        fixture.to_str().unwrap(),
+        "start",
+        "50",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("heapbpf: snapshot exit pid="))
+        .unwrap_or_else(|| panic!("{err}"));
+    let s = read_json(std::path::Path::new(line.split(" -> ").nth(1).unwrap()));
+    let st = s["stacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|st| st["frames"][0]["function"] == "level5")
+        .unwrap_or_else(|| panic!("{s:#}"));
+    let functions: Vec<&str> = st["frames"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["inlined"] == false)
+        .map(|f| f["function"].as_str().unwrap_or("?"))
+        .collect();
+    assert_eq!(
+        &functions[..6],
+        &["level5", "level4", "level3", "level2", "level1", "main"],
+        "{st}"
+    );
+    assert_eq!(functions.last(), Some(&"_start"), "{st}");
+    assert_eq!(st["truncated"], false, "{st}");
+    assert_eq!(st["live_bytes"], 50_000);
+    assert_eq!(st["live_allocations"], 50);
+}
