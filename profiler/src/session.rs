@@ -138,9 +138,7 @@ async fn run_launched(
         .split([' ', ':'])
         .find_map(|lib| {
             let name = lib.rsplit('/').next().unwrap_or(lib);
-            ["libjemalloc", "libtcmalloc", "libmimalloc"]
-                .iter()
-                .any(|p| name.starts_with(p))
+            ebpf::is_dedicated_allocator(name)
                 .then(|| ebpf::AllocatorLib::new(lib.to_string(), lib.into()))
         });
     // An allocator the command links against (DT_NEEDED), found where its

@@ -297,7 +297,7 @@ impl Drop for TempDir {
 }
 
 /// Per-site figures of a snapshot: sums over the stacks whose first frame
-/// is `function`.
+/// is `function` (with or without a C++ parameter list).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Site {
     pub live_bytes: u64,
@@ -309,7 +309,12 @@ pub struct Site {
 pub fn site(snapshot: &Value, function: &str) -> Site {
     let mut s = Site::default();
     for st in snapshot["stacks"].as_array().expect("stacks") {
-        if st["frames"][0]["function"].as_str() == Some(function) {
+        let f = st["frames"][0]["function"].as_str().unwrap_or("");
+        // A demangled C++ name carries its parameter list.
+        if f == function
+            || f.strip_prefix(function)
+                .is_some_and(|rest| rest.starts_with('('))
+        {
             s.live_bytes += st["live_bytes"].as_u64().unwrap();
             s.live_allocations += st["live_allocations"].as_u64().unwrap();
             s.allocated_bytes += st["allocated_bytes"].as_u64().unwrap();
@@ -317,4 +322,15 @@ pub fn site(snapshot: &Value, function: &str) -> Site {
         }
     }
     s
+}
+
+/// Function names of a stack's frames, innermost first, inlined ones left out.
+pub fn functions(stack: &Value) -> Vec<String> {
+    stack["frames"]
+        .as_array()
+        .expect("frames")
+        .iter()
+        .filter(|f| f["inlined"] == false)
+        .map(|f| f["function"].as_str().unwrap_or("?").to_string())
+        .collect()
 }

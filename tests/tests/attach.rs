@@ -443,8 +443,15 @@ fn a_burst_of_signals_never_writes_half_files() {
 /// not export (reallocarray, pvalloc), which glibc then serves.
 fn exact_with_preloaded(library: &str, name: &str, zero_blocks: u64) {
     require_root();
-    let dir = TempDir::new(name);
-    let mut fx = Fixture::spawn_preloaded("allocs", library);
+    let fx = Fixture::spawn_preloaded("allocs", library);
+    exact_under(fx, "allocs", name, zero_blocks, "run");
+}
+
+/// Attaches to `fx` (the allocs fixture built as `fixture`), checks that the
+/// `attached` line names `name`, runs the scenario with `run`, and asserts
+/// every site's figures.
+fn exact_under(mut fx: Fixture, fixture: &str, name: &str, zero_blocks: u64, run: &str) {
+    let dir = TempDir::new("exact-under");
     let mut hb = Heapbpf::attach(&[fx.pid], dir.path(), &["--format", "json"]);
     let attached = hb
         .stderr
@@ -453,17 +460,11 @@ fn exact_with_preloaded(library: &str, name: &str, zero_blocks: u64) {
         .unwrap()
         .clone();
     assert!(attached.contains(name), "{attached}");
-    fx.command("run");
+    fx.command(run);
     fx.command("free-pre");
-    hb.signal(libc::SIGUSR2);
-    let snap = read_json(&hb.wait_snapshot("signal", fx.pid)[0]);
-    assert_exact_with(
-        &snap,
-        &fixture_path("allocs").to_string_lossy(),
-        zero_blocks,
-    );
     hb.signal(libc::SIGINT);
-    hb.wait_snapshot("stop", fx.pid);
+    let snap = read_json(&hb.wait_snapshot("stop", fx.pid)[0]);
+    assert_exact_with(&snap, &fixture_path(fixture).to_string_lossy(), zero_blocks);
     assert_eq!(hb.wait_exit().code(), Some(0));
 }
 
@@ -471,7 +472,8 @@ fn exact_with_preloaded(library: &str, name: &str, zero_blocks: u64) {
 // threads sometimes abort in glibc ("malloc assertion failure in
 // __malloc_arena_thread_freeres: a->attached_threads > 0"), without heapbpf
 // too, once its threads overlap (glibc then serves the pvalloc and
-// reallocarray jemalloc lacks). jemalloc is covered by the redis test.
+// reallocarray jemalloc lacks). jemalloc is covered by the linked tests
+// below (threads one after another) and the redis test.
 
 #[test]
 fn exact_figures_with_tcmalloc() {
@@ -526,22 +528,7 @@ fn exact_linked(fixture: &str, name: &str, zero_blocks: u64) {
 
 fn exact_linked_with(fixture: &str, name: &str, zero_blocks: u64, run: &str) {
     require_root();
-    let dir = TempDir::new("linked");
-    let mut fx = Fixture::spawn(fixture);
-    let mut hb = Heapbpf::attach(&[fx.pid], dir.path(), &["--format", "json"]);
-    let attached = hb
-        .stderr
-        .iter()
-        .find(|l| l.contains(" attached to "))
-        .unwrap()
-        .clone();
-    assert!(attached.contains(name), "{attached}");
-    fx.command(run);
-    fx.command("free-pre");
-    hb.signal(libc::SIGINT);
-    let snap = read_json(&hb.wait_snapshot("stop", fx.pid)[0]);
-    assert_exact_with(&snap, &fixture_path(fixture).to_string_lossy(), zero_blocks);
-    assert_eq!(hb.wait_exit().code(), Some(0));
+    exact_under(Fixture::spawn(fixture), fixture, name, zero_blocks, run);
 }
 
 /// Its threads run one after another: see `run-serial` in the fixture.

@@ -5,22 +5,6 @@ use heapbpf_integration_tests::*;
 
 const LIBS: &str = "/usr/lib/x86_64-linux-gnu";
 
-/// Figures of the stacks whose first frame is `method` (demangled, with or
-/// without its parameter list).
-fn method(snapshot: &Value, method: &str) -> Site {
-    let mut s = Site::default();
-    for st in snapshot["stacks"].as_array().expect("stacks") {
-        let f = st["frames"][0]["function"].as_str().unwrap_or("");
-        if f == method || f.starts_with(&format!("{method}(")) {
-            s.live_bytes += st["live_bytes"].as_u64().unwrap();
-            s.live_allocations += st["live_allocations"].as_u64().unwrap();
-            s.allocated_bytes += st["allocated_bytes"].as_u64().unwrap();
-            s.allocations += st["allocations"].as_u64().unwrap();
-        }
-    }
-    s
-}
-
 fn check(preload: Option<&str>) {
     let dir = TempDir::new("cplusplus");
     let mut fx = match preload {
@@ -36,7 +20,7 @@ fn check(preload: Option<&str>) {
     assert_eq!(hb.wait_exit().code(), Some(0));
     let what = preload.unwrap_or("glibc");
     assert_eq!(
-        method(&snap, "Cache::remember"),
+        site(&snap, "Cache::remember"),
         Site {
             live_bytes: 70 * 1000,
             live_allocations: 70,
@@ -46,7 +30,7 @@ fn check(preload: Option<&str>) {
         "Cache::remember with {what}:\n{snap:#}"
     );
     assert_eq!(
-        method(&snap, "Cache::add_node"),
+        site(&snap, "Cache::add_node"),
         Site {
             live_bytes: 50 * 48,
             live_allocations: 50,

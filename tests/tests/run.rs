@@ -164,19 +164,13 @@ fn run_walks_stacks_of_a_command_from_its_start() {
         .iter()
         .find(|st| st["frames"][0]["function"] == "level5")
         .unwrap_or_else(|| panic!("{s:#}"));
-    let functions: Vec<&str> = st["frames"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|f| f["inlined"] == false)
-        .map(|f| f["function"].as_str().unwrap_or("?"))
-        .collect();
+    let functions = functions(st);
     assert_eq!(
         &functions[..6],
         &["level5", "level4", "level3", "level2", "level1", "main"],
         "{st}"
     );
-    assert_eq!(functions.last(), Some(&"_start"), "{st}");
+    assert_eq!(functions.last().map(String::as_str), Some("_start"), "{st}");
     assert_eq!(st["truncated"], false, "{st}");
     assert_eq!(st["live_bytes"], 50_000);
     assert_eq!(st["live_allocations"], 50);

@@ -2,20 +2,7 @@
 //! `-O2 -fomit-frame-pointer`) and through Debian's libc, which has none
 //! either: complete stacks under `--unwind auto|dwarf`, truncated ones
 //! marked as such under `--unwind fp`.
-use serde_json::Value;
-
 use heapbpf_integration_tests::*;
-
-/// Function names of a stack's frames, innermost first, inlined ones left out.
-fn functions(stack: &Value) -> Vec<String> {
-    stack["frames"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|f| f["inlined"] == false)
-        .map(|f| f["function"].as_str().unwrap_or("?").to_string())
-        .collect()
-}
 
 fn stacks_from<'a>(snapshot: &'a Value, function: &str) -> Vec<&'a Value> {
     snapshot["stacks"]

@@ -193,29 +193,24 @@ impl AllocatorChoice {
 pub fn dedicated_allocators(pid: u32, maps: &[Mapping]) -> Vec<AllocatorLib> {
     let mut found: Vec<AllocatorLib> = Vec::new();
     for m in maps.iter().filter(|m| m.is_file()) {
-        let dedicated = [
-            AllocatorChoice::Jemalloc,
-            AllocatorChoice::Tcmalloc,
-            AllocatorChoice::Mimalloc,
-        ]
-        .iter()
-        .any(|c| c.matches(m.file_name()));
-        if dedicated && !found.iter().any(|l| l.path == m.path) {
+        if is_dedicated_allocator(m.file_name()) && !found.iter().any(|l| l.path == m.path) {
             found.push(AllocatorLib::new(m.path.clone(), m.map_file(pid)));
         }
     }
     found
 }
 
+/// The allocators that interpose malloc for the whole process, in the order
+/// `--allocator auto` prefers them.
+const DEDICATED: [AllocatorChoice; 3] = [
+    AllocatorChoice::Jemalloc,
+    AllocatorChoice::Tcmalloc,
+    AllocatorChoice::Mimalloc,
+];
+
 /// Whether a library file name is a dedicated allocator's.
 pub fn is_dedicated_allocator(file_name: &str) -> bool {
-    [
-        AllocatorChoice::Jemalloc,
-        AllocatorChoice::Tcmalloc,
-        AllocatorChoice::Mimalloc,
-    ]
-    .iter()
-    .any(|c| c.matches(file_name))
+    DEDICATED.iter().any(|c| c.matches(file_name))
 }
 
 /// Finds the allocator library in a target's memory map: a dedicated
@@ -249,12 +244,7 @@ pub fn find_allocator(
     if *choice != AllocatorChoice::Auto {
         return mapped(choice);
     }
-    let dedicated = [
-        AllocatorChoice::Jemalloc,
-        AllocatorChoice::Tcmalloc,
-        AllocatorChoice::Mimalloc,
-    ];
-    dedicated
+    DEDICATED
         .iter()
         .find_map(mapped)
         .or_else(|| own_allocator(pid, maps, ""))
@@ -269,9 +259,8 @@ fn own_allocator(pid: u32, maps: &[Mapping], prefix: &str) -> Option<AllocatorLi
         prefix: prefix.to_string(),
         ..AllocatorLib::new(exe.path.clone(), exe.map_file(pid))
     };
-    let symbols = placement::exported_symbols(&lib.open_path);
-    (symbols.contains_key(&lib.name("malloc")) && symbols.contains_key(&lib.name("free")))
-        .then_some(lib)
+    let image = placement::Image::open(&lib.open_path);
+    (image.defines(&lib.name("malloc")) && image.defines(&lib.name("free"))).then_some(lib)
 }
 
 /// Allocators a program carries besides the one that serves `malloc`: a
@@ -290,6 +279,9 @@ struct Target {
     /// and return apart: one probe per function however many names
     /// (aliases, or the same file hooked as two allocators) lead to it.
     hooked: std::collections::HashSet<FunctionKey>,
+    /// heapbpf's own stack walk takes this target's stacks (it has a module
+    /// table in the kernel).
+    walk: bool,
 }
 
 /// Loaded programs and maps, and the probes attached per target.
@@ -502,6 +494,7 @@ impl Profiler {
                 Target {
                     links: Vec::new(),
                     hooked: Default::default(),
+                    walk,
                 },
             );
         }
@@ -548,17 +541,12 @@ impl Profiler {
         if self.unwind.mode() == unwind::Mode::Fp {
             return;
         }
+        if !self.targets.get(&pid).is_some_and(|t| t.walk) {
+            return;
+        }
         let Ok(maps) = crate::procfs::read_maps(pid) else {
             return;
         };
-        let walked = self
-            .ebpf
-            .map("MODULES")
-            .and_then(|m| BpfHashMap::<_, u32, ModuleTable>::try_from(m).ok())
-            .is_some_and(|m| m.get(&pid, 0).is_ok());
-        if !walked {
-            return;
-        }
         let t = self
             .unwind
             .for_target(pid, &maps, &mut |m| open_image(pid, m));
@@ -600,93 +588,49 @@ impl Profiler {
             .map_err(|e| Error::runtime(format!("cannot write the module table of pid {pid}"), e))
     }
 
-    fn attach_all<'a>(
+    fn attach_all(
         &mut self,
         pid: u32,
-        lib: &'a AllocatorLib,
-        fallback: Option<&'a AllocatorLib>,
+        lib: &AllocatorLib,
+        fallback: Option<&AllocatorLib>,
     ) -> Result<Vec<AttachedProbe>> {
         let scope =
             UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or(Error::NoSuchProcess { pid })?);
+        let lib_image = placement::Image::open(&lib.open_path);
+        let fallback = fallback.map(|f| (f, placement::Image::open(&f.open_path)));
         // Each symbol from the allocator library, or from the fallback (the C
         // library) when the allocator does not export it: glibc then serves
         // those calls (jemalloc and tcmalloc have no reallocarray, ...).
-        let exports = placement::exported_symbols(&lib.open_path);
-        let fallback_exports = fallback
-            .map(|f| placement::exported_symbols(&f.open_path))
-            .unwrap_or_default();
-        let lib_for = |symbol: &str| -> Option<&'a AllocatorLib> {
-            if exports.contains_key(&lib.name(symbol)) {
-                Some(lib)
-            } else if fallback.is_some_and(|f| fallback_exports.contains_key(&f.name(symbol))) {
-                fallback
-            } else {
-                None
+        let pick = |symbol: &str| -> Option<(&AllocatorLib, &placement::Image)> {
+            if lib_image.defines(&lib.name(symbol)) {
+                return Some((lib, &lib_image));
             }
+            let (f, image) = fallback.as_ref()?;
+            image.defines(&f.name(symbol)).then_some((*f, image))
         };
-        // One probe per function: the first symbol of the table at an
-        // address wins, its aliases are skipped (a second probe on the same
-        // instruction would count each call twice).
-        let file_id = |l: &AllocatorLib| {
-            use std::os::unix::fs::MetadataExt;
-            std::fs::metadata(&l.open_path).map_or((0, 0), |m| (m.dev(), m.ino()))
-        };
-        let (lib_id, fallback_id) = (file_id(lib), fallback.map(file_id));
-        let address_of = |symbol: &str, target: &AllocatorLib, ret: bool| {
-            let (table, id) = if std::ptr::eq(target, lib) {
-                (&exports, lib_id)
-            } else {
-                (&fallback_exports, fallback_id.unwrap_or_default())
-            };
-            table
-                .get(&target.name(symbol))
-                .map(|a| (id.0, id.1, *a, ret))
-        };
-        let mut hooked = self
-            .targets
-            .get_mut(&pid)
-            .map(|t| std::mem::take(&mut t.hooked))
-            .unwrap_or_default();
-        let result = self.attach_set(pid, scope, &lib_for, &address_of, &mut hooked);
-        if let Some(t) = self.targets.get_mut(&pid) {
-            t.hooked.extend(hooked);
-        }
-        let attached = result?;
-        if lib_for("malloc").is_none() || lib_for("free").is_none() {
+        if pick("malloc").is_none() || pick("free").is_none() {
             return Err(Error::NotTraceable {
                 pid,
                 why: format!("{} does not export malloc and free", lib.path),
             });
         }
-        Ok(attached)
-    }
-
-    /// Places the probes of the table, skipping functions already probed.
-    fn attach_set<'a>(
-        &mut self,
-        pid: u32,
-        scope: UProbeScope,
-        lib_for: &dyn Fn(&str) -> Option<&'a AllocatorLib>,
-        address_of: &dyn Fn(&str, &AllocatorLib, bool) -> Option<FunctionKey>,
-        hooked: &mut std::collections::HashSet<FunctionKey>,
-    ) -> Result<Vec<AttachedProbe>> {
-        let mut attached = Vec::new();
         let return_program = if self.floor.is_some() {
             "noop_return"
         } else {
             RETURN_PROGRAM
         };
         let with_returns = self.floor != Some(Floor::Entry);
+        let mut attached = Vec::new();
         // Return probes first, so that no call is seen entering without its
         // return hooked.
         for spec in LIBC_PROBES.iter().filter(|p| p.has_return && with_returns) {
-            let Some(target) = lib_for(spec.symbol) else {
+            let Some((target, image)) = pick(spec.symbol) else {
                 continue;
             };
-            if address_of(spec.symbol, target, true).is_some_and(|a| !hooked.insert(a)) {
+            let name = target.name(spec.symbol);
+            if !self.first_probe(pid, image, &name, true) {
                 continue;
             }
-            let name = target.name(spec.symbol);
             self.attach_one(return_program, &name, 0, target, scope, pid)?;
             attached.push(AttachedProbe {
                 symbol: name,
@@ -696,21 +640,21 @@ impl Profiler {
             });
         }
         for spec in LIBC_PROBES {
-            let Some(target) = lib_for(spec.symbol) else {
+            let Some((target, image)) = pick(spec.symbol) else {
                 tracing::info!(pid, symbol = spec.symbol, "symbol not exported; not hooked");
                 continue;
             };
-            if address_of(spec.symbol, target, false).is_some_and(|a| !hooked.insert(a)) {
-                tracing::info!(pid, symbol = spec.symbol, library = %target.path, "alias of a function already hooked; not hooked again");
+            let name = target.name(spec.symbol);
+            if !self.first_probe(pid, image, &name, false) {
+                tracing::info!(pid, symbol = %name, library = %target.path, "alias of a function already hooked; not hooked again");
                 continue;
             }
-            let offset = entry_offset(spec, target);
+            let offset = entry_offset(spec, image, &name);
             let program = if self.floor.is_some() {
                 "noop_enter"
             } else {
                 spec.entry_program
             };
-            let name = target.name(spec.symbol);
             self.attach_one(program, &name, offset, target, scope, pid)?;
             attached.push(AttachedProbe {
                 symbol: name,
@@ -720,6 +664,18 @@ impl Profiler {
             });
         }
         Ok(attached)
+    }
+
+    /// Whether `symbol` of `image` is the first name of its function to be
+    /// probed (entry or return) for `pid`: one probe per function, however
+    /// many names (aliases, or the same file hooked as two allocators) lead
+    /// to it, or each call would be counted twice.
+    fn first_probe(&mut self, pid: u32, image: &placement::Image, symbol: &str, ret: bool) -> bool {
+        let (Some(addr), Some(t)) = (image.address(symbol), self.targets.get_mut(&pid)) else {
+            return true;
+        };
+        let (dev, ino) = image.id();
+        t.hooked.insert((dev, ino, addr, ret))
     }
 
     fn attach_one(
@@ -985,12 +941,13 @@ fn install_unwinder(ebpf: &mut Ebpf) -> Result<()> {
 
 /// The entry probe's offset: the table's, or past a verified null check for
 /// entry-only probes (see [`placement`]).
-fn entry_offset(spec: &ProbeSpec, lib: &AllocatorLib) -> u64 {
+fn entry_offset(spec: &ProbeSpec, image: &placement::Image, symbol: &str) -> u64 {
     if spec.has_return || spec.entry_offset != 0 {
         return spec.entry_offset;
     }
-    placement::symbol_bytes(&lib.open_path, &lib.name(spec.symbol), 16)
-        .and_then(|code| placement::past_null_check(&code))
+    image
+        .bytes(symbol, 16)
+        .and_then(placement::past_null_check)
         .unwrap_or(spec.entry_offset)
 }
 

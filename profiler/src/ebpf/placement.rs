@@ -35,50 +35,83 @@ pub fn past_null_check(code: &[u8]) -> Option<u64> {
     emulated.then_some(at as u64)
 }
 
-/// The defined symbols of the ELF file at `path` (dynamic and static symbol
-/// tables) with their addresses: aliases (tcmalloc's `free`, `tc_free` and
-/// `operator delete` are one function) share an address.
-pub fn exported_symbols(path: &std::path::Path) -> std::collections::HashMap<String, u64> {
-    use object::{Object, ObjectSymbol};
-    let Ok(file) = std::fs::File::open(path) else {
-        return Default::default();
-    };
-    // SAFETY: a read-only private mapping, dropped before returning.
-    let Ok(data) = (unsafe { memmap2::Mmap::map(&file) }) else {
-        return Default::default();
-    };
-    let Ok(file) = object::File::parse(&*data) else {
-        return Default::default();
-    };
-    file.dynamic_symbols()
-        .chain(file.symbols())
-        .filter(|s| s.is_definition() && s.address() != 0)
-        .filter_map(|s| s.name().ok().map(|n| (n.to_string(), s.address())))
-        .collect()
+/// An allocator's ELF file, read once at attach: its defined symbols (dynamic
+/// and static symbol tables) with their addresses, and the bytes of its
+/// loadable segments. Aliases (tcmalloc's `free`, `tc_free` and `operator
+/// delete` are one function) share an address.
+#[derive(Default)]
+pub struct Image {
+    data: Option<memmap2::Mmap>,
+    symbols: std::collections::HashMap<String, u64>,
+    /// (address, size, file offset, file size) of each load segment.
+    segments: Vec<(u64, u64, u64, u64)>,
+    /// (device, inode) of the file.
+    id: (u64, u64),
 }
 
-/// The first bytes of `symbol` in the ELF file at `path`.
-pub fn symbol_bytes(path: &std::path::Path, symbol: &str, len: usize) -> Option<Vec<u8>> {
-    use object::{Object, ObjectSegment, ObjectSymbol};
-    let file = std::fs::File::open(path).ok()?;
-    // SAFETY: a read-only private mapping, dropped before returning.
-    let data = unsafe { memmap2::Mmap::map(&file) }.ok()?;
-    let file = object::File::parse(&*data).ok()?;
-    let addr = file
-        .dynamic_symbols()
-        .chain(file.symbols())
-        .find(|s| s.name().ok() == Some(symbol) && s.address() != 0)?
-        .address();
-    let seg = file
-        .segments()
-        .find(|s| s.address() <= addr && addr < s.address() + s.size())?;
-    let (seg_off, seg_len) = seg.file_range();
-    let off = seg_off + (addr - seg.address());
-    if off + len as u64 > seg_off + seg_len {
-        return None;
+impl Image {
+    /// Reads the file at `path`; an unreadable or non-ELF file has no symbols.
+    pub fn open(path: &std::path::Path) -> Image {
+        use object::{Object, ObjectSegment, ObjectSymbol};
+        use std::os::unix::fs::MetadataExt;
+        let Ok(file) = std::fs::File::open(path) else {
+            return Image::default();
+        };
+        let id = file.metadata().map_or((0, 0), |m| (m.dev(), m.ino()));
+        // SAFETY: a read-only private mapping of a file the target executes.
+        let Ok(data) = (unsafe { memmap2::Mmap::map(&file) }) else {
+            return Image::default();
+        };
+        let (symbols, segments) = match object::File::parse(&*data) {
+            Ok(elf) => (
+                elf.dynamic_symbols()
+                    .chain(elf.symbols())
+                    .filter(|s| s.is_definition() && s.address() != 0)
+                    .filter_map(|s| s.name().ok().map(|n| (n.to_string(), s.address())))
+                    .collect(),
+                elf.segments()
+                    .map(|seg| {
+                        let (off, len) = seg.file_range();
+                        (seg.address(), seg.size(), off, len)
+                    })
+                    .collect(),
+            ),
+            Err(_) => Default::default(),
+        };
+        Image {
+            data: Some(data),
+            symbols,
+            segments,
+            id,
+        }
     }
-    data.get(off as usize..off as usize + len)
-        .map(<[u8]>::to_vec)
+
+    pub fn defines(&self, symbol: &str) -> bool {
+        self.symbols.contains_key(symbol)
+    }
+
+    pub fn address(&self, symbol: &str) -> Option<u64> {
+        self.symbols.get(symbol).copied()
+    }
+
+    /// (device, inode) of the file.
+    pub fn id(&self) -> (u64, u64) {
+        self.id
+    }
+
+    /// The first `len` bytes of `symbol`'s code.
+    pub fn bytes(&self, symbol: &str, len: usize) -> Option<&[u8]> {
+        let addr = self.address(symbol)?;
+        let &(start, _, seg_off, seg_len) = self
+            .segments
+            .iter()
+            .find(|&&(start, size, _, _)| start <= addr && addr < start + size)?;
+        let off = seg_off + (addr - start);
+        if off + len as u64 > seg_off + seg_len {
+            return None;
+        }
+        self.data.as_ref()?.get(off as usize..off as usize + len)
+    }
 }
 
 #[cfg(test)]
