@@ -115,6 +115,10 @@ pub struct ProfileArgs {
     /// Benchmark floor: empty programs at the same probe points (entry or return).
     #[arg(long, value_enum, hide = true)]
     pub probe_floor: Option<ProbeFloor>,
+    /// Hook allocating functions with a uprobe and a uretprobe each even
+    /// where the kernel has uprobe sessions (for comparison).
+    #[arg(long, hide = true)]
+    pub no_uprobe_sessions: bool,
     /// More on stderr: where each probe went, per-snapshot statistics.
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -175,6 +179,7 @@ pub struct AttachConfig {
     pub floor: Option<crate::ebpf::Floor>,
     pub allocator: crate::ebpf::AllocatorChoice,
     pub unwind: crate::unwind::Mode,
+    pub sessions: bool,
     pub quiet: bool,
 }
 
@@ -237,6 +242,7 @@ impl ProfileArgs {
                 ProbeFloor::Return => crate::ebpf::Floor::Return,
             }),
             allocator,
+            sessions: !self.no_uprobe_sessions,
             quiet: self.quiet,
         })
     }

@@ -210,6 +210,7 @@ impl Session {
             floor: cfg.floor,
             sample_bytes: cfg.sample_bytes,
             unwind: cfg.unwind,
+            sessions: cfg.sessions,
         })?;
         Ok(Session {
             cfg,
@@ -417,7 +418,7 @@ impl Session {
             }
         }
         for p in &probes {
-            tracing::info!(pid, symbol = p.symbol, offset = p.offset, ret = p.is_return, library = %p.library, "probe placed at {}+{:#x}{} in {}", p.symbol, p.offset, if p.is_return { " (return)" } else { "" }, p.library);
+            tracing::info!(pid, symbol = p.symbol, offset = p.offset, ret = p.is_return, library = %p.library, "probe placed at {}+{:#x}{} in {}", p.symbol, p.offset, if p.session { " (session: entry, return when needed)" } else if p.is_return { " (return)" } else { "" }, p.library);
         }
         let mut lib_paths: Vec<&str> = Vec::new();
         for p in &probes {

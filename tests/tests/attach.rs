@@ -183,6 +183,37 @@ fn exact_figures_are_the_same_under_each_unwinding_mode() {
     }
 }
 
+/// On this kernel the allocating functions are hooked with uprobe sessions
+/// (one program at entry, and at return only when the entry asks); the
+/// uprobe + uretprobe pairs heapbpf uses where the kernel has no sessions
+/// count exactly the same.
+#[test]
+fn exact_figures_with_uprobe_sessions_and_with_return_probes() {
+    require_root();
+    for (extra, placed) in [
+        (&["-v"][..], "probe placed at malloc+0x0 (session"),
+        (
+            &["-v", "--no-uprobe-sessions"][..],
+            "probe placed at malloc+0x0 (return)",
+        ),
+    ] {
+        let dir = TempDir::new("exact-probes");
+        let mut fx = Fixture::spawn("allocs");
+        let mut hb = Heapbpf::attach(&[fx.pid], dir.path(), extra);
+        assert!(
+            hb.stderr.iter().any(|l| l.contains(placed)),
+            "{extra:?}: no {placed:?} in\n{}",
+            hb.stderr.join("\n")
+        );
+        fx.command("run");
+        fx.command("free-pre");
+        hb.signal(libc::SIGINT);
+        let snap = read_json(&hb.wait_snapshot("stop", fx.pid)[0]);
+        assert_eq!(hb.wait_exit().code(), Some(0));
+        assert_exact(&snap, &fixture_path("allocs").to_string_lossy());
+    }
+}
+
 #[test]
 fn target_exit_writes_a_symbolized_final_snapshot() {
     require_root();

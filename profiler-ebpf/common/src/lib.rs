@@ -299,3 +299,14 @@ mod pod {
     unsafe impl aya::Pod for ModuleEntry {}
     unsafe impl aya::Pod for ModuleTable {}
 }
+
+/// Helper numbers the session programs call in place of kfuncs (the BPF
+/// target cannot name kernel functions); heapbpf's session loader rewrites
+/// each such call into a call of the kfunc. No helper has these numbers: a
+/// program still holding one fails to load.
+pub mod kfunc_call {
+    /// `bpf_session_is_return`
+    pub const SESSION_IS_RETURN: i32 = 0x7eb0_0001;
+    /// `bpf_session_cookie`
+    pub const SESSION_COOKIE: i32 = 0x7eb0_0002;
+}

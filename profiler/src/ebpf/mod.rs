@@ -2,12 +2,14 @@
 //! target's allocator, and draining the kernel maps into raw snapshots. The
 //! only module that names aya.
 mod batch;
+mod multi;
 pub mod placement;
 pub mod probes;
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     num::NonZeroU32,
+    os::fd::OwnedFd,
     path::{Path, PathBuf},
 };
 
@@ -45,6 +47,9 @@ pub struct LoadOptions {
     pub sample_bytes: u64,
     /// How stacks are walked (`--unwind`).
     pub unwind: unwind::Mode,
+    /// Hook allocating functions with uprobe sessions where the kernel has
+    /// them (entry and return in one program; the return only when needed).
+    pub sessions: bool,
 }
 
 /// Call-frame rows the kernel can hold for all modules of all targets
@@ -58,6 +63,7 @@ impl Default for LoadOptions {
             floor: None,
             sample_bytes: 0,
             unwind: unwind::Mode::Auto,
+            sessions: true,
         }
     }
 }
@@ -77,6 +83,8 @@ pub struct AttachedProbe {
     pub symbol: String,
     pub offset: u64,
     pub is_return: bool,
+    /// A uprobe session: entry and, when the entry asks, return.
+    pub session: bool,
     /// The library the probe sits in, as the target sees it.
     pub library: String,
 }
@@ -275,6 +283,8 @@ type FunctionKey = (u64, u64, u64, bool);
 
 struct Target {
     links: Vec<(&'static str, UProbeLinkId)>,
+    /// uprobe_multi links of session programs (closing one detaches it).
+    session_links: Vec<OwnedFd>,
     /// Functions probed, by (device, inode, address) of their file, entry
     /// and return apart: one probe per function however many names
     /// (aliases, or the same file hooked as two allocators) lead to it.
@@ -293,6 +303,8 @@ pub struct Profiler {
     stacks: HashMap<u64, (Vec<u64>, Option<bool>)>,
     oom_watch: bool,
     unwind: unwind::Tables,
+    /// Session programs, when this kernel has uprobe sessions.
+    sessions: Option<multi::Sessions>,
 }
 
 /// Checks what heapbpf needs from the kernel and from its own credentials,
@@ -375,6 +387,25 @@ impl Profiler {
             }
         }
         install_unwinder(&mut ebpf)?;
+        let sessions = if opts.sessions {
+            match multi::Sessions::load(
+                PROGRAM_OBJECT,
+                &ebpf,
+                &probes::session_programs(),
+                "UNWIND_PROGS",
+                [probes::UNWIND_PROGRAM, probes::UNWIND_FINISH_PROGRAM],
+            ) {
+                Ok(s) => Some(s),
+                Err(why) => {
+                    tracing::info!(
+                        "uprobe sessions unavailable ({why}); using uprobe + uretprobe pairs"
+                    );
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let mut profiler = Profiler {
             floor: opts.floor,
             sample_bytes: opts.sample_bytes,
@@ -383,6 +414,7 @@ impl Profiler {
             stacks: HashMap::new(),
             oom_watch: false,
             unwind: unwind::Tables::new(opts.unwind, unwind_rows),
+            sessions,
         };
         profiler.configure_sampling()?;
         profiler.oom_watch = profiler.watch_oom();
@@ -493,6 +525,7 @@ impl Profiler {
                 pid,
                 Target {
                     links: Vec::new(),
+                    session_links: Vec::new(),
                     hooked: Default::default(),
                     walk,
                 },
@@ -621,9 +654,44 @@ impl Profiler {
         };
         let with_returns = self.floor != Some(Floor::Entry);
         let mut attached = Vec::new();
-        // Return probes first, so that no call is seen entering without its
-        // return hooked.
-        for spec in LIBC_PROBES.iter().filter(|p| p.has_return && with_returns) {
+        // Allocating functions as uprobe sessions where the kernel has them.
+        let mut in_session = HashSet::new();
+        for spec in LIBC_PROBES.iter().filter(|p| p.has_return) {
+            if self.sessions.is_none() {
+                break;
+            }
+            let Some((target, image)) = pick(spec.symbol) else {
+                continue;
+            };
+            let name = target.name(spec.symbol);
+            let Some(offset) = image.file_offset(&name) else {
+                continue;
+            };
+            in_session.insert(spec.symbol);
+            if !self.first_probe(pid, image, &name, false) {
+                continue;
+            }
+            self.first_probe(pid, image, &name, true);
+            let program = match self.floor {
+                Some(Floor::Entry) => probes::NOOP_SESSION_ENTRY,
+                Some(Floor::Return) => probes::NOOP_SESSION_RETURN,
+                None => probes::session_program(spec.entry_program),
+            };
+            self.attach_session(program, &name, offset, target, pid)?;
+            attached.push(AttachedProbe {
+                symbol: name,
+                offset: 0,
+                is_return: false,
+                session: true,
+                library: target.label(),
+            });
+        }
+        // Otherwise return probes first, so that no call is seen entering
+        // without its return hooked.
+        for spec in LIBC_PROBES
+            .iter()
+            .filter(|p| p.has_return && with_returns && !in_session.contains(p.symbol))
+        {
             let Some((target, image)) = pick(spec.symbol) else {
                 continue;
             };
@@ -636,10 +704,14 @@ impl Profiler {
                 symbol: name,
                 offset: 0,
                 is_return: true,
+                session: false,
                 library: target.label(),
             });
         }
-        for spec in LIBC_PROBES {
+        for spec in LIBC_PROBES
+            .iter()
+            .filter(|p| !in_session.contains(p.symbol))
+        {
             let Some((target, image)) = pick(spec.symbol) else {
                 tracing::info!(pid, symbol = spec.symbol, "symbol not exported; not hooked");
                 continue;
@@ -660,6 +732,7 @@ impl Profiler {
                 symbol: name,
                 offset,
                 is_return: false,
+                session: false,
                 library: target.label(),
             });
         }
@@ -718,18 +791,57 @@ impl Profiler {
         }
     }
 
+    /// Attaches session program `program` to `symbol` (at file offset
+    /// `offset` of `lib`) in `pid`.
+    fn attach_session(
+        &mut self,
+        program: &'static str,
+        symbol: &str,
+        offset: u64,
+        lib: &AllocatorLib,
+        pid: u32,
+    ) -> Result<()> {
+        let sessions = self
+            .sessions
+            .as_ref()
+            .ok_or_else(|| Error::Runtime("no session programs".into()))?;
+        match sessions.attach(program, &lib.open_path, offset, pid) {
+            Ok(link) => {
+                tracing::debug!(pid, program, symbol, offset, library = %lib.path, "session probe placed");
+                if let Some(t) = self.targets.get_mut(&pid) {
+                    t.session_links.push(link);
+                }
+                Ok(())
+            }
+            Err(e) if !crate::procfs::is_alive(pid) => {
+                tracing::debug!(pid, error = %e, "target gone");
+                Err(Error::NoSuchProcess { pid })
+            }
+            Err(e) => Err(load_error(format!(
+                "cannot hook {symbol} in {} (uprobe session): {e}",
+                lib.path
+            ))),
+        }
+    }
+
     /// Hooks one more allocator library of an attached target (one it
     /// mapped after attach). On error, only the probes placed by this call
     /// are removed; the target stays profiled as before.
     pub fn attach_more(&mut self, pid: u32, lib: &AllocatorLib) -> Result<Vec<AttachedProbe>> {
-        let before = self.targets.get(&pid).map_or(0, |t| t.links.len());
+        let (before, sessions_before) = self
+            .targets
+            .get(&pid)
+            .map_or((0, 0), |t| (t.links.len(), t.session_links.len()));
         match self.attach_all(pid, lib, None) {
             Ok(attached) => Ok(attached),
             Err(e) => {
                 let links: Vec<_> = self
                     .targets
                     .get_mut(&pid)
-                    .map(|t| t.links.split_off(before.min(t.links.len())))
+                    .map(|t| {
+                        t.session_links.truncate(sessions_before);
+                        t.links.split_off(before.min(t.links.len()))
+                    })
                     .unwrap_or_default();
                 self.detach_links(pid, links);
                 Err(e)

@@ -99,6 +99,16 @@ impl Image {
         self.id
     }
 
+    /// Where `symbol`'s code starts in the file (what uprobes are placed by).
+    pub fn file_offset(&self, symbol: &str) -> Option<u64> {
+        let addr = self.address(symbol)?;
+        let &(start, _, seg_off, _) = self
+            .segments
+            .iter()
+            .find(|&&(start, size, _, _)| start <= addr && addr < start + size)?;
+        Some(seg_off + (addr - start))
+    }
+
     /// The first `len` bytes of `symbol`'s code.
     pub fn bytes(&self, symbol: &str, len: usize) -> Option<&[u8]> {
         let addr = self.address(symbol)?;

@@ -124,6 +124,36 @@ pub const LIBC_PROBES: &[ProbeSpec] = &[
     release("mi_free_size_aligned"),
 ];
 
+/// Session programs (entry and return in one, see `multi`) of the floors.
+pub const NOOP_SESSION_ENTRY: &str = "noop_session_entry";
+pub const NOOP_SESSION_RETURN: &str = "noop_session_return";
+
+/// Each entry program of an allocating function and its session twin.
+const SESSION_PROGRAMS: &[(&str, &str)] = &[
+    ("malloc_enter", "malloc_session"),
+    ("alloc_size0_enter", "alloc_size0_session"),
+    ("alloc_size1_enter", "alloc_size1_session"),
+    ("calloc_enter", "calloc_session"),
+    ("realloc_enter", "realloc_session"),
+    ("reallocarray_enter", "reallocarray_session"),
+    ("posix_memalign_enter", "posix_memalign_session"),
+];
+
+/// The session program of an allocating function's entry program.
+pub fn session_program(entry_program: &str) -> &'static str {
+    SESSION_PROGRAMS
+        .iter()
+        .find(|(e, _)| *e == entry_program)
+        .map_or("", |(_, s)| s)
+}
+
+/// Every session program, each once.
+pub fn session_programs() -> Vec<&'static str> {
+    let mut names: Vec<_> = SESSION_PROGRAMS.iter().map(|(_, s)| *s).collect();
+    names.extend([NOOP_SESSION_ENTRY, NOOP_SESSION_RETURN]);
+    names
+}
+
 /// Every program name the table uses, each once.
 pub fn programs() -> Vec<&'static str> {
     let mut names: Vec<&'static str> = LIBC_PROBES.iter().map(|p| p.entry_program).collect();
@@ -174,5 +204,9 @@ mod tests {
             );
         }
         assert_eq!(programs().len(), 13);
+        // Every allocating function has a session twin.
+        for p in LIBC_PROBES.iter().filter(|p| p.has_return) {
+            assert!(!session_program(p.entry_program).is_empty(), "{}", p.symbol);
+        }
     }
 }
