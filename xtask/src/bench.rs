@@ -70,25 +70,52 @@ enum Watcher {
     Heaptrack,
 }
 
+const FLOOR_ENTRY: &str = "floor: entry probes only";
+const FLOOR_RETURN: &str = "floor: entry + return";
+const EXACT: &str = "heapbpf exact (auto)";
+const DEFAULT: &str = "heapbpf default (sampling, auto)";
+const BPFTRACE: &str = "bpftrace memleak-equivalent";
+
+/// The targets as ratios of one table's medians: (what, ratio, goal).
+fn targets(names: &[&str], medians: &[Option<f64>]) -> Vec<(String, Option<f64>, f64)> {
+    let get = |n: &str| names.iter().position(|x| *x == n).and_then(|i| medians[i]);
+    let ratio = |a: &str, b: &str| Some(get(a)? / get(b)?);
+    vec![
+        (
+            format!("default / {FLOOR_ENTRY}"),
+            ratio(DEFAULT, FLOOR_ENTRY),
+            0.9,
+        ),
+        (
+            format!("exact / {FLOOR_RETURN}"),
+            ratio(EXACT, FLOOR_RETURN),
+            0.75,
+        ),
+        (
+            format!("default / {BPFTRACE}"),
+            ratio(DEFAULT, BPFTRACE),
+            10.0,
+        ),
+        (format!("exact / {BPFTRACE}"), ratio(EXACT, BPFTRACE), 10.0),
+    ]
+}
+
 fn configs() -> Vec<(&'static str, Watcher)> {
     vec![
         ("no profiler", Watcher::Nobody),
         (
-            "floor: entry probes only",
+            FLOOR_ENTRY,
             Watcher::Heapbpf(vec!["--probe-floor", "entry"]),
         ),
         (
-            "floor: entry + return",
+            FLOOR_RETURN,
             Watcher::Heapbpf(vec!["--probe-floor", "return"]),
         ),
         (
             "heapbpf exact, fp",
             Watcher::Heapbpf(vec!["--sample-bytes", "0", "--unwind", "fp"]),
         ),
-        (
-            "heapbpf exact (auto)",
-            Watcher::Heapbpf(vec!["--sample-bytes", "0"]),
-        ),
+        (EXACT, Watcher::Heapbpf(vec!["--sample-bytes", "0"])),
         (
             "heapbpf exact, dwarf",
             Watcher::Heapbpf(vec!["--sample-bytes", "0", "--unwind", "dwarf"]),
@@ -97,12 +124,16 @@ fn configs() -> Vec<(&'static str, Watcher)> {
             "heapbpf sampling, fp",
             Watcher::Heapbpf(vec!["--unwind", "fp"]),
         ),
-        ("heapbpf default (sampling, auto)", Watcher::Heapbpf(vec![])),
+        (DEFAULT, Watcher::Heapbpf(vec![])),
+        (
+            "heapbpf default, no sessions",
+            Watcher::Heapbpf(vec!["--no-uprobe-sessions"]),
+        ),
         (
             "heapbpf sampled 512KiB",
             Watcher::Heapbpf(vec!["--sample-bytes", "512KiB"]),
         ),
-        ("bpftrace memleak-equivalent", Watcher::Bpftrace),
+        (BPFTRACE, Watcher::Bpftrace),
         ("heaptrack (launch mode)", Watcher::Heaptrack),
     ]
 }
@@ -345,6 +376,12 @@ fn print_table(title: &str, unit: &str, names: &[&str], medians: &[Option<f64>])
         match m {
             Some(m) => println!("{name:<34} {m:>14.0} {:>8.3} {:>12.1}", m / base, 1e9 / m),
             None => println!("{name:<34} {:>14} {:>8} {:>12}", "-", "-", "-"),
+        }
+    }
+    for (what, r, goal) in targets(names, medians) {
+        if let Some(r) = r {
+            let verdict = if r >= goal { "met" } else { "missed" };
+            println!("  target {what}: {r:.2} (goal {goal}: {verdict})");
         }
     }
 }

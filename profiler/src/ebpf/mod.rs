@@ -664,7 +664,7 @@ impl Profiler {
                 continue;
             };
             let name = target.name(spec.symbol);
-            let Some(offset) = image.file_offset(&name) else {
+            let Some(start) = image.file_offset(&name) else {
                 continue;
             };
             in_session.insert(spec.symbol);
@@ -677,10 +677,11 @@ impl Profiler {
                 Some(Floor::Return) => probes::NOOP_SESSION_RETURN,
                 None => probes::session_program(spec.entry_program),
             };
-            self.attach_session(program, &name, offset, target, pid)?;
+            let offset = probe_offset(spec, image, &name);
+            self.attach_session(program, &name, start + offset, target, pid)?;
             attached.push(AttachedProbe {
                 symbol: name,
-                offset: 0,
+                offset,
                 is_return: false,
                 session: true,
                 library: target.label(),
@@ -699,10 +700,11 @@ impl Profiler {
             if !self.first_probe(pid, image, &name, true) {
                 continue;
             }
-            self.attach_one(return_program, &name, 0, target, scope, pid)?;
+            let offset = probe_offset(spec, image, &name);
+            self.attach_one(return_program, &name, offset, target, scope, pid)?;
             attached.push(AttachedProbe {
                 symbol: name,
-                offset: 0,
+                offset,
                 is_return: true,
                 session: false,
                 library: target.label(),
@@ -721,7 +723,7 @@ impl Profiler {
                 tracing::info!(pid, symbol = %name, library = %target.path, "alias of a function already hooked; not hooked again");
                 continue;
             }
-            let offset = entry_offset(spec, image, &name);
+            let offset = probe_offset(spec, image, &name);
             let program = if self.floor.is_some() {
                 "noop_enter"
             } else {
@@ -1051,16 +1053,16 @@ fn install_unwinder(ebpf: &mut Ebpf) -> Result<()> {
     Ok(())
 }
 
-/// The entry probe's offset: the table's, or past a verified null check for
-/// entry-only probes (see [`placement`]).
-fn entry_offset(spec: &ProbeSpec, image: &placement::Image, symbol: &str) -> u64 {
-    if spec.has_return || spec.entry_offset != 0 {
-        return spec.entry_offset;
-    }
+/// Where the probe on `symbol` goes: on the first instruction the kernel
+/// emulates when that is safe (see [`placement`]), else at +0.
+fn probe_offset(spec: &ProbeSpec, image: &placement::Image, symbol: &str) -> u64 {
     image
-        .bytes(symbol, 16)
-        .and_then(placement::past_null_check)
-        .unwrap_or(spec.entry_offset)
+        .code(symbol)
+        .and_then(|code| {
+            let reads = probes::arguments_read(spec.entry_program);
+            placement::emulated_point(code, reads, spec.has_return)
+        })
+        .unwrap_or(0)
 }
 
 fn map_fd(map: &aya::maps::Map) -> Result<std::os::fd::BorrowedFd<'_>> {

@@ -1,6 +1,5 @@
-//! The probe table: which program goes on which allocator symbol, and at
-//! which offset. One row per symbol; the performance work chooses offsets
-//! here, nowhere else. Symbols an allocator library does not export are
+//! The probe table: which program goes on which allocator symbol. One row
+//! per symbol; where on the symbol each probe sits is `placement`'s choice. Symbols an allocator library does not export are
 //! skipped (only `malloc` and `free` are required).
 
 /// One allocator entry point.
@@ -9,9 +8,6 @@ pub struct ProbeSpec {
     pub symbol: &'static str,
     /// The entry program (reads the arguments).
     pub entry_program: &'static str,
-    /// Offset of the entry probe from the symbol. Return probes always sit
-    /// at +0: the kernel takes the return address from the top of the stack.
-    pub entry_offset: u64,
     /// Whether the call also needs the return program (`alloc_return`).
     pub has_return: bool,
 }
@@ -28,7 +24,6 @@ const fn alloc(symbol: &'static str, entry_program: &'static str) -> ProbeSpec {
     ProbeSpec {
         symbol,
         entry_program,
-        entry_offset: 0,
         has_return: true,
     }
 }
@@ -38,7 +33,6 @@ const fn release(symbol: &'static str) -> ProbeSpec {
     ProbeSpec {
         symbol,
         entry_program: "free_enter",
-        entry_offset: 0,
         has_return: false,
     }
 }
@@ -123,6 +117,17 @@ pub const LIBC_PROBES: &[ProbeSpec] = &[
     release("mi_free_aligned"),
     release("mi_free_size_aligned"),
 ];
+
+/// The arguments (bit i: argument i) an entry program reads.
+pub fn arguments_read(entry_program: &str) -> u8 {
+    match entry_program {
+        "malloc_enter" | "alloc_size0_enter" | "free_enter" => 0b001,
+        "alloc_size1_enter" => 0b010,
+        "calloc_enter" | "realloc_enter" => 0b011,
+        "posix_memalign_enter" => 0b101,
+        _ => 0b111,
+    }
+}
 
 /// Session programs (entry and return in one, see `multi`) of the floors.
 pub const NOOP_SESSION_ENTRY: &str = "noop_session_entry";
