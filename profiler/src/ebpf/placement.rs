@@ -19,6 +19,7 @@
 //!   return address from the top of the stack when the probe hits, which is
 //!   only the caller's return address while the stack is as the call left
 //!   it (after a `push` that slot holds a saved register).
+//!
 //! Anything else stays at +0. `heapbpf -v` prints where each probe went.
 
 use iced_x86::{
