@@ -563,9 +563,31 @@ fn exact_linked_with(fixture: &str, name: &str, zero_blocks: u64, run: &str) {
 }
 
 /// Its threads run one after another: see `run-serial` in the fixture.
+/// jemalloc's `malloc` starts with `cmp $0x1000,%rdi` (single-stepped) and
+/// `ja`: its probe, which also takes the return, sits on the `ja`, as a
+/// uprobe session and as a uprobe + uretprobe pair; the figures stay exact.
 #[test]
-fn exact_figures_linked_against_jemalloc() {
-    exact_linked_with("allocs-jemalloc", "libjemalloc", 0, "run-serial");
+fn exact_figures_linked_against_jemalloc_with_moved_probes() {
+    require_root();
+    for extra in [&["-v"][..], &["-v", "--no-uprobe-sessions"]] {
+        let dir = TempDir::new("exact-jemalloc");
+        let mut fx = Fixture::spawn("allocs-jemalloc");
+        let args = [&["--format", "json"][..], extra].concat();
+        let mut hb = Heapbpf::attach(&[fx.pid], dir.path(), &args);
+        let placed = hb
+            .stderr
+            .iter()
+            .find(|l| l.contains("probe placed at malloc+") && l.contains("libjemalloc"))
+            .unwrap_or_else(|| panic!("{extra:?}: {}", hb.stderr.join("\n")))
+            .clone();
+        assert!(!placed.contains("malloc+0x0 "), "{extra:?}: {placed}");
+        fx.command("run-serial");
+        fx.command("free-pre");
+        hb.signal(libc::SIGINT);
+        let snap = read_json(&hb.wait_snapshot("stop", fx.pid)[0]);
+        assert_exact_with(&snap, &fixture_path("allocs-jemalloc").to_string_lossy(), 0);
+        assert_eq!(hb.wait_exit().code(), Some(0));
+    }
 }
 
 /// jemalloc linked into the executable itself (`libjemalloc.a`, no
