@@ -667,8 +667,9 @@ impl Profiler {
             let Some(start) = image.file_offset(&name) else {
                 continue;
             };
-            in_session.insert(spec.symbol);
             if !self.first_probe(pid, image, &name, false) {
+                // An alias of a function hooked already.
+                in_session.insert(spec.symbol);
                 continue;
             }
             self.first_probe(pid, image, &name, true);
@@ -678,7 +679,23 @@ impl Profiler {
                 None => probes::session_program(spec.entry_program),
             };
             let offset = probe_offset(spec, image, &name);
-            self.attach_session(program, &name, start + offset, target, pid)?;
+            match self.attach_session(program, &name, start + offset, target, pid) {
+                Ok(()) => {}
+                Err(Error::NoSuchProcess { pid }) => return Err(Error::NoSuchProcess { pid }),
+                Err(e) => {
+                    // Hooked below as a uprobe + uretprobe pair instead.
+                    tracing::info!(pid, symbol = %name, error = %e, "no uprobe session; using a uprobe + uretprobe pair");
+                    if let (Some(addr), Some(t)) =
+                        (image.address(&name), self.targets.get_mut(&pid))
+                    {
+                        let (dev, ino) = image.id();
+                        t.hooked.remove(&(dev, ino, addr, false));
+                        t.hooked.remove(&(dev, ino, addr, true));
+                    }
+                    continue;
+                }
+            }
+            in_session.insert(spec.symbol);
             attached.push(AttachedProbe {
                 symbol: name,
                 offset,
