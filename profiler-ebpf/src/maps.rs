@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use heapbpf_common::{
     config, AllocInfo, AllocKey, ModuleTable, Pending, StackKey, StackStats, StackTrace,
-    TargetState, UnwindRow, UnwindState, SAMPLE_TABLE_LEN,
+    TargetState, UnwindRow, UnwindState, WalkCacheSlot, SAMPLE_TABLE_LEN, WALK_CACHE_SLOTS,
 };
 
 /// Traced processes by tgid. A process absent here is ignored.
@@ -57,6 +57,12 @@ pub static UNWIND_ROWS: Array<UnwindRow> = Array::with_max_entries(1, 0);
 /// Executable mappings per traced process (tgid), for the stack walk.
 #[map]
 pub static MODULES: HashMap<u32, ModuleTable> = HashMap::with_max_entries(1024, BPF_F_NO_PREALLOC);
+
+/// Recent address lookups of the stack walk on this CPU (hot call sites
+/// repeat: a hit skips both binary searches).
+#[map]
+pub static WALK_CACHE: PerCpuArray<WalkCacheSlot> =
+    PerCpuArray::with_max_entries(WALK_CACHE_SLOTS, 0);
 
 /// The stack walk in progress on this CPU, carried across tail calls.
 #[map]

@@ -327,28 +327,19 @@ pub fn free_enter(ctx: ProbeContext) -> u32 {
         // Another thread retired it first (a double free in the target).
         return 0;
     }
-    account_free(state, tgid, &info);
+    account_free(state, &info);
     0
 }
 
 #[inline(always)]
-fn account_free(state: *mut TargetState, tgid: u32, info: &AllocInfo) {
+fn account_free(state: *mut TargetState, info: &AllocInfo) {
+    // Per stack, what is live comes from the blocks themselves (a snapshot
+    // needs each block's age anyway); only the target's totals count frees.
     let (bytes, units) = weight(info.size, sample_bytes());
     // SAFETY: valid map value.
     let s = unsafe { &mut *state };
     add(&mut s.freed_bytes, bytes);
     add(&mut s.frees, units);
-    let key = StackKey {
-        tgid,
-        _pad: 0,
-        stack_id: info.stack_id,
-    };
-    if let Some(stats) = STACK_STATS.get_ptr_mut(key) {
-        // SAFETY: valid map value.
-        let stats = unsafe { &mut *stats };
-        add(&mut stats.freed_bytes, bytes);
-        add(&mut stats.frees, units);
-    }
 }
 
 /// Captures the user stack of the current call site and interns it.
@@ -450,7 +441,7 @@ pub(crate) fn record_with_stack(
             // grow forever.
             // SAFETY: plain data copied out of the map.
             if let Some(stale) = (unsafe { ALLOCS.get(key) }).copied() {
-                account_free(state, tgid, &stale);
+                account_free(state, &stale);
                 count(state, info_counter::STALE_REPLACED);
             }
             if ALLOCS.insert(key, info, 0).is_err() {
@@ -532,7 +523,7 @@ fn alloc_exit(ctx: &RetProbeContext) -> u32 {
                         count(state, drop_reason::ALLOCS_FULL);
                     }
                 } else {
-                    account_free(state, tgid, &call.old_info);
+                    account_free(state, &call.old_info);
                 }
             } else if call.old_ptr != 0 && !failed {
                 count(state, info_counter::UNTRACKED_FREES);

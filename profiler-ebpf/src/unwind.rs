@@ -24,12 +24,12 @@ use aya_ebpf::{
     EbpfContext,
 };
 use heapbpf_common::{
-    drop_reason, module_kind, row_kind, ModuleEntry, ModuleTable, UnwindRow, MAX_MODULES,
-    MAX_STACK_DEPTH, STACK_COMPLETE, STACK_LEN_MASK, STACK_TRUNCATED,
+    config, drop_reason, module_kind, row_kind, ModuleEntry, ModuleTable, UnwindRow, MAX_MODULES,
+    MAX_STACK_DEPTH, STACK_COMPLETE, STACK_LEN_MASK, STACK_TRUNCATED, WALK_CACHE_SLOTS,
 };
 
 use crate::{
-    maps::{MODULES, UNWIND, UNWIND_PROGS, UNWIND_ROWS},
+    maps::{CONFIG, MODULES, UNWIND, UNWIND_PROGS, UNWIND_ROWS, WALK_CACHE},
     probes::{count, intern, record_with_stack, target},
 };
 
@@ -140,14 +140,10 @@ fn read(addr: u64) -> Option<u64> {
     unsafe { bpf_probe_read_user(addr as *const u64) }.ok()
 }
 
-/// Steps from the frame of `pc` (a return address) to its caller's.
+/// The kind of the module holding `at` and, in a module walked by rows,
+/// its row (both searches).
 #[inline(always)]
-fn step(pc: &mut u64, sp: &mut u64, bp: &mut u64, guessed: &mut u64, table: &ModuleTable) -> Step {
-    if *pc == 0 {
-        return Step::Complete;
-    }
-    // A return address: the call is the instruction before it.
-    let at = *pc - 1;
+fn search(table: &ModuleTable, at: u64) -> (u32, UnwindRow) {
     // An address outside every known mapping (mapped since the table was
     // made; user space refreshes it) is stepped out of by frame pointer,
     // as the kernel's own walk would.
@@ -155,20 +151,57 @@ fn step(pc: &mut u64, sp: &mut u64, bp: &mut u64, guessed: &mut u64, table: &Mod
         kind: module_kind::UNKNOWN,
         ..ModuleEntry::default()
     });
-    if module.kind == module_kind::UNKNOWN {
-        *guessed = 1;
-    }
     let row = if module.kind == module_kind::DWARF {
         // No row: code without call-frame information (V8's embedded
         // builtins in node's text, hand-written stubs).
-        let row = find_row(&module, at.wrapping_sub(module.bias)).unwrap_or_default();
-        if row.kind == row_kind::NONE {
-            *guessed = 1;
-        }
-        row
+        find_row(&module, at.wrapping_sub(module.bias)).unwrap_or_default()
     } else {
         UnwindRow::default()
     };
+    (module.kind, row)
+}
+
+/// [`search`] through this CPU's cache of recent lookups.
+#[inline(always)]
+fn locate(table: &ModuleTable, at: u64, tgid: u32, epoch: u32) -> (u32, UnwindRow) {
+    let slot = ((at ^ (at >> 13)) as u32) & (WALK_CACHE_SLOTS - 1);
+    let Some(slot) = WALK_CACHE.get_ptr_mut(slot) else {
+        return search(table, at);
+    };
+    // SAFETY: per-CPU map value, ours for the duration of this program.
+    let slot = unsafe { &mut *slot };
+    if slot.pc == at && slot.tgid == tgid && slot.epoch == epoch {
+        return (slot.module_kind, slot.row);
+    }
+    let (kind, row) = search(table, at);
+    slot.pc = at;
+    slot.tgid = tgid;
+    slot.epoch = epoch;
+    slot.module_kind = kind;
+    slot.row = row;
+    (kind, row)
+}
+
+/// Steps from the frame of `pc` (a return address) to its caller's.
+#[inline(always)]
+fn step(
+    pc: &mut u64,
+    sp: &mut u64,
+    bp: &mut u64,
+    guessed: &mut u64,
+    table: &ModuleTable,
+    tgid: u32,
+    epoch: u32,
+) -> Step {
+    if *pc == 0 {
+        return Step::Complete;
+    }
+    // A return address: the call is the instruction before it.
+    let at = *pc - 1;
+    let (kind, row) = locate(table, at, tgid, epoch);
+    if kind == module_kind::UNKNOWN || (kind == module_kind::DWARF && row.kind == row_kind::NONE) {
+        *guessed = 1;
+    }
     let (cfa, saved_bp) = if row.kind == row_kind::NONE {
         if *bp == 0 {
             return Step::Complete;
@@ -189,15 +222,30 @@ fn step(pc: &mut u64, sp: &mut u64, bp: &mut u64, guessed: &mut u64, table: &Mod
     if cfa <= *sp {
         return Step::Truncated;
     }
-    let Some(ret) = read(cfa - 8) else {
-        return Step::Truncated;
-    };
-    if let Some(at) = saved_bp {
-        match read(at) {
-            Some(v) => *bp = v,
-            None => return Step::Truncated,
+    let ret = match saved_bp {
+        // rbp pushed right after the call (frame-pointer code, and most
+        // rows that save rbp): saved rbp and return address in one read.
+        Some(at) if at == cfa.wrapping_sub(16) => {
+            // SAFETY: reads target memory through the checked helper.
+            let Ok([saved, ret]) = (unsafe { bpf_probe_read_user(at as *const [u64; 2]) }) else {
+                return Step::Truncated;
+            };
+            *bp = saved;
+            ret
         }
-    }
+        _ => {
+            let Some(ret) = read(cfa - 8) else {
+                return Step::Truncated;
+            };
+            if let Some(at) = saved_bp {
+                match read(at) {
+                    Some(v) => *bp = v,
+                    None => return Step::Truncated,
+                }
+            }
+            ret
+        }
+    };
     *sp = cfa;
     *pc = ret;
     if ret == 0 {
@@ -218,6 +266,7 @@ pub fn unwind_step(ctx: ProbeContext) -> u32 {
         None => STACK_TRUNCATED,
         Some(table) => {
             let (mut pc, mut sp, mut bp) = (u.pc, u.sp, u.bp);
+            let epoch = CONFIG.get(config::WALK_EPOCH).copied().unwrap_or(0) as u32;
             let mut flags = 0;
             for _ in 0..FRAMES_PER_RUN {
                 let n = (u.trace.len & STACK_LEN_MASK) as usize;
@@ -227,7 +276,15 @@ pub fn unwind_step(ctx: ProbeContext) -> u32 {
                 };
                 *slot = pc;
                 u.trace.len += 1;
-                match step(&mut pc, &mut sp, &mut bp, &mut u.guessed, table) {
+                match step(
+                    &mut pc,
+                    &mut sp,
+                    &mut bp,
+                    &mut u.guessed,
+                    table,
+                    u.tgid,
+                    epoch,
+                ) {
                     Step::More => {}
                     Step::Complete => {
                         flags = STACK_COMPLETE;

@@ -30,7 +30,10 @@ pub const MAX_SAMPLE_BYTES: u64 = 64 << 20;
 pub mod config {
     /// Mean bytes between samples; 0 = exact.
     pub const SAMPLE_BYTES: u32 = 0;
-    pub const LEN: u32 = 1;
+    /// Bumped by user space whenever it changes what the stack walk reads
+    /// (module tables, rows): cached lookups of older epochs are void.
+    pub const WALK_EPOCH: u32 = 1;
+    pub const LEN: u32 = 2;
 }
 
 /// What the return probe must do with the call recorded at entry.
@@ -116,10 +119,8 @@ const _: () = assert!(core::mem::size_of::<StackKey>() == 16);
 pub struct StackStats {
     pub allocated_bytes: u64,
     pub allocations: u64,
-    pub freed_bytes: u64,
-    pub frees: u64,
 }
-const _: () = assert!(core::mem::size_of::<StackStats>() == 32);
+const _: () = assert!(core::mem::size_of::<StackStats>() == 16);
 
 /// A user stack: `len` return addresses, innermost first.
 #[repr(C)]
@@ -223,6 +224,22 @@ pub struct UnwindRow {
     pub rbp_saved: u8,
 }
 const _: () = assert!(core::mem::size_of::<UnwindRow>() == 12);
+
+/// Slots of the stack walk's per-CPU cache of address lookups.
+pub const WALK_CACHE_SLOTS: u32 = 4096;
+
+/// A cached lookup of the stack walk: for return address - 1 `pc` of
+/// process `tgid`, the kind of its module and its row (walk epoch `epoch`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct WalkCacheSlot {
+    pub pc: u64,
+    pub tgid: u32,
+    pub epoch: u32,
+    pub module_kind: u32,
+    pub row: UnwindRow,
+}
+const _: () = assert!(core::mem::size_of::<WalkCacheSlot>() == 32);
 
 /// How the walk steps out of a frame in a module.
 pub mod module_kind {

@@ -305,6 +305,10 @@ pub struct Profiler {
     unwind: unwind::Tables,
     /// Session programs, when this kernel has uprobe sessions.
     sessions: Option<multi::Sessions>,
+    /// The module table last written per walked target, and the walk epoch
+    /// (bumped when what the walk reads changes: its cache is then void).
+    written_modules: HashMap<u32, Box<ModuleTable>>,
+    walk_epoch: u64,
 }
 
 /// Checks what heapbpf needs from the kernel and from its own credentials,
@@ -415,6 +419,8 @@ impl Profiler {
             oom_watch: false,
             unwind: unwind::Tables::new(opts.unwind, unwind_rows),
             sessions,
+            written_modules: HashMap::new(),
+            walk_epoch: 0,
         };
         profiler.configure_sampling()?;
         profiler.oom_watch = profiler.watch_oom();
@@ -606,19 +612,44 @@ impl Profiler {
                 rows.set(chunk.first + i as u32, *row, 0).map_err(err)?;
             }
         }
-        Ok(())
+        self.bump_walk_epoch()
+    }
+
+    /// Voids the walk's cached lookups (after what they were made from
+    /// changed).
+    fn bump_walk_epoch(&mut self) -> Result<()> {
+        use heapbpf_common::config;
+        self.walk_epoch += 1;
+        let err = |e: aya::maps::MapError| Error::runtime("cannot update the walk epoch", e);
+        let map = self
+            .ebpf
+            .map_mut("CONFIG")
+            .ok_or_else(|| Error::Runtime("no CONFIG map".into()))?;
+        aya::maps::Array::<_, u64>::try_from(map)
+            .map_err(err)?
+            .set(config::WALK_EPOCH, self.walk_epoch, 0)
+            .map_err(err)
     }
 
     fn write_modules(&mut self, pid: u32, table: &ModuleTable) -> Result<()> {
+        let same = |old: &ModuleTable| {
+            let n = (table.count as usize).min(table.entries.len());
+            old.count == table.count && old.entries[..n] == table.entries[..n]
+        };
+        if self.written_modules.get(&pid).is_some_and(|old| same(old)) {
+            return Ok(());
+        }
         let map = self
             .ebpf
             .map_mut("MODULES")
             .ok_or_else(|| Error::Runtime("no MODULES map".into()))?;
         let mut modules = BpfHashMap::<_, u32, ModuleTable>::try_from(map)
             .map_err(|e| Error::runtime("MODULES map", e))?;
-        modules
-            .insert(pid, table, 0)
-            .map_err(|e| Error::runtime(format!("cannot write the module table of pid {pid}"), e))
+        modules.insert(pid, table, 0).map_err(|e| {
+            Error::runtime(format!("cannot write the module table of pid {pid}"), e)
+        })?;
+        self.written_modules.insert(pid, Box::new(*table));
+        self.bump_walk_epoch()
     }
 
     fn attach_all(
@@ -917,6 +948,7 @@ impl Profiler {
                 let _ = modules.remove(&pid);
             }
         }
+        self.written_modules.remove(&pid);
         if let Some(map) = self.ebpf.map_mut("STACK_STATS") {
             if let Ok(mut stats) = BpfHashMap::<_, StackKey, StackStats>::try_from(map) {
                 let keys: Vec<StackKey> = stats
@@ -982,8 +1014,6 @@ impl Profiler {
                     let c = StackCounters {
                         allocated_bytes: v.allocated_bytes,
                         allocations: units(v.allocations),
-                        freed_bytes: v.freed_bytes,
-                        frees: units(v.frees),
                     };
                     (k.stack_id, c)
                 })

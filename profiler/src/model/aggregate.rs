@@ -15,8 +15,6 @@ pub struct LiveBlock {
 pub struct StackCounters {
     pub allocated_bytes: u64,
     pub allocations: u64,
-    pub freed_bytes: u64,
-    pub frees: u64,
 }
 
 /// One stack of a raw snapshot: addresses, not yet symbolized.
@@ -148,8 +146,6 @@ mod tests {
             StackCounters {
                 allocated_bytes: 1400,
                 allocations: 5,
-                freed_bytes: 1000,
-                frees: 3,
             },
         );
         counters.insert(
@@ -157,7 +153,6 @@ mod tests {
             StackCounters {
                 allocated_bytes: 5000,
                 allocations: 1,
-                ..Default::default()
             },
         );
         // A stack whose blocks are all freed still shows what it allocated.
@@ -166,8 +161,6 @@ mod tests {
             StackCounters {
                 allocated_bytes: 64,
                 allocations: 1,
-                freed_bytes: 64,
-                frees: 1,
             },
         );
         let stacks = aggregate(blocks, &counters, 1000 * MS, 0, 0);
