@@ -117,6 +117,24 @@ fn main() {
         .status()
         .expect("run gcc");
     assert!(status.success(), "gcc failed on fixtures/deep.c");
+    // A library the plugin fixture loads after attach, without frame
+    // pointers.
+    println!("cargo:rerun-if-changed=fixtures/walklib.c");
+    let status = Command::new("gcc")
+        .args([
+            "-O2",
+            "-g",
+            "-fomit-frame-pointer",
+            "-fPIC",
+            "-shared",
+            "-Wall",
+            "-o",
+        ])
+        .arg(out.join("libwalk.so"))
+        .arg("fixtures/walklib.c")
+        .status()
+        .expect("run gcc");
+    assert!(status.success(), "gcc failed on fixtures/walklib.c");
     // The C++ fixture: operator new from methods.
     println!("cargo:rerun-if-changed=fixtures/cache.cpp");
     let status = Command::new("g++")

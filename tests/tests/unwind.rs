@@ -159,3 +159,47 @@ fn frame_pointer_walk_is_marked_truncated() {
         "{folded}"
     );
 }
+
+/// A library without frame pointers `dlopen`ed after attach: its frames are
+/// walked from its call-frame rows once heapbpf has re-read the target's
+/// maps, also for return addresses the walk met (and cached as unknown)
+/// before it had.
+#[test]
+fn a_library_loaded_after_attach_is_walked_after_the_next_refresh() {
+    require_root();
+    let dir = TempDir::new("walklib");
+    let mut fx = Fixture::spawn("plugin");
+    let mut hb = Heapbpf::attach(&[fx.pid], dir.path(), &["--format", "json"]);
+    fx.command(&format!("walklib {}", fixture_path("libwalk.so").display()));
+    // At once, most likely before heapbpf has seen the library.
+    fx.command("walk 5");
+    // Maps are re-read every 100 ms for 2 s after attach, then every 2 s.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    fx.command("walk 7");
+    hb.signal(libc::SIGINT);
+    let snap = read_json(&hb.wait_snapshot("stop", fx.pid)[0]);
+    assert_eq!(hb.wait_exit().code(), Some(0));
+    let chain = [
+        "lib_level3",
+        "lib_level2",
+        "lib_level1",
+        "walk_alloc",
+        "main",
+    ];
+    let (mut total, mut complete) = (0, 0);
+    for st in stacks_from(&snap, "lib_level3") {
+        let n = st["live_allocations"].as_u64().unwrap();
+        total += n;
+        let f = functions(st);
+        if f.len() > chain.len() && f[..chain.len()] == chain && st["truncated"] == false {
+            complete += n;
+        }
+    }
+    assert_eq!(total, 12, "{snap}");
+    // The 7 after the refresh always; the first 5 too if a refresh came
+    // between the dlopen and them.
+    assert!(
+        complete == 7 || complete == 12,
+        "{complete} complete: {snap}"
+    );
+}
