@@ -14,19 +14,19 @@ use core::intrinsics::{atomic_xadd, AtomicOrdering};
 use aya_ebpf::{
     bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
     helpers::{
-        bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_get_stack, bpf_ktime_get_ns,
-        bpf_probe_read_user,
+        bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_get_stack,
+        bpf_ktime_get_ns, bpf_probe_read_user,
     },
     macros::{uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext},
     EbpfContext,
 };
-use heapbpf_common::unwind_mode;
 use heapbpf_common::{
     config, drop_reason, info_counter, kind, AllocInfo, AllocKey, Pending, StackKey, StackStats,
     StackTrace, TargetState, COUNT_UNIT, MAX_STACK_DEPTH, NO_STACK, SAMPLE_TABLE_LEN,
     SAMPLE_TABLE_STEPS, STACK_LEN_MASK,
 };
+use heapbpf_common::{probe_cookie, unwind_mode};
 
 use crate::maps::{ALLOCS, CONFIG, PENDING, SAMPLE_P, SCRATCH, STACKS, STACK_STATS, TARGETS};
 
@@ -109,8 +109,9 @@ const WANT_RETURN: u32 = 0;
 const SKIP_RETURN: u32 = 1;
 
 /// Records the start of an allocator call. Only the outermost call of a
-/// thread is recorded. `leaf` calls (glibc's malloc and calloc call no other
-/// probed function) that sampling skips leave no trace at all.
+/// thread is recorded. `leaf` calls (user space says which: glibc's malloc
+/// and calloc call no other probed function, musl's calloc calls malloc)
+/// that sampling skips leave no trace at all.
 ///
 /// With a plain return probe (`session == false`) every call returns through
 /// `alloc_return`, so nested calls deepen the outer call's nesting count.
@@ -225,13 +226,21 @@ fn arg(ctx: &ProbeContext, n: usize) -> u64 {
     ctx.arg(n).unwrap_or(0)
 }
 
+/// Whether user space marked the probed function a leaf (see
+/// `heapbpf_common::probe_cookie`).
+fn leaf(ctx: &ProbeContext) -> bool {
+    // SAFETY: the helper reads the cookie of the probe that fired.
+    let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+    cookie & probe_cookie::LEAF != 0
+}
+
 entry_programs! {
-    malloc_enter, malloc_session => |ctx| (kind::PLAIN, arg(&ctx, 0), 0, 0, true);
+    malloc_enter, malloc_session => |ctx| (kind::PLAIN, arg(&ctx, 0), 0, 0, leaf(&ctx));
     alloc_size0_enter, alloc_size0_session => |ctx| (kind::PLAIN, arg(&ctx, 0), 0, 0, false);
     alloc_size1_enter, alloc_size1_session => |ctx| (kind::PLAIN, arg(&ctx, 1), 0, 0, false);
     // An overflowing product fails inside calloc; the return sees NULL.
     calloc_enter, calloc_session =>
-        |ctx| (kind::PLAIN, arg(&ctx, 0).wrapping_mul(arg(&ctx, 1)), 0, 0, true);
+        |ctx| (kind::PLAIN, arg(&ctx, 0).wrapping_mul(arg(&ctx, 1)), 0, 0, leaf(&ctx));
     realloc_enter, realloc_session =>
         |ctx| (kind::REALLOC, arg(&ctx, 1), arg(&ctx, 0), 0, false);
     reallocarray_enter, reallocarray_session =>

@@ -168,9 +168,15 @@ fn locate(table: &ModuleTable, at: u64, tgid: u32, epoch: u32) -> (u32, UnwindRo
     let Some(slot) = WALK_CACHE.get_ptr_mut(slot) else {
         return search(table, at);
     };
-    // SAFETY: per-CPU map value, ours for the duration of this program.
+    // SAFETY: per-CPU map value. Another task on this CPU may preempt this
+    // one between the writes below: the check, written last, catches a slot
+    // left half one task's and half the other's.
     let slot = unsafe { &mut *slot };
-    if slot.pc == at && slot.tgid == tgid && slot.epoch == epoch {
+    if slot.pc == at
+        && slot.tgid == tgid
+        && slot.epoch == epoch
+        && slot.check == slot_check(at, tgid, epoch, slot.module_kind, &slot.row)
+    {
         return (slot.module_kind, slot.row);
     }
     let (kind, row) = search(table, at);
@@ -179,7 +185,20 @@ fn locate(table: &ModuleTable, at: u64, tgid: u32, epoch: u32) -> (u32, UnwindRo
     slot.epoch = epoch;
     slot.module_kind = kind;
     slot.row = row;
+    slot.check = slot_check(at, tgid, epoch, kind, &row);
     (kind, row)
+}
+
+/// A hash of a cache slot's fields.
+#[inline(always)]
+fn slot_check(pc: u64, tgid: u32, epoch: u32, kind: u32, row: &UnwindRow) -> u64 {
+    let a = pc ^ ((tgid as u64) << 32 | epoch as u64).rotate_left(17);
+    let b = (row.pc as u64) << 32 | row.cfa_offset as u32 as u64;
+    let c = (row.rbp_offset as u16 as u64) << 32
+        | (row.kind as u64) << 24
+        | (row.rbp_saved as u64) << 16
+        | kind as u64;
+    (a ^ b.rotate_left(29) ^ c.rotate_left(43)).wrapping_mul(0x9e37_79b9_7f4a_7c15)
 }
 
 /// Steps from the frame of `pc` (a return address) to its caller's.
@@ -261,12 +280,14 @@ pub fn unwind_step(ctx: ProbeContext) -> u32 {
     };
     // SAFETY: per-CPU scratch value, ours for the duration of the walk.
     let u = unsafe { &mut *u };
+    // The epoch before the table: user space writes a table, then bumps
+    // the epoch, so lookups in an older table never get the newer epoch.
+    let epoch = CONFIG.get(config::WALK_EPOCH).copied().unwrap_or(0) as u32;
     // SAFETY: plain data in a map value.
     let flags = match unsafe { MODULES.get(u.tgid) } {
         None => STACK_TRUNCATED,
         Some(table) => {
             let (mut pc, mut sp, mut bp) = (u.pc, u.sp, u.bp);
-            let epoch = CONFIG.get(config::WALK_EPOCH).copied().unwrap_or(0) as u32;
             let mut flags = 0;
             for _ in 0..FRAMES_PER_RUN {
                 let n = (u.trace.len & STACK_LEN_MASK) as usize;

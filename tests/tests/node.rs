@@ -11,10 +11,13 @@ const MIB: u64 = 1 << 20;
 fn node_buffers_are_attributed_to_the_javascript_that_retains_them() {
     require_root();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/retain.js");
-    let mut cmd = Command::new("node");
-    cmd.arg("--perf-basic-prof").arg(&script);
-    let mut fx = Fixture::from_command(&mut cmd, |child, _| child.id());
     let dir = TempDir::new("node");
+    let mut cmd = Command::new("node");
+    // node writes V8 logs (isolate-*.log) into its working directory.
+    cmd.arg("--perf-basic-prof")
+        .arg(&script)
+        .current_dir(dir.path());
+    let mut fx = Fixture::from_command(&mut cmd, |child, _| child.id());
     let mut hb = Heapbpf::attach(&[fx.pid], dir.path(), &["--format", "json"]);
     fx.command("run");
     hb.signal(libc::SIGUSR2);

@@ -225,6 +225,14 @@ pub struct UnwindRow {
 }
 const _: () = assert!(core::mem::size_of::<UnwindRow>() == 12);
 
+/// Bits of the attach cookie of an entry probe.
+pub mod probe_cookie {
+    /// The function calls no other hooked function (glibc's, jemalloc's,
+    /// tcmalloc's, mimalloc's `malloc` and `calloc`; musl's `calloc` calls
+    /// its `malloc`): an unsampled call needs no return and no nesting mark.
+    pub const LEAF: u64 = 1;
+}
+
 /// Slots of the stack walk's per-CPU cache of address lookups.
 pub const WALK_CACHE_SLOTS: u32 = 4096;
 
@@ -238,8 +246,10 @@ pub struct WalkCacheSlot {
     pub epoch: u32,
     pub module_kind: u32,
     pub row: UnwindRow,
+    /// A hash of the fields above, written last.
+    pub check: u64,
 }
-const _: () = assert!(core::mem::size_of::<WalkCacheSlot>() == 32);
+const _: () = assert!(core::mem::size_of::<WalkCacheSlot>() == 40);
 
 /// How the walk steps out of a frame in a module.
 pub mod module_kind {

@@ -703,14 +703,15 @@ impl Profiler {
                 in_session.insert(spec.symbol);
                 continue;
             }
-            self.first_probe(pid, image, &name, true);
+            let return_was_free = self.first_probe(pid, image, &name, true);
             let program = match self.floor {
                 Some(Floor::Entry) => probes::NOOP_SESSION_ENTRY,
                 Some(Floor::Return) => probes::NOOP_SESSION_RETURN,
                 None => probes::session_program(spec.entry_program),
             };
             let offset = probe_offset(spec, image, &name);
-            match self.attach_session(program, &name, start + offset, target, pid) {
+            let cookie = probe_cookie(spec, target);
+            match self.attach_session(program, &name, start + offset, cookie, target, pid) {
                 Ok(()) => {}
                 Err(Error::NoSuchProcess { pid }) => return Err(Error::NoSuchProcess { pid }),
                 Err(e) => {
@@ -721,7 +722,9 @@ impl Profiler {
                     {
                         let (dev, ino) = image.id();
                         t.hooked.remove(&(dev, ino, addr, false));
-                        t.hooked.remove(&(dev, ino, addr, true));
+                        if return_was_free {
+                            t.hooked.remove(&(dev, ino, addr, true));
+                        }
                     }
                     continue;
                 }
@@ -749,7 +752,7 @@ impl Profiler {
                 continue;
             }
             let offset = probe_offset(spec, image, &name);
-            self.attach_one(return_program, &name, offset, target, scope, pid)?;
+            self.attach_one(return_program, &name, offset, 0, target, scope, pid)?;
             attached.push(AttachedProbe {
                 symbol: name,
                 offset,
@@ -777,7 +780,8 @@ impl Profiler {
             } else {
                 spec.entry_program
             };
-            self.attach_one(program, &name, offset, target, scope, pid)?;
+            let cookie = probe_cookie(spec, target);
+            self.attach_one(program, &name, offset, cookie, target, scope, pid)?;
             attached.push(AttachedProbe {
                 symbol: name,
                 offset,
@@ -801,11 +805,13 @@ impl Profiler {
         t.hooked.insert((dev, ino, addr, ret))
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn attach_one(
         &mut self,
         program: &'static str,
         symbol: &str,
         offset: u64,
+        cookie: u64,
         lib: &AllocatorLib,
         scope: UProbeScope,
         pid: u32,
@@ -820,7 +826,11 @@ impl Profiler {
         } else {
             UProbeAttachLocation::SymbolOffset(symbol, offset)
         };
-        match prog.attach(location, &lib.open_path, scope) {
+        let point = aya::programs::uprobe::UProbeAttachPoint {
+            location,
+            cookie: Some(cookie),
+        };
+        match prog.attach(point, &lib.open_path, scope) {
             Ok(link) => {
                 tracing::debug!(pid, program, symbol, offset, library = %lib.path, "probe placed");
                 if let Some(t) = self.targets.get_mut(&pid) {
@@ -848,6 +858,7 @@ impl Profiler {
         program: &'static str,
         symbol: &str,
         offset: u64,
+        cookie: u64,
         lib: &AllocatorLib,
         pid: u32,
     ) -> Result<()> {
@@ -855,7 +866,7 @@ impl Profiler {
             .sessions
             .as_ref()
             .ok_or_else(|| Error::Runtime("no session programs".into()))?;
-        match sessions.attach(program, &lib.open_path, offset, pid) {
+        match sessions.attach(program, &lib.open_path, offset, cookie, pid) {
             Ok(link) => {
                 tracing::debug!(pid, program, symbol, offset, library = %lib.path, "session probe placed");
                 if let Some(t) = self.targets.get_mut(&pid) {
@@ -1100,6 +1111,24 @@ fn install_unwinder(ebpf: &mut Ebpf) -> Result<()> {
     Ok(())
 }
 
+/// The attach cookie of `spec`'s probe in `lib`: `malloc` and `calloc` are
+/// leaves (call no other hooked function) in the allocators known not to
+/// build one on another; elsewhere (musl's `calloc` calls `malloc`, a
+/// program's own allocator may do anything) they mark their nesting.
+fn probe_cookie(spec: &ProbeSpec, lib: &AllocatorLib) -> u64 {
+    let file_name = Path::new(&lib.path)
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let known = is_dedicated_allocator(&file_name) || file_name.starts_with("libc.so.6");
+    let leafy = matches!(spec.entry_program, "malloc_enter" | "calloc_enter");
+    if known && leafy {
+        heapbpf_common::probe_cookie::LEAF
+    } else {
+        0
+    }
+}
+
 /// Where the probe on `symbol` goes: on the first instruction the kernel
 /// emulates when that is safe (see [`placement`]), else at +0.
 fn probe_offset(spec: &ProbeSpec, image: &placement::Image, symbol: &str) -> u64 {
@@ -1139,7 +1168,31 @@ pub fn monotonic_ns() -> u64 {
 
 #[cfg(test)]
 mod choice_tests {
-    use super::AllocatorChoice;
+    use super::{probe_cookie, AllocatorChoice, AllocatorLib, LIBC_PROBES};
+
+    #[test]
+    fn malloc_and_calloc_are_leaves_only_in_known_allocators() {
+        let spec = |sym: &str| *LIBC_PROBES.iter().find(|p| p.symbol == sym).unwrap();
+        let lib = |path: &str| AllocatorLib::new(path.into(), path.into());
+        let leaf = heapbpf_common::probe_cookie::LEAF;
+        let glibc = lib("/usr/lib/x86_64-linux-gnu/libc.so.6");
+        let jemalloc = lib("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2");
+        let musl = lib("/lib/ld-musl-x86_64.so.1");
+        let own = lib("/srv/app");
+        assert_eq!(probe_cookie(&spec("malloc"), &glibc), leaf);
+        assert_eq!(probe_cookie(&spec("calloc"), &glibc), leaf);
+        assert_eq!(probe_cookie(&spec("calloc"), &jemalloc), leaf);
+        assert_eq!(
+            probe_cookie(&spec("mi_calloc"), &lib("libmimalloc.so.2.0")),
+            leaf
+        );
+        // musl's calloc calls its malloc; a program's own allocator may.
+        assert_eq!(probe_cookie(&spec("calloc"), &musl), 0);
+        assert_eq!(probe_cookie(&spec("malloc"), &own), 0);
+        // Functions built on others are never leaves.
+        assert_eq!(probe_cookie(&spec("realloc"), &glibc), 0);
+        assert_eq!(probe_cookie(&spec("_Znwm"), &jemalloc), 0);
+    }
 
     #[test]
     fn allocator_paths_and_prefixes() {

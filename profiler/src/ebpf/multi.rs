@@ -208,19 +208,29 @@ impl Sessions {
     }
 
     /// Runs program `name` at entry (and, when it asks, at return) of the
-    /// function at file offset `offset` of `path`, in process `pid` only.
-    pub fn attach(&self, name: &str, path: &Path, offset: u64, pid: u32) -> io::Result<OwnedFd> {
+    /// function at file offset `offset` of `path`, in process `pid` only;
+    /// the program reads `cookie` with `bpf_get_attach_cookie`.
+    pub fn attach(
+        &self,
+        name: &str,
+        path: &Path,
+        offset: u64,
+        cookie: u64,
+        pid: u32,
+    ) -> io::Result<OwnedFd> {
         let prog = self
             .programs
             .get(name)
             .ok_or_else(|| io::Error::other(format!("no session program {name}")))?;
         let path = CString::new(path.as_os_str().as_bytes())?;
         let offsets = [offset];
+        let cookies = [cookie];
         let mut attr = LinkCreateAttr {
             prog_fd: prog.as_fd().as_raw_fd() as u32,
             attach_type: BPF_TRACE_UPROBE_SESSION,
             path: path.as_ptr() as u64,
             offsets: offsets.as_ptr() as u64,
+            cookies: cookies.as_ptr() as u64,
             cnt: 1,
             pid,
             ..Default::default()

@@ -93,8 +93,8 @@ pub fn emulated_point(code: &[u8], reads: u8, with_return: bool) -> Option<u64> 
 }
 
 /// Whether the kernel emulates `insn` (arch/x86/kernel/uprobes.c: relative
-/// `jmp`, `jcc` and `call`, `push` of a 64-bit register; none with an
-/// operand-size prefix) instead of single-stepping it.
+/// `jmp`, `jcc` and `call`, `push` of a 64-bit register in its short forms;
+/// none with an operand-size prefix) instead of single-stepping it.
 fn emulated(insn: &Instruction, code: &[u8]) -> bool {
     let start = insn.ip() as usize;
     let operand_size_prefix = code[start..start + insn.len()]
@@ -106,11 +106,14 @@ fn emulated(insn: &Instruction, code: &[u8]) -> bool {
             )
         })
         .any(|&b| b == 0x66);
+    // `push`: the kernel emulates the one-byte form and REX.B + it only.
+    let push = insn.code() == Code::Push_r64
+        && matches!((insn.len(), code[start]), (1, 0x50..=0x57) | (2, 0x41));
     !operand_size_prefix
         && (insn.is_jcc_short_or_near()
             || insn.is_jmp_short_or_near()
             || insn.is_call_near()
-            || insn.code() == Code::Push_r64)
+            || push)
 }
 
 /// An allocator's ELF file, read once at attach: its defined symbols (dynamic
