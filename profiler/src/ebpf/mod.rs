@@ -1132,12 +1132,9 @@ fn probe_cookie(spec: &ProbeSpec, lib: &AllocatorLib) -> u64 {
 /// Where the probe on `symbol` goes: on the first instruction the kernel
 /// emulates when that is safe (see [`placement`]), else at +0.
 fn probe_offset(spec: &ProbeSpec, image: &placement::Image, symbol: &str) -> u64 {
+    let reads = probes::arguments_read(spec.entry_program);
     image
-        .code(symbol)
-        .and_then(|code| {
-            let reads = probes::arguments_read(spec.entry_program);
-            placement::emulated_point(code, reads, spec.has_return)
-        })
+        .probe_point(symbol, reads, spec.has_return)
         .unwrap_or(0)
 }
 

@@ -10,8 +10,10 @@
 //! at the entry:
 //! - the code before it is straight-line (no branch, call or return), so
 //!   every call passes through the point exactly once;
-//! - no branch inside the function lands between the entry and the point
-//!   (inclusive), so no call passes it twice;
+//! - no direct branch or call anywhere in the file (the function itself,
+//!   its `.cold` part, other functions) lands between the entry and the
+//!   point (inclusive), so no call passes it twice; indirect jumps into a
+//!   function's first instructions are not something compilers emit;
 //! - the argument registers the probe's program reads (`rdi`, `rsi`, `rdx`)
 //!   are not written on the way;
 //! - for a probe that also takes the return (a return probe or a session),
@@ -92,6 +94,13 @@ pub fn emulated_point(code: &[u8], reads: u8, with_return: bool) -> Option<u64> 
     Some(point)
 }
 
+/// Whether one of `targets` (sorted) lies in `(start, point]`: a jump
+/// there would pass the probe at `point` a second time.
+fn jumped_into(targets: &[u64], start: u64, point: u64) -> bool {
+    let first_after = targets.partition_point(|&t| t <= start);
+    targets.get(first_after).is_some_and(|&t| t <= point)
+}
+
 /// Whether the kernel emulates `insn` (arch/x86/kernel/uprobes.c: relative
 /// `jmp`, `jcc` and `call`, `push` of a 64-bit register in its short forms;
 /// none with an operand-size prefix) instead of single-stepping it.
@@ -125,10 +134,14 @@ pub struct Image {
     data: Option<memmap2::Mmap>,
     /// Address and size of each symbol.
     symbols: std::collections::HashMap<String, (u64, u64)>,
-    /// (address, size, file offset, file size) of each load segment.
-    segments: Vec<(u64, u64, u64, u64)>,
+    /// (address, size, file offset, file size, executable) of each load
+    /// segment.
+    segments: Vec<(u64, u64, u64, u64, bool)>,
     /// (device, inode) of the file.
     id: (u64, u64),
+    /// Targets of every direct branch and call in the executable segments,
+    /// sorted; made on first use.
+    branch_targets: std::sync::OnceLock<Vec<u64>>,
 }
 
 impl Image {
@@ -157,7 +170,13 @@ impl Image {
                 elf.segments()
                     .map(|seg| {
                         let (off, len) = seg.file_range();
-                        (seg.address(), seg.size(), off, len)
+                        let exec = match seg.flags() {
+                            object::SegmentFlags::Elf { p_flags } => {
+                                p_flags & object::elf::PF_X != 0
+                            }
+                            _ => false,
+                        };
+                        (seg.address(), seg.size(), off, len, exec)
                     })
                     .collect(),
             ),
@@ -168,6 +187,7 @@ impl Image {
             symbols,
             segments,
             id,
+            branch_targets: Default::default(),
         }
     }
 
@@ -177,6 +197,57 @@ impl Image {
 
     pub fn address(&self, symbol: &str) -> Option<u64> {
         self.symbols.get(symbol).map(|&(addr, _)| addr)
+    }
+
+    /// Where the probe on `symbol` goes (see the module doc), or `None`
+    /// for its entry: [`emulated_point`] on the function's own code, and no
+    /// direct branch anywhere in the file (`.cold` parts, other functions)
+    /// lands between the entry and that point.
+    pub fn probe_point(&self, symbol: &str, reads: u8, with_return: bool) -> Option<u64> {
+        let point = emulated_point(self.code(symbol)?, reads, with_return)?;
+        if point == 0 {
+            return Some(0);
+        }
+        let start = self.address(symbol)?;
+        let targets = self
+            .branch_targets
+            .get_or_init(|| self.scan_branch_targets());
+        (!jumped_into(targets, start, start + point)).then_some(point)
+    }
+
+    /// Targets of the direct branches and calls of the executable segments,
+    /// decoded linearly (data between functions may desynchronize the
+    /// decoder for a few instructions; it resynchronizes at the next
+    /// function in practice).
+    fn scan_branch_targets(&self) -> Vec<u64> {
+        let Some(data) = self.data.as_ref() else {
+            return Vec::new();
+        };
+        let mut targets = Vec::new();
+        for &(addr, _, off, len, exec) in &self.segments {
+            let Some(code) = data.get(off as usize..(off + len) as usize) else {
+                continue;
+            };
+            if !exec {
+                continue;
+            }
+            let mut decoder = Decoder::with_ip(64, code, addr, DecoderOptions::NONE);
+            let mut insn = Instruction::default();
+            while decoder.can_decode() {
+                decoder.decode_out(&mut insn);
+                if matches!(
+                    insn.flow_control(),
+                    FlowControl::ConditionalBranch
+                        | FlowControl::UnconditionalBranch
+                        | FlowControl::Call
+                ) && insn.near_branch_target() != 0
+                {
+                    targets.push(insn.near_branch_target());
+                }
+            }
+        }
+        targets.sort_unstable();
+        targets
     }
 
     /// The code of `symbol`, as long as its symbol says (at most 64 KiB).
@@ -193,20 +264,20 @@ impl Image {
     /// Where `symbol`'s code starts in the file (what uprobes are placed by).
     pub fn file_offset(&self, symbol: &str) -> Option<u64> {
         let addr = self.address(symbol)?;
-        let &(start, _, seg_off, _) = self
+        let &(start, _, seg_off, _, _) = self
             .segments
             .iter()
-            .find(|&&(start, size, _, _)| start <= addr && addr < start + size)?;
+            .find(|&&(start, size, _, _, _)| start <= addr && addr < start + size)?;
         Some(seg_off + (addr - start))
     }
 
     /// The first `len` bytes of `symbol`'s code.
     pub fn bytes(&self, symbol: &str, len: usize) -> Option<&[u8]> {
         let addr = self.address(symbol)?;
-        let &(start, _, seg_off, seg_len) = self
+        let &(start, _, seg_off, seg_len, _) = self
             .segments
             .iter()
-            .find(|&&(start, size, _, _)| start <= addr && addr < start + size)?;
+            .find(|&&(start, size, _, _, _)| start <= addr && addr < start + size)?;
         let off = seg_off + (addr - start);
         if off + len as u64 > seg_off + seg_len {
             return None;
@@ -267,6 +338,18 @@ mod tests {
         assert_eq!(emulated_point(&free, 0b001, false), Some(0x30));
         // A program reading the third argument could not move.
         assert_eq!(emulated_point(&free, 0b101, false), None);
+    }
+
+    #[test]
+    fn jumps_from_elsewhere_into_the_prefix_are_found() {
+        let targets = [0x100, 0x1000, 0x2008];
+        // Entry 0x2000, point 0x2007: nothing lands in (0x2000, 0x2007].
+        assert!(!jumped_into(&targets, 0x2000, 0x2007));
+        // ... a jump to 0x2008 lands on a point there.
+        assert!(jumped_into(&targets, 0x2000, 0x2008));
+        // A jump to the entry itself fires the probe just as at +0.
+        assert!(!jumped_into(&targets, 0x1000, 0x1003));
+        assert!(!jumped_into(&[], 0x1000, 0x1003));
     }
 
     #[test]
