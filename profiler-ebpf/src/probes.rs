@@ -196,7 +196,7 @@ fn enter(kind: u32, size: u64, old_ptr: u64, out_ptr: u64, leaf: bool, session: 
 
 /// The entry programs, each as a plain uprobe (`*_enter`, paired with the
 /// `alloc_return` uretprobe) and as a uprobe session program (`*_session`,
-/// entry and return in one; see `profiler/src/ebpf/session.rs`).
+/// entry and return in one; see `profiler/src/ebpf/multi.rs`).
 macro_rules! entry_programs {
     ($($enter:ident, $session:ident => |$ctx:ident| $args:expr;)*) => {$(
         #[uprobe]

@@ -395,7 +395,7 @@ impl Profiler {
             match multi::Sessions::load(
                 PROGRAM_OBJECT,
                 &ebpf,
-                &probes::session_programs(),
+                &probes::session_programs(opts.floor.is_some()),
                 "UNWIND_PROGS",
                 [probes::UNWIND_PROGRAM, probes::UNWIND_FINISH_PROGRAM],
             ) {
@@ -687,10 +687,9 @@ impl Profiler {
         let mut attached = Vec::new();
         // Allocating functions as uprobe sessions where the kernel has them.
         let mut in_session = HashSet::new();
-        for spec in LIBC_PROBES.iter().filter(|p| p.has_return) {
-            if self.sessions.is_none() {
-                break;
-            }
+        let sessions = self.sessions.is_some();
+        let session_specs = LIBC_PROBES.iter().filter(|p| p.has_return && sessions);
+        for spec in session_specs {
             let Some((target, image)) = pick(spec.symbol) else {
                 continue;
             };
@@ -698,12 +697,11 @@ impl Profiler {
             let Some(start) = image.file_offset(&name) else {
                 continue;
             };
-            if !self.first_probe(pid, image, &name, false) {
+            if self.is_hooked(pid, image, &name, false) {
                 // An alias of a function hooked already.
                 in_session.insert(spec.symbol);
                 continue;
             }
-            let return_was_free = self.first_probe(pid, image, &name, true);
             let program = match self.floor {
                 Some(Floor::Entry) => probes::NOOP_SESSION_ENTRY,
                 Some(Floor::Return) => probes::NOOP_SESSION_RETURN,
@@ -717,18 +715,11 @@ impl Profiler {
                 Err(e) => {
                     // Hooked below as a uprobe + uretprobe pair instead.
                     tracing::info!(pid, symbol = %name, error = %e, "no uprobe session; using a uprobe + uretprobe pair");
-                    if let (Some(addr), Some(t)) =
-                        (image.address(&name), self.targets.get_mut(&pid))
-                    {
-                        let (dev, ino) = image.id();
-                        t.hooked.remove(&(dev, ino, addr, false));
-                        if return_was_free {
-                            t.hooked.remove(&(dev, ino, addr, true));
-                        }
-                    }
                     continue;
                 }
             }
+            self.first_probe(pid, image, &name, false);
+            self.first_probe(pid, image, &name, true);
             in_session.insert(spec.symbol);
             attached.push(AttachedProbe {
                 symbol: name,
@@ -803,6 +794,16 @@ impl Profiler {
         };
         let (dev, ino) = image.id();
         t.hooked.insert((dev, ino, addr, ret))
+    }
+
+    /// Whether the function `symbol` of `image` is probed already (entry or
+    /// return) for `pid`, under this name or another.
+    fn is_hooked(&self, pid: u32, image: &placement::Image, symbol: &str, ret: bool) -> bool {
+        let (Some(addr), Some(t)) = (image.address(symbol), self.targets.get(&pid)) else {
+            return false;
+        };
+        let (dev, ino) = image.id();
+        t.hooked.contains(&(dev, ino, addr, ret))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1138,11 +1139,15 @@ fn probe_offset(spec: &ProbeSpec, image: &placement::Image, symbol: &str) -> u64
         .unwrap_or(0)
 }
 
+/// The file descriptor of a map of the kinds heapbpf's object has.
 fn map_fd(map: &aya::maps::Map) -> Result<std::os::fd::BorrowedFd<'_>> {
+    use aya::maps::Map;
     use std::os::fd::AsFd;
     match map {
-        aya::maps::Map::HashMap(data) => Ok(data.fd().as_fd()),
-        _ => Err(Error::Runtime("expected a hash map".into())),
+        Map::HashMap(d) | Map::Array(d) | Map::PerCpuArray(d) | Map::ProgramArray(d) => {
+            Ok(d.fd().as_fd())
+        }
+        _ => Err(Error::Runtime("unexpected kind of map".into())),
     }
 }
 

@@ -172,7 +172,9 @@ impl Sessions {
                 let map = ebpf
                     .map(name)
                     .ok_or_else(|| format!("aya created no map {name}"))?;
-                map_fd(map).ok_or(format!("map {name}"))?
+                super::map_fd(map)
+                    .map_err(|e| format!("map {name}: {e}"))?
+                    .as_raw_fd()
             };
             fds.push((name.as_str(), fd));
         }
@@ -315,15 +317,4 @@ fn load_program(
             ))
         }
     }
-}
-
-/// The file descriptor of a map of the kinds heapbpf's object has.
-fn map_fd(map: &aya::maps::Map) -> Option<RawFd> {
-    use aya::maps::Map;
-    let data = match map {
-        Map::HashMap(d) | Map::Array(d) | Map::PerCpuArray(d) | Map::ProgramArray(d) => d,
-        Map::PerCpuHashMap(d) | Map::LruHashMap(d) | Map::RingBuf(d) => d,
-        _ => return None,
-    };
-    Some(data.fd().as_fd().as_raw_fd())
 }

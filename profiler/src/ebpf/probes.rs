@@ -152,11 +152,14 @@ pub fn session_program(entry_program: &str) -> &'static str {
         .map_or("", |(_, s)| s)
 }
 
-/// Every session program, each once.
-pub fn session_programs() -> Vec<&'static str> {
-    let mut names: Vec<_> = SESSION_PROGRAMS.iter().map(|(_, s)| *s).collect();
-    names.extend([NOOP_SESSION_ENTRY, NOOP_SESSION_RETURN]);
-    names
+/// The session programs to load: the allocating functions', or the floors'
+/// (programs that do nothing) for `cargo xtask bench`.
+pub fn session_programs(floor: bool) -> Vec<&'static str> {
+    if floor {
+        vec![NOOP_SESSION_ENTRY, NOOP_SESSION_RETURN]
+    } else {
+        SESSION_PROGRAMS.iter().map(|(_, s)| *s).collect()
+    }
 }
 
 /// Every program name the table uses, each once.
