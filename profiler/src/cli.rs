@@ -4,6 +4,8 @@ use std::{path::PathBuf, time::Duration};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::{
+    allocator, commands, ebpf,
+    engine::Config,
     error::{Error, Result},
     output::Format,
     units::{parse_duration, parse_size},
@@ -40,6 +42,17 @@ pub enum DiffFormat {
     Svg,
 }
 
+impl From<DiffFormat> for commands::DiffFormat {
+    fn from(f: DiffFormat) -> Self {
+        match f {
+            DiffFormat::Text => commands::DiffFormat::Text,
+            DiffFormat::Json => commands::DiffFormat::Json,
+            DiffFormat::Collapsed => commands::DiffFormat::Collapsed,
+            DiffFormat::Svg => commands::DiffFormat::Svg,
+        }
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct DiffArgs {
     /// The earlier snapshot (the baseline).
@@ -62,6 +75,18 @@ pub struct AttachArgs {
     pub pids: Vec<u32>,
     #[command(flatten)]
     pub profile: ProfileArgs,
+}
+
+impl AttachArgs {
+    /// The pids, each once, in the order given (`attach 1 2 1` is 1 and 2).
+    pub fn unique_pids(&self) -> Vec<u32> {
+        let mut seen = std::collections::HashSet::new();
+        self.pids
+            .iter()
+            .copied()
+            .filter(|p| seen.insert(*p))
+            .collect()
+    }
 }
 
 #[derive(Debug, Args)]
@@ -146,6 +171,15 @@ pub enum ReportFormat {
     Json,
 }
 
+impl From<ReportFormat> for commands::ReportFormat {
+    fn from(f: ReportFormat) -> Self {
+        match f {
+            ReportFormat::Text => commands::ReportFormat::Text,
+            ReportFormat::Json => commands::ReportFormat::Json,
+        }
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct ReportArgs {
     /// A snapshot written by heapbpf (.json).
@@ -162,29 +196,9 @@ pub struct ReportArgs {
 /// "Sampling").
 pub const DEFAULT_SAMPLE_BYTES: &str = "64KiB";
 
-/// Everything `attach` needs, as plain data.
-#[derive(Clone, Debug)]
-pub struct AttachConfig {
-    pub pids: Vec<u32>,
-    pub output_dir: PathBuf,
-    pub formats: Vec<Format>,
-    pub duration: Option<Duration>,
-    pub interval: Option<Duration>,
-    pub rss_step: Option<u64>,
-    pub heap_step: Option<u64>,
-    pub sample_bytes: u64,
-    pub min_age: Duration,
-    pub max_snapshots: Option<usize>,
-    pub max_live_blocks: u32,
-    pub floor: Option<crate::ebpf::Floor>,
-    pub allocator: crate::ebpf::AllocatorChoice,
-    pub unwind: crate::unwind::Mode,
-    pub sessions: bool,
-    pub quiet: bool,
-}
-
 impl ProfileArgs {
-    pub fn into_config(self, pids: Vec<u32>) -> Result<AttachConfig> {
+    /// The engine's configuration, every flag checked.
+    pub fn into_config(self) -> Result<Config> {
         let formats = Format::parse_list(
             self.format
                 .as_deref()
@@ -198,7 +212,7 @@ impl ProfileArgs {
                 heapbpf_common::MAX_SAMPLE_BYTES
             )));
         }
-        let allocator = crate::ebpf::AllocatorChoice::parse(&self.allocator).ok_or_else(|| {
+        let allocator = allocator::Choice::parse(&self.allocator).ok_or_else(|| {
             Error::BadInput(format!(
                 "--allocator {}: expected auto, libc, jemalloc, tcmalloc, mimalloc, or PATH[:PREFIX] (a mapped file, e.g. /usr/lib/libjemalloc.so.2 or ./app:je_)",
                 self.allocator
@@ -218,10 +232,7 @@ impl ProfileArgs {
         if self.max_snapshots == Some(0) {
             return Err(Error::BadInput("--max-snapshots must be at least 1".into()));
         }
-        let mut pids = pids;
-        pids.dedup();
-        Ok(AttachConfig {
-            pids,
+        Ok(Config {
             output_dir: self.output_dir,
             formats,
             duration: self.duration,
@@ -238,12 +249,11 @@ impl ProfileArgs {
             max_snapshots: self.max_snapshots,
             max_live_blocks: self.max_live_blocks,
             floor: self.probe_floor.map(|f| match f {
-                ProbeFloor::Entry => crate::ebpf::Floor::Entry,
-                ProbeFloor::Return => crate::ebpf::Floor::Return,
+                ProbeFloor::Entry => ebpf::Floor::Entry,
+                ProbeFloor::Return => ebpf::Floor::Return,
             }),
             allocator,
             sessions: !self.no_uprobe_sessions,
-            quiet: self.quiet,
         })
     }
 }
@@ -252,13 +262,17 @@ impl ProfileArgs {
 mod tests {
     use super::*;
 
-    fn attach(args: &[&str]) -> Result<AttachConfig> {
+    fn attach_args(args: &[&str]) -> Result<AttachArgs> {
         let cli = Cli::try_parse_from(["heapbpf", "attach"].iter().chain(args))
             .map_err(|e| Error::BadInput(e.to_string()))?;
         match cli.command {
-            Command::Attach(a) => a.profile.into_config(a.pids),
+            Command::Attach(a) => Ok(a),
             _ => unreachable!(),
         }
+    }
+
+    fn attach(args: &[&str]) -> Result<Config> {
+        attach_args(args)?.profile.into_config()
     }
 
     #[test]
@@ -280,7 +294,6 @@ mod tests {
             "3",
         ])
         .unwrap();
-        assert_eq!(c.pids, vec![12, 34]);
         assert_eq!(c.duration, Some(Duration::from_secs(30)));
         assert_eq!(c.interval, Some(Duration::from_secs(300)));
         assert_eq!(c.heap_step, Some(16 << 20));
@@ -294,6 +307,18 @@ mod tests {
             c.formats,
             vec![Format::Json, Format::Pprof],
             "default json,pprof"
+        );
+    }
+
+    #[test]
+    fn a_pid_given_twice_is_one_target() {
+        assert_eq!(
+            attach_args(&["12", "34"]).unwrap().unique_pids(),
+            vec![12, 34]
+        );
+        assert_eq!(
+            attach_args(&["1", "2", "1"]).unwrap().unique_pids(),
+            vec![1, 2]
         );
     }
 
@@ -327,7 +352,7 @@ mod tests {
             .contains("hoard"));
         assert_eq!(
             attach(&["1", "--allocator", "jemalloc"]).unwrap().allocator,
-            crate::ebpf::AllocatorChoice::Jemalloc
+            allocator::Choice::Jemalloc
         );
         assert!(attach(&["1", "--heap-step", "0"]).is_err());
         assert!(attach(&["1", "--interval", "soon"]).is_err());

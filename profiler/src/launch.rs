@@ -14,6 +14,7 @@
 //! stop is a signal for the command, passed on.
 use std::{
     ffi::CString,
+    path::{Path, PathBuf},
     sync::mpsc::{channel, Receiver, Sender},
 };
 
@@ -45,12 +46,25 @@ impl Launched {
     }
 }
 
-fn which(name: &str) -> Option<std::path::PathBuf> {
+/// The file `exec` runs for `program`: a path as given (canonical), or the
+/// first match in `PATH` for a bare name.
+pub fn find_program(program: &str) -> Option<PathBuf> {
+    if program.contains('/') {
+        let p = Path::new(program);
+        return p
+            .is_file()
+            .then(|| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf()));
+    }
     std::env::var_os("PATH").and_then(|paths| {
         std::env::split_paths(&paths)
-            .map(|d| d.join(name))
+            .map(|d| d.join(program))
             .find(|p| p.is_file())
     })
+}
+
+/// [`find_program`], or `program` itself when nothing is found.
+pub fn resolve_program(program: &str) -> PathBuf {
+    find_program(program).unwrap_or_else(|| PathBuf::from(program))
 }
 
 /// Forks `command`, stopped before `exec`, under a watcher thread.
@@ -67,12 +81,7 @@ pub fn start(command: &[String]) -> Result<Launched> {
             "heapbpf run needs a command after --".into(),
         ));
     };
-    let found = if first.contains('/') {
-        std::path::Path::new(first).is_file()
-    } else {
-        which(first).is_some()
-    };
-    if !found {
+    if find_program(first).is_none() {
         return Err(Error::BadInput(format!("{first}: command not found")));
     }
     let (events_tx, events) = channel();

@@ -2,32 +2,45 @@
 //!
 //! Data flows one way:
 //!
-//! 1. [`ebpf`] (the only module that talks to aya and the kernel) loads the
-//!    uprobes, attaches them to each target's allocator and drains the kernel
-//!    maps into a [`model::RawSnapshot`]: stacks as addresses, with exact
-//!    per-stack figures.
-//! 2. [`symbolize`] (the only module that names blazesym) turns addresses into
-//!    frames, using file handles kept open on every module the target mapped,
-//!    so a target that has exited is still fully symbolized.
-//! 3. [`model`] builds the [`model::Snapshot`], the canonical plain-data form;
-//!    [`output`] writes it (JSON, atomically) and reads it back; [`report`]
-//!    renders it for people.
-//! 4. [`session`] orchestrates: attach, then snapshots on signals, duration
-//!    and target exit.
+//! 1. [`allocator`] decides what to hook in a target — its allocator, found
+//!    from its memory map, and the entry points of that allocator — as a
+//!    plain [`allocator::AttachPlan`]; [`elf`] reads the symbol tables and
+//!    places each probe ([`elf::placement`]); [`unwind`] turns call-frame
+//!    information into the rows the kernel's stack walk reads.
+//! 2. [`ebpf`] (the only module that names aya or calls `bpf(2)`) loads the
+//!    programs, applies the plan, keeps the walk's tables, and reads the
+//!    kernel maps out as plain [`model::KernelData`].
+//! 3. [`model`] (pure) aggregates that into a [`model::RawSnapshot`]: stacks
+//!    as addresses with exact per-stack figures; [`symbolize`] (the only
+//!    module that names blazesym) turns addresses into frames, through file
+//!    handles kept open on every module the target mapped, so a target that
+//!    has exited is still fully symbolized; the result is the canonical
+//!    [`model::Snapshot`].
+//! 4. [`output`] writes it in each format ([`output::writer`] owns names,
+//!    safe publishing and retention) and reads it back; [`report`] renders
+//!    snapshots and diffs for people.
+//! 5. [`engine`] holds the target lifecycle — attach, refresh, triggers,
+//!    snapshot, exit, detach — and [`commands`] are the front ends over it
+//!    (`attach`, `run`) and over files (`report`, `diff`); [`cli`] (the
+//!    only module that names clap) turns flags into their plain config;
+//!    [`lines`] words the contract's stderr lines.
 //!
-//! Everything after the raw snapshot is pure and unit-tested without
+//! Everything after the kernel data is pure and unit-tested without
 //! privileges.
 
+pub mod allocator;
 pub mod cli;
+pub mod commands;
 pub mod ebpf;
 pub mod elf;
+pub mod engine;
 pub mod error;
 pub mod launch;
+pub mod lines;
 pub mod model;
 pub mod output;
 pub mod procfs;
 pub mod report;
-pub mod session;
 pub mod symbolize;
 pub mod trigger;
 pub mod units;

@@ -1,7 +1,10 @@
 //! The `heapbpf` binary: parse the command line, run, map errors to the
 //! contract's exit codes.
 use clap::Parser;
-use heapbpf::cli::{Cli, Command};
+use heapbpf::{
+    cli::{Cli, Command},
+    commands,
+};
 
 fn main() {
     let cli = match Cli::try_parse() {
@@ -17,6 +20,34 @@ fn main() {
         Command::Run(r) => (r.profile.verbose, r.profile.quiet),
         Command::Report(_) | Command::Diff(_) => (0, false),
     };
+    init_logging(verbose, quiet);
+
+    let result = match cli.command {
+        Command::Attach(args) => {
+            let pids = args.unique_pids();
+            args.profile
+                .into_config()
+                .and_then(|cfg| commands::attach::run_attach(cfg, &pids))
+        }
+        // heapbpf run exits with the command's own status.
+        Command::Run(args) => args
+            .profile
+            .into_config()
+            .and_then(|cfg| commands::attach::run_command(cfg, &args.command))
+            .map(|code| std::process::exit(code)),
+        Command::Report(a) => commands::run_report(&a.snapshot, a.top, a.format.into()),
+        Command::Diff(a) => commands::run_diff(&a.old, &a.new, a.top, a.format.into()),
+    };
+    if let Err(e) = result {
+        for line in e.to_string().lines() {
+            eprintln!("heapbpf: {line}");
+        }
+        std::process::exit(e.exit_code());
+    }
+}
+
+/// Logs to stderr at the level `-v`/`-q` ask for (`HEAPBPF_LOG` overrides).
+fn init_logging(verbose: u8, quiet: bool) {
     let level = match (quiet, verbose) {
         (true, _) => "error",
         (_, 0) => "warn",
@@ -31,27 +62,4 @@ fn main() {
         .with_writer(std::io::stderr)
         .with_target(false)
         .init();
-
-    let result = match cli.command {
-        Command::Attach(args) => args
-            .profile
-            .into_config(args.pids)
-            .and_then(heapbpf::session::run_attach),
-        Command::Run(args) => match args.profile.into_config(Vec::new()) {
-            // heapbpf run exits with the command's own status.
-            Ok(cfg) => match heapbpf::session::run_command(cfg, args.command) {
-                Ok(code) => std::process::exit(code),
-                Err(e) => Err(e),
-            },
-            Err(e) => Err(e),
-        },
-        Command::Report(args) => heapbpf::session::run_report(&args),
-        Command::Diff(args) => heapbpf::session::run_diff(&args),
-    };
-    if let Err(e) = result {
-        for line in e.to_string().lines() {
-            eprintln!("heapbpf: {line}");
-        }
-        std::process::exit(e.exit_code());
-    }
 }

@@ -36,7 +36,7 @@ impl Mapping {
     /// File name of the path, without a ` (deleted)` suffix.
     pub fn file_name(&self) -> &str {
         let p = self.path.strip_suffix(" (deleted)").unwrap_or(&self.path);
-        p.rsplit('/').next().unwrap_or(p)
+        crate::model::basename(p)
     }
 }
 
@@ -140,7 +140,7 @@ pub fn process_info(pid: u32) -> Result<ProcessInfo> {
             let l = l.to_string_lossy();
             // Inside a chroot or container the link shows the host path; the
             // maps show the target's own. Prefer the target's view.
-            let name = l.rsplit('/').next().unwrap_or(&l).to_string();
+            let name = crate::model::basename(&l).to_string();
             maps.iter()
                 .find(|m| m.is_file() && m.file_name() == name)
                 .map(|m| m.path.clone())

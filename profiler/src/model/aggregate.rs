@@ -34,7 +34,43 @@ pub struct RawStack {
     pub oldest_age_ms: u64,
 }
 
-/// Everything the kernel said about one target at one moment.
+/// What the kernel holds for one target at one moment, read out as is.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KernelData {
+    pub pid: u32,
+    pub blocks: Vec<LiveBlock>,
+    pub counters: HashMap<u64, StackCounters>,
+    pub allocated_bytes: u64,
+    pub allocations: u64,
+    pub frees: u64,
+    pub dropped_events: u64,
+}
+
+impl KernelData {
+    /// Every stack the blocks and counters name, each once.
+    pub fn stack_ids(&self) -> Vec<u64> {
+        let mut ids: Vec<u64> = self
+            .blocks
+            .iter()
+            .map(|b| b.stack_id)
+            .chain(self.counters.keys().copied())
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+}
+
+/// The addresses of one stack, and what the walk knew of its end.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StackAddrs {
+    /// Return addresses, innermost first.
+    pub ips: Vec<u64>,
+    /// See [`RawStack::truncated`].
+    pub truncated: Option<bool>,
+}
+
+/// Everything the kernel said about one target at one moment, per stack.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RawSnapshot {
     pub pid: u32,
@@ -43,6 +79,40 @@ pub struct RawSnapshot {
     pub allocations: u64,
     pub frees: u64,
     pub dropped_events: u64,
+}
+
+impl RawSnapshot {
+    /// Aggregates what the kernel holds (see [`aggregate`]) and gives each
+    /// stack its addresses (stacks not in `stacks` keep none).
+    pub fn from_kernel(
+        data: KernelData,
+        stacks: &HashMap<u64, StackAddrs>,
+        now_ns: u64,
+        min_age_ms: u64,
+        sample_bytes: u64,
+    ) -> RawSnapshot {
+        let mut per_stack = aggregate(
+            data.blocks,
+            &data.counters,
+            now_ns,
+            min_age_ms,
+            sample_bytes,
+        );
+        for s in &mut per_stack {
+            if let Some(a) = stacks.get(&s.stack_id) {
+                s.ips = a.ips.clone();
+                s.truncated = a.truncated;
+            }
+        }
+        RawSnapshot {
+            pid: data.pid,
+            stacks: per_stack,
+            allocated_bytes: data.allocated_bytes,
+            allocations: data.allocations,
+            frees: data.frees,
+            dropped_events: data.dropped_events,
+        }
+    }
 }
 
 /// What a block of `size` bytes stands for when sampled every `sample_bytes`
@@ -224,5 +294,51 @@ mod tests {
     fn clock_skew_never_underflows() {
         let stacks = aggregate([block(1, 8, 2000 * MS)], &HashMap::new(), 1000 * MS, 0, 0);
         assert_eq!(stacks[0].oldest_age_ms, 0);
+    }
+
+    #[test]
+    fn kernel_data_becomes_stacks_with_addresses() {
+        let data = KernelData {
+            pid: 7,
+            blocks: vec![block(1, 100, 0), block(1, 50, 0), block(2, 10, 0)],
+            counters: HashMap::from([
+                (
+                    1,
+                    StackCounters {
+                        allocated_bytes: 500,
+                        allocations: 5,
+                    },
+                ),
+                (
+                    3,
+                    StackCounters {
+                        allocated_bytes: 8,
+                        allocations: 1,
+                    },
+                ),
+            ]),
+            allocated_bytes: 508,
+            allocations: 6,
+            frees: 3,
+            dropped_events: 2,
+        };
+        assert_eq!(data.stack_ids(), vec![1, 2, 3]);
+        let addrs = HashMap::from([(
+            1,
+            StackAddrs {
+                ips: vec![0x10, 0x20],
+                truncated: Some(false),
+            },
+        )]);
+        let raw = RawSnapshot::from_kernel(data, &addrs, 1_000_000_000, 0, 0);
+        assert_eq!(raw.pid, 7);
+        assert_eq!((raw.allocations, raw.frees, raw.dropped_events), (6, 3, 2));
+        let ids: Vec<u64> = raw.stacks.iter().map(|s| s.stack_id).collect();
+        assert_eq!(ids, vec![1, 2, 3]);
+        assert_eq!(raw.stacks[0].ips, vec![0x10, 0x20]);
+        assert_eq!(raw.stacks[0].truncated, Some(false));
+        assert_eq!(raw.stacks[0].live_bytes, 150);
+        assert!(raw.stacks[1].ips.is_empty());
+        assert_eq!(raw.stacks[1].truncated, None);
     }
 }

@@ -72,11 +72,7 @@ impl Diff {
 }
 
 fn frame_key(f: &Frame) -> String {
-    let module = f
-        .module
-        .as_deref()
-        .map(|m| m.rsplit('/').next().unwrap_or(m))
-        .unwrap_or("?");
+    let module = f.module.as_deref().map(super::basename).unwrap_or("?");
     match &f.function {
         Some(func) => format!("{module}!{func}"),
         None => format!("{module}@{}", f.address),

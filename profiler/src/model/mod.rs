@@ -4,9 +4,13 @@ mod aggregate;
 pub mod diff;
 mod snapshot;
 
-pub use aggregate::{aggregate, sample_weight, LiveBlock, RawSnapshot, RawStack, StackCounters};
+pub use aggregate::{
+    aggregate, sample_weight, KernelData, LiveBlock, RawSnapshot, RawStack, StackAddrs,
+    StackCounters,
+};
 pub use diff::{diff, Diff, DiffEntry, Status};
 pub use snapshot::{
-    is_truncated_frame, reaches_root, strip_allocator_frames, truncated_frame, Frame, MappingInfo,
-    Snapshot, Stack, Totals, Trigger, SNAPSHOT_FORMAT, SNAPSHOT_VERSION, TRUNCATED_FRAME,
+    basename, is_truncated_frame, reaches_root, strip_allocator_frames, truncated_frame, Frame,
+    MappingInfo, Snapshot, Stack, Totals, Trigger, SNAPSHOT_FORMAT, SNAPSHOT_VERSION,
+    TRUNCATED_FRAME,
 };

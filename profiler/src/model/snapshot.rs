@@ -117,6 +117,12 @@ pub struct Frame {
 /// missing, in pprof, folded, flame graph and diff output.
 pub const TRUNCATED_FRAME: &str = "[truncated]";
 
+/// The file name of a path as a target names it (`/usr/lib/libc.so.6` →
+/// `libc.so.6`).
+pub fn basename(path: &str) -> &str {
+    path.rsplit('/').next().unwrap_or(path)
+}
+
 /// The root frame of a truncated stack (address 0, no module).
 pub fn truncated_frame() -> Frame {
     Frame {
@@ -191,13 +197,10 @@ impl Frame {
     /// `leak_malloc (leak.c:12)`, or `[unknown] libfoo.so+0x1234`-style text
     /// for unresolved frames.
     pub fn label(&self) -> String {
-        let module_name = self
-            .module
-            .as_deref()
-            .map(|m| m.rsplit('/').next().unwrap_or(m));
+        let module_name = self.module.as_deref().map(basename);
         match (&self.function, &self.file, self.line) {
             (Some(f), Some(file), Some(line)) => {
-                let file = file.rsplit('/').next().unwrap_or(file);
+                let file = basename(file);
                 format!("{f} ({file}:{line})")
             }
             (Some(f), _, _) => match module_name {

@@ -17,7 +17,7 @@ pub fn frame_name(f: &Frame) -> String {
             let module = f
                 .module
                 .as_deref()
-                .map(|m| m.rsplit('/').next().unwrap_or(m))
+                .map(crate::model::basename)
                 .unwrap_or("?");
             format!("[unknown] {module}@{}", f.address)
         }

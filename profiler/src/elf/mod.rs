@@ -1,4 +1,6 @@
 //! Small facts read from ELF files (build ids), with the `object` crate.
+pub mod placement;
+
 use std::path::Path;
 
 /// The GNU build id of an ELF file, as lowercase hex.

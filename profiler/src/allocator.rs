@@ -1,0 +1,622 @@
+//! Every allocator fact and decision, in one place: which allocators heapbpf
+//! knows, how a target's allocator is found from its memory map (or, for
+//! `heapbpf run`, from the command's ELF before it runs), which entry points
+//! are hooked and what shape of call each is, and which calls are leaves.
+//!
+//! Discovery ends in an [`AttachPlan`]: plain data that [`crate::ebpf`]
+//! applies. Nothing here names aya or the kernel; symbol tables are read
+//! through [`crate::elf`].
+//!
+//! Adding an allocator: a [`Choice`] (with its file-name test), its entry
+//! points in [`ENTRY_POINTS`], and whether its `malloc`/`calloc` are leaves
+//! ([`probe_cookie`]).
+use std::path::{Path, PathBuf};
+
+use crate::{
+    elf::{self, placement::Image},
+    error::{Error, Result},
+    procfs::{self, Mapping, ProcessInfo},
+};
+
+/// The shape of an allocator call: where its arguments are and what its
+/// result means. The kernel side has one entry program per shape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Call {
+    /// `malloc(size)`: the size in the first argument.
+    Malloc,
+    /// `calloc(n, size)`.
+    Calloc,
+    /// `realloc(ptr, size)`.
+    Realloc,
+    /// `reallocarray(ptr, n, size)`.
+    ReallocArray,
+    /// `posix_memalign(&out, align, size)`: the block is stored at `out`.
+    PosixMemalign,
+    /// Any other allocation with its size in the first argument (`valloc`,
+    /// `operator new`).
+    Size0,
+    /// An allocation with its size in the second argument (`memalign`,
+    /// `aligned_alloc`).
+    Size1,
+    /// A free of the pointer in the first argument.
+    Free,
+}
+
+impl Call {
+    /// Whether the call makes a block (and so needs its return seen).
+    pub fn allocates(self) -> bool {
+        self != Call::Free
+    }
+
+    /// The arguments (bit i: argument i) its entry program reads: a probe
+    /// may only move past instructions that leave them alone.
+    pub fn arguments_read(self) -> u8 {
+        match self {
+            Call::Malloc | Call::Size0 | Call::Free => 0b001,
+            Call::Size1 => 0b010,
+            Call::Calloc | Call::Realloc => 0b011,
+            Call::PosixMemalign => 0b101,
+            Call::ReallocArray => 0b111,
+        }
+    }
+
+    /// Whether, in an allocator that does not build one public function on
+    /// another, this call reaches no other hooked function (see
+    /// [`probe_cookie`]).
+    fn may_be_leaf(self) -> bool {
+        matches!(self, Call::Malloc | Call::Calloc)
+    }
+}
+
+/// One allocator entry point: a symbol and the shape of its calls.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EntryPoint {
+    pub symbol: &'static str,
+    pub call: Call,
+}
+
+const fn entry(symbol: &'static str, call: Call) -> EntryPoint {
+    EntryPoint { symbol, call }
+}
+
+/// Every entry point heapbpf hooks where the allocator defines it: the C /
+/// POSIX surface, jemalloc's own API (redis uses it), C++ operator new /
+/// delete (jemalloc, tcmalloc and mimalloc define their own, which do not
+/// go through their malloc; libstdc++'s call malloc and free), gperftools'
+/// `tc_*` and mimalloc's `mi_*` names (mostly aliases: one probe per
+/// function, see [`crate::ebpf`]). Only `malloc` and `free` are required.
+pub const ENTRY_POINTS: &[EntryPoint] = &[
+    entry("malloc", Call::Malloc),
+    entry("calloc", Call::Calloc),
+    entry("realloc", Call::Realloc),
+    entry("reallocarray", Call::ReallocArray),
+    entry("posix_memalign", Call::PosixMemalign),
+    entry("aligned_alloc", Call::Size1),
+    entry("memalign", Call::Size1),
+    entry("valloc", Call::Size0),
+    entry("pvalloc", Call::Size0),
+    entry("free", Call::Free),
+    entry("mallocx", Call::Malloc),
+    entry("rallocx", Call::Realloc),
+    entry("dallocx", Call::Free),
+    entry("sdallocx", Call::Free),
+    entry("_Znwm", Call::Size0),
+    entry("_Znam", Call::Size0),
+    entry("_ZnwmRKSt9nothrow_t", Call::Size0),
+    entry("_ZnamRKSt9nothrow_t", Call::Size0),
+    entry("_ZnwmSt11align_val_t", Call::Size0),
+    entry("_ZnamSt11align_val_t", Call::Size0),
+    entry("_ZnwmSt11align_val_tRKSt9nothrow_t", Call::Size0),
+    entry("_ZnamSt11align_val_tRKSt9nothrow_t", Call::Size0),
+    entry("_ZdlPv", Call::Free),
+    entry("_ZdaPv", Call::Free),
+    entry("_ZdlPvm", Call::Free),
+    entry("_ZdaPvm", Call::Free),
+    entry("_ZdlPvRKSt9nothrow_t", Call::Free),
+    entry("_ZdaPvRKSt9nothrow_t", Call::Free),
+    entry("_ZdlPvSt11align_val_t", Call::Free),
+    entry("_ZdaPvSt11align_val_t", Call::Free),
+    entry("_ZdlPvmSt11align_val_t", Call::Free),
+    entry("_ZdaPvmSt11align_val_t", Call::Free),
+    entry("_ZdlPvSt11align_val_tRKSt9nothrow_t", Call::Free),
+    entry("_ZdaPvSt11align_val_tRKSt9nothrow_t", Call::Free),
+    entry("tc_malloc", Call::Malloc),
+    entry("tc_malloc_skip_new_handler", Call::Size0),
+    entry("tc_calloc", Call::Calloc),
+    entry("tc_realloc", Call::Realloc),
+    entry("tc_memalign", Call::Size1),
+    entry("tc_posix_memalign", Call::PosixMemalign),
+    entry("tc_valloc", Call::Size0),
+    entry("tc_pvalloc", Call::Size0),
+    entry("tc_new", Call::Size0),
+    entry("tc_newarray", Call::Size0),
+    entry("tc_new_nothrow", Call::Size0),
+    entry("tc_newarray_nothrow", Call::Size0),
+    entry("tc_free", Call::Free),
+    entry("tc_cfree", Call::Free),
+    entry("tc_free_sized", Call::Free),
+    entry("tc_delete", Call::Free),
+    entry("tc_deletearray", Call::Free),
+    entry("tc_delete_sized", Call::Free),
+    entry("tc_deletearray_sized", Call::Free),
+    entry("tc_delete_nothrow", Call::Free),
+    entry("tc_deletearray_nothrow", Call::Free),
+    entry("mi_malloc", Call::Malloc),
+    entry("mi_zalloc", Call::Size0),
+    entry("mi_calloc", Call::Calloc),
+    entry("mi_mallocn", Call::Calloc),
+    entry("mi_realloc", Call::Realloc),
+    entry("mi_reallocn", Call::ReallocArray),
+    entry("mi_malloc_aligned", Call::Size0),
+    entry("mi_zalloc_aligned", Call::Size0),
+    entry("mi_realloc_aligned", Call::Realloc),
+    entry("mi_new", Call::Size0),
+    entry("mi_new_nothrow", Call::Size0),
+    entry("mi_new_aligned", Call::Size0),
+    entry("mi_free", Call::Free),
+    entry("mi_free_size", Call::Free),
+    entry("mi_free_aligned", Call::Free),
+    entry("mi_free_size_aligned", Call::Free),
+];
+
+/// What to hook in one target: the allocator serving `malloc`, the library
+/// that serves the entry points it lacks (the C library: jemalloc and
+/// tcmalloc have no `reallocarray`, ...), and allocators the program carries
+/// beside it (a `je_`-prefixed jemalloc).
+#[derive(Clone, Debug)]
+pub struct AttachPlan {
+    pub main: Library,
+    pub fallback: Option<Library>,
+    pub extra: Vec<Library>,
+}
+
+impl AttachPlan {
+    /// Every library of the plan, main first.
+    pub fn libraries(&self) -> impl Iterator<Item = &Library> {
+        std::iter::once(&self.main)
+            .chain(&self.fallback)
+            .chain(&self.extra)
+    }
+}
+
+/// The plan for a running process, from its memory map and `--allocator`.
+pub fn plan(info: &ProcessInfo, maps: &[Mapping], choice: &Choice) -> Result<AttachPlan> {
+    let pid = info.pid;
+    let chosen = find(pid, maps, choice).ok_or_else(|| Error::NotTraceable {
+        pid,
+        why: match choice {
+            Choice::Custom { path, .. } => format!(
+                "{path} is not mapped into {} (--allocator names a file the process has mapped: its path as in /proc/{pid}/maps, or its file name)",
+                info.comm
+            ),
+            _ => format!(
+                "no {} library is mapped into {} (a stripped static program?); heapbpf hooks the allocator of a shared library or of an executable with a symbol table",
+                choice.as_str(),
+                info.comm
+            ),
+        },
+    })?;
+    let libc = find(pid, maps, &Choice::Libc).filter(|l| l.path != chosen.path);
+    if !chosen.prefix.is_empty() {
+        // A prefixed allocator lives beside the program's malloc (glibc's,
+        // or one that interposes it), which the rest of the program keeps
+        // using: hook both.
+        return Ok(match find(pid, maps, &Choice::Auto) {
+            Some(main) => AttachPlan {
+                fallback: libc.filter(|l| l.path != main.path),
+                main,
+                extra: vec![chosen],
+            },
+            None => AttachPlan {
+                main: chosen,
+                fallback: None,
+                extra: Vec::new(),
+            },
+        });
+    }
+    Ok(AttachPlan {
+        main: chosen,
+        fallback: if *choice == Choice::Libc { None } else { libc },
+        extra: if *choice == Choice::Auto {
+            prefixed(pid, maps)
+        } else {
+            Vec::new()
+        },
+    })
+}
+
+/// The plan for `heapbpf run`, before the command runs `exec`: the C library
+/// heapbpf itself maps (same root), served by the dedicated allocator the
+/// command preloads (`LD_PRELOAD`) or links (`DT_NEEDED`, found where its
+/// dynamic linker will find it) when there is one.
+pub fn plan_for_command(exe: &Path, ld_preload: Option<&str>) -> Result<AttachPlan> {
+    let own_pid = std::process::id();
+    let own = procfs::read_maps(own_pid)?;
+    let libc = find(own_pid, &own, &Choice::Libc)
+        .ok_or_else(|| Error::Runtime("heapbpf cannot find its own C library".into()))?;
+    let preloaded = ld_preload
+        .unwrap_or_default()
+        .split([' ', ':'])
+        .find_map(|lib| {
+            is_dedicated(crate::model::basename(lib))
+                .then(|| Library::new(lib.to_string(), lib.into()))
+        });
+    let linked = || {
+        let (needed, search) = elf::needed_libraries(exe);
+        needed
+            .iter()
+            .filter(|n| is_dedicated(n))
+            .find_map(|n| elf::resolve_library(n, &search))
+            .map(|p| Library::new(p.display().to_string(), p))
+    };
+    Ok(match preloaded.or_else(linked) {
+        Some(main) => AttachPlan {
+            main,
+            fallback: Some(libc),
+            extra: Vec::new(),
+        },
+        None => AttachPlan {
+            main: libc,
+            fallback: None,
+            extra: Vec::new(),
+        },
+    })
+}
+
+/// The allocator library of a target, found through its memory map.
+#[derive(Clone, Debug)]
+pub struct Library {
+    /// The path as the target sees it.
+    pub path: String,
+    /// `/proc/PID/map_files/...`: the very file the target mapped.
+    pub open_path: PathBuf,
+    /// Prefix of the allocator's function names (`je_` for a jemalloc
+    /// built with `--with-jemalloc-prefix=je_`); empty for the standard names.
+    pub prefix: String,
+}
+
+impl Library {
+    pub fn new(path: String, open_path: PathBuf) -> Self {
+        Library {
+            path,
+            open_path,
+            prefix: String::new(),
+        }
+    }
+
+    /// The name of `symbol` in this library.
+    pub fn name(&self, symbol: &str) -> String {
+        format!("{}{symbol}", self.prefix)
+    }
+
+    /// The file name, as in the target's map.
+    pub fn file_name(&self) -> &str {
+        crate::model::basename(&self.path)
+    }
+
+    /// An allocator whose public functions are known not to call each other
+    /// (`malloc` and `calloc` are leaves): jemalloc, tcmalloc, mimalloc and
+    /// glibc — not any C library (musl's `calloc` calls its `malloc`).
+    fn is_known_allocator(&self) -> bool {
+        let name = self.file_name();
+        let glibc =
+            name.starts_with("libc.so.6") || (name.starts_with("libc-2.") && name.ends_with(".so"));
+        glibc || is_dedicated(name)
+    }
+
+    /// What tells libraries apart: the real path of the file
+    /// (`/proc/PID/map_files/` links and preloaded names resolve to it) and
+    /// the prefix.
+    pub fn identity(&self) -> String {
+        let path = std::fs::canonicalize(&self.open_path)
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| self.path.clone());
+        format!("{path}:{}", self.prefix)
+    }
+
+    /// How the `attached` line names it.
+    pub fn label(&self) -> String {
+        if self.prefix.is_empty() {
+            self.path.clone()
+        } else {
+            format!("{} ({}*)", self.path, self.prefix)
+        }
+    }
+}
+
+/// Which allocator to hook.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Choice {
+    /// The first of jemalloc, tcmalloc, mimalloc mapped into the target, else
+    /// the executable when it defines malloc and free, else libc.
+    Auto,
+    Libc,
+    Jemalloc,
+    Tcmalloc,
+    Mimalloc,
+    /// `--allocator PATH[:PREFIX]`: the mapped file at PATH (as the target
+    /// sees it, or just its file name), with function names prefixed.
+    Custom {
+        path: String,
+        prefix: String,
+    },
+}
+
+impl Choice {
+    pub fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "auto" => Choice::Auto,
+            "libc" => Choice::Libc,
+            "jemalloc" => Choice::Jemalloc,
+            "tcmalloc" => Choice::Tcmalloc,
+            "mimalloc" => Choice::Mimalloc,
+            custom if custom.contains('/') || custom.contains(':') || custom.contains(".so") => {
+                let (path, prefix) = custom.split_once(':').unwrap_or((custom, ""));
+                if path.is_empty()
+                    || !prefix
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_')
+                {
+                    return None;
+                }
+                Choice::Custom {
+                    path: path.to_string(),
+                    prefix: prefix.to_string(),
+                }
+            }
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(&self) -> &str {
+        match self {
+            Choice::Custom { path, .. } => path,
+            Choice::Auto => "allocator",
+            Choice::Libc => "libc",
+            Choice::Jemalloc => "jemalloc",
+            Choice::Tcmalloc => "tcmalloc",
+            Choice::Mimalloc => "mimalloc",
+        }
+    }
+
+    fn matches(&self, file_name: &str) -> bool {
+        let lib = |prefix: &str| file_name.starts_with(prefix) && file_name.contains(".so");
+        match self {
+            Choice::Auto | Choice::Custom { .. } => false,
+            Choice::Libc => {
+                file_name.starts_with("libc.so")
+                    || (file_name.starts_with("libc-") && file_name.ends_with(".so"))
+            }
+            Choice::Jemalloc => lib("libjemalloc"),
+            // gperftools: libtcmalloc.so, libtcmalloc_minimal.so, ...
+            Choice::Tcmalloc => lib("libtcmalloc"),
+            Choice::Mimalloc => lib("libmimalloc"),
+        }
+    }
+}
+
+/// The dedicated allocator libraries (jemalloc, tcmalloc, mimalloc) mapped
+/// into a target, each once.
+pub fn dedicated(pid: u32, maps: &[Mapping]) -> Vec<Library> {
+    let mut found: Vec<Library> = Vec::new();
+    for m in maps.iter().filter(|m| m.is_file()) {
+        if is_dedicated(m.file_name()) && !found.iter().any(|l| l.path == m.path) {
+            found.push(Library::new(m.path.clone(), m.map_file(pid)));
+        }
+    }
+    found
+}
+
+/// The allocators that interpose malloc for the whole process, in the order
+/// `--allocator auto` prefers them.
+const DEDICATED: [Choice; 3] = [Choice::Jemalloc, Choice::Tcmalloc, Choice::Mimalloc];
+
+/// Whether a library file name is a dedicated allocator's.
+pub fn is_dedicated(file_name: &str) -> bool {
+    DEDICATED.iter().any(|c| c.matches(file_name))
+}
+
+/// Finds the allocator library in a target's memory map: a dedicated
+/// allocator library when one is mapped (it interposes libc's malloc for the
+/// whole process), else the executable when it defines `malloc` and `free`
+/// itself (a static program, or one that carries its own allocator), else
+/// the C library.
+pub fn find(pid: u32, maps: &[Mapping], choice: &Choice) -> Option<Library> {
+    let files = || maps.iter().filter(|m| m.is_file());
+    if let Choice::Custom { path, prefix } = choice {
+        let host = std::fs::canonicalize(path).ok();
+        let m = files().find(|m| {
+            m.path == *path
+                || (!path.contains('/') && m.file_name() == path)
+                || (host.is_some() && std::fs::canonicalize(m.map_file(pid)).ok() == host)
+        })?;
+        return Some(Library {
+            prefix: prefix.clone(),
+            ..Library::new(m.path.clone(), m.map_file(pid))
+        });
+    }
+    let mapped = |c: &Choice| {
+        files()
+            .find(|m| c.matches(m.file_name()))
+            .map(|m| Library::new(m.path.clone(), m.map_file(pid)))
+    };
+    if *choice != Choice::Auto {
+        return mapped(choice);
+    }
+    DEDICATED
+        .iter()
+        .find_map(mapped)
+        .or_else(|| own(pid, maps, ""))
+        .or_else(|| mapped(&Choice::Libc))
+}
+
+/// The executable, when its symbol table defines `PREFIXmalloc` and
+/// `PREFIXfree`.
+fn own(pid: u32, maps: &[Mapping], prefix: &str) -> Option<Library> {
+    let exe = maps.iter().find(|m| m.is_file() && m.is_exec())?;
+    let lib = Library {
+        prefix: prefix.to_string(),
+        ..Library::new(exe.path.clone(), exe.map_file(pid))
+    };
+    let image = Image::open(&lib.open_path);
+    (image.defines(&lib.name("malloc")) && image.defines(&lib.name("free"))).then_some(lib)
+}
+
+/// Allocators a program carries besides the one that serves `malloc`: a
+/// jemalloc linked in with its `je_` prefix (as some programs vendor it).
+pub fn prefixed(pid: u32, maps: &[Mapping]) -> Vec<Library> {
+    own(pid, maps, "je_").into_iter().collect()
+}
+
+/// The attach cookie of a probe on a `call` of `lib`: `malloc` and `calloc`
+/// are leaves (call no other hooked function) in the allocators known not to
+/// build one on another; elsewhere (musl's `calloc` calls `malloc`, a
+/// program's own allocator may do anything) they mark their nesting.
+pub fn probe_cookie(call: Call, lib: &Library) -> u64 {
+    if call.may_be_leaf() && lib.is_known_allocator() {
+        heapbpf_common::probe_cookie::LEAF
+    } else {
+        0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn malloc_and_calloc_are_leaves_only_in_known_allocators() {
+        let spec = |sym: &str| ENTRY_POINTS.iter().find(|p| p.symbol == sym).unwrap().call;
+        let lib = |path: &str| Library::new(path.into(), path.into());
+        let leaf = heapbpf_common::probe_cookie::LEAF;
+        let glibc = lib("/usr/lib/x86_64-linux-gnu/libc.so.6");
+        let jemalloc = lib("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2");
+        let musl = lib("/lib/ld-musl-x86_64.so.1");
+        let own = lib("/srv/app");
+        assert_eq!(probe_cookie(spec("malloc"), &glibc), leaf);
+        assert_eq!(probe_cookie(spec("calloc"), &glibc), leaf);
+        assert_eq!(probe_cookie(spec("calloc"), &jemalloc), leaf);
+        assert_eq!(
+            probe_cookie(spec("mi_calloc"), &lib("libmimalloc.so.2.0")),
+            leaf
+        );
+        // musl's calloc calls its malloc; a program's own allocator may.
+        assert_eq!(probe_cookie(spec("calloc"), &musl), 0);
+        assert_eq!(probe_cookie(spec("malloc"), &own), 0);
+        assert_eq!(probe_cookie(spec("malloc"), &lib("/lib/libc.so")), 0);
+        assert_eq!(
+            probe_cookie(spec("malloc"), &lib("/lib/x86_64-linux-gnu/libc-2.31.so")),
+            leaf
+        );
+        // Functions built on others are never leaves.
+        assert_eq!(probe_cookie(spec("realloc"), &glibc), 0);
+        assert_eq!(probe_cookie(spec("_Znwm"), &jemalloc), 0);
+    }
+
+    #[test]
+    fn allocator_paths_and_prefixes() {
+        assert_eq!(
+            Choice::parse("/opt/app/bin/app:je_"),
+            Some(Choice::Custom {
+                path: "/opt/app/bin/app".into(),
+                prefix: "je_".into()
+            })
+        );
+        assert_eq!(
+            Choice::parse("libhoard.so"),
+            Some(Choice::Custom {
+                path: "libhoard.so".into(),
+                prefix: String::new()
+            })
+        );
+        assert_eq!(Choice::parse("jemaloc"), None);
+        assert_eq!(Choice::parse(":je_"), None);
+        assert_eq!(Choice::parse("/x:je-"), None);
+    }
+
+    #[test]
+    fn the_table_covers_the_allocator_surface_once() {
+        let mut symbols: Vec<_> = ENTRY_POINTS.iter().map(|p| p.symbol).collect();
+        symbols.sort_unstable();
+        let n = symbols.len();
+        symbols.dedup();
+        assert_eq!(symbols.len(), n, "a symbol is listed twice");
+        for s in [
+            "malloc",
+            "calloc",
+            "realloc",
+            "reallocarray",
+            "free",
+            "posix_memalign",
+            "aligned_alloc",
+            "memalign",
+            "valloc",
+            "pvalloc",
+        ] {
+            assert!(symbols.contains(&s), "{s} missing");
+        }
+    }
+
+    fn maps(files: &[&str]) -> Vec<Mapping> {
+        let text: String = files
+            .iter()
+            .enumerate()
+            .map(|(i, f)| {
+                format!(
+                    "7f{i:02}00000000-7f{i:02}00001000 r-xp 00000000 fe:01 {} {f}\n",
+                    100 + i
+                )
+            })
+            .collect();
+        procfs::parse_maps(&text)
+    }
+
+    fn info() -> ProcessInfo {
+        ProcessInfo {
+            pid: 4242,
+            comm: "app".into(),
+            exe: "/nonexistent/app".into(),
+        }
+    }
+
+    #[test]
+    fn plans_prefer_a_dedicated_allocator_with_libc_beside_it() {
+        let m = maps(&[
+            "/nonexistent/app",
+            "/usr/lib/x86_64-linux-gnu/libc.so.6",
+            "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
+        ]);
+        let p = plan(&info(), &m, &Choice::Auto).unwrap();
+        assert_eq!(p.main.file_name(), "libjemalloc.so.2");
+        assert_eq!(
+            p.fallback.as_ref().map(Library::file_name),
+            Some("libc.so.6")
+        );
+        assert!(p.extra.is_empty());
+        // --allocator libc: libc alone, even with jemalloc mapped.
+        let p = plan(&info(), &m, &Choice::Libc).unwrap();
+        assert_eq!(p.main.file_name(), "libc.so.6");
+        assert!(p.fallback.is_none());
+        // Only libc: libc, no fallback.
+        let m = maps(&["/nonexistent/app", "/usr/lib/x86_64-linux-gnu/libc.so.6"]);
+        let p = plan(&info(), &m, &Choice::Auto).unwrap();
+        assert_eq!(p.main.file_name(), "libc.so.6");
+        assert!(p.fallback.is_none());
+        assert_eq!(p.libraries().count(), 1);
+    }
+
+    #[test]
+    fn plans_name_what_is_missing() {
+        let m = maps(&["/nonexistent/app", "/usr/lib/x86_64-linux-gnu/libc.so.6"]);
+        let e = plan(&info(), &m, &Choice::Tcmalloc)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no tcmalloc library is mapped into app"), "{e}");
+        let custom = Choice::parse("/opt/libhoard.so").unwrap();
+        let e = plan(&info(), &m, &custom).unwrap_err().to_string();
+        assert!(e.contains("/opt/libhoard.so is not mapped into app"), "{e}");
+        // A file name is enough for a mapped file.
+        let p = plan(&info(), &m, &Choice::parse("libc.so.6").unwrap()).unwrap();
+        assert_eq!(p.main.path, "/usr/lib/x86_64-linux-gnu/libc.so.6");
+    }
+}

@@ -1,0 +1,413 @@
+//! Applying an [`AttachPlan`]: one probe per allocator function of a target
+//! (a uprobe session where the kernel has them, else a uprobe and, for
+//! allocating functions, a uretprobe), placed where [`placement`] says;
+//! detaching, and forgetting a target's data in the kernel maps.
+use std::{collections::HashSet, num::NonZeroU32};
+
+use aya::{
+    maps::{HashMap as BpfHashMap, MapData},
+    programs::{
+        uprobe::{UProbeAttachLocation, UProbeLinkId, UProbeScope},
+        UProbe,
+    },
+};
+use heapbpf_common::{
+    unwind_mode, AllocInfo, AllocKey, ModuleTable, Pending, StackKey, StackStats, TargetState,
+};
+
+use super::{
+    load::load_error, map_fd, programs, sys, AttachedProbe, Floor, ProbedTarget, Profiler,
+};
+use crate::{
+    allocator::{self, AttachPlan, EntryPoint, Library, ENTRY_POINTS},
+    elf::placement::Image,
+    error::{Error, Result},
+};
+
+impl Profiler {
+    fn targets_map(&mut self) -> Result<BpfHashMap<&mut MapData, u32, TargetState>> {
+        BpfHashMap::try_from(self.map_mut("TARGETS")?).map_err(|e| Error::runtime("TARGETS map", e))
+    }
+
+    /// Applies `plan` to `pid`: every entry point of the main allocator
+    /// (those it does not define from the fallback), then of each extra
+    /// allocator. On error, whatever was attached for this target is
+    /// detached again.
+    pub fn attach(&mut self, pid: u32, plan: &AttachPlan) -> Result<Vec<AttachedProbe>> {
+        if !self.targets.contains_key(&pid) {
+            let walk = self.prepare_unwind(pid)?;
+            let state = TargetState {
+                unwind: if walk {
+                    unwind_mode::WALK
+                } else {
+                    unwind_mode::KERNEL_FP
+                },
+                ..Default::default()
+            };
+            self.targets_map()?
+                .insert(pid, state, 0)
+                .map_err(|e| Error::runtime(format!("cannot register pid {pid}"), e))?;
+            self.targets.insert(
+                pid,
+                ProbedTarget {
+                    links: Vec::new(),
+                    session_links: Vec::new(),
+                    hooked: Default::default(),
+                    walk,
+                },
+            );
+        }
+        let mut attached = Vec::new();
+        let mut libraries = std::iter::once((&plan.main, plan.fallback.as_ref()))
+            .chain(plan.extra.iter().map(|lib| (lib, None)));
+        let result = libraries.try_for_each(|(lib, fallback)| {
+            attached.extend(self.attach_library(pid, lib, fallback)?);
+            Ok(())
+        });
+        match result {
+            Ok(()) => Ok(attached),
+            Err(e) => {
+                self.detach(pid);
+                Err(e)
+            }
+        }
+    }
+
+    /// Hooks every entry point `lib` defines, or else `fallback` (the C
+    /// library: glibc then serves those calls; jemalloc and tcmalloc have no
+    /// `reallocarray`, ...).
+    fn attach_library(
+        &mut self,
+        pid: u32,
+        lib: &Library,
+        fallback: Option<&Library>,
+    ) -> Result<Vec<AttachedProbe>> {
+        let scope =
+            UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or(Error::NoSuchProcess { pid })?);
+        let lib_image = Image::open(&lib.open_path);
+        let fallback = fallback.map(|f| (f, Image::open(&f.open_path)));
+        let pick = |symbol: &str| -> Option<(&Library, &Image)> {
+            if lib_image.defines(&lib.name(symbol)) {
+                return Some((lib, &lib_image));
+            }
+            let (f, image) = fallback.as_ref()?;
+            image.defines(&f.name(symbol)).then_some((*f, image))
+        };
+        if pick("malloc").is_none() || pick("free").is_none() {
+            return Err(Error::NotTraceable {
+                pid,
+                why: format!("{} does not export malloc and free", lib.path),
+            });
+        }
+        let return_program = if self.floor.is_some() {
+            programs::NOOP_RETURN
+        } else {
+            programs::ALLOC_RETURN
+        };
+        let with_returns = self.floor != Some(Floor::Entry);
+        let mut attached = Vec::new();
+        // Allocating functions as uprobe sessions where the kernel has them.
+        let mut in_session = HashSet::new();
+        let sessions = self.sessions.is_some();
+        let session_specs = ENTRY_POINTS
+            .iter()
+            .filter(|p| p.call.allocates() && sessions);
+        for spec in session_specs {
+            let Some((target, image)) = pick(spec.symbol) else {
+                continue;
+            };
+            let name = target.name(spec.symbol);
+            let Some(start) = image.file_offset(&name) else {
+                continue;
+            };
+            if self.is_hooked(pid, image, &name, false) {
+                // An alias of a function hooked already.
+                in_session.insert(spec.symbol);
+                continue;
+            }
+            let program = match self.floor {
+                Some(Floor::Entry) => programs::NOOP_SESSION_ENTRY,
+                Some(Floor::Return) => programs::NOOP_SESSION_RETURN,
+                None => match programs::session(spec.call) {
+                    Some(p) => p,
+                    None => continue,
+                },
+            };
+            let offset = probe_offset(spec, image, &name);
+            let cookie = allocator::probe_cookie(spec.call, target);
+            match self.attach_session(program, &name, start + offset, cookie, target, pid) {
+                Ok(()) => {}
+                Err(Error::NoSuchProcess { pid }) => return Err(Error::NoSuchProcess { pid }),
+                Err(e) => {
+                    // Hooked below as a uprobe + uretprobe pair instead.
+                    tracing::info!(pid, symbol = %name, error = %e, "no uprobe session; using a uprobe + uretprobe pair");
+                    continue;
+                }
+            }
+            self.first_probe(pid, image, &name, false);
+            self.first_probe(pid, image, &name, true);
+            in_session.insert(spec.symbol);
+            attached.push(AttachedProbe {
+                symbol: name,
+                offset,
+                is_return: false,
+                session: true,
+                library: target.label(),
+            });
+        }
+        // Otherwise return probes first, so that no call is seen entering
+        // without its return hooked.
+        for spec in ENTRY_POINTS
+            .iter()
+            .filter(|p| p.call.allocates() && with_returns && !in_session.contains(p.symbol))
+        {
+            let Some((target, image)) = pick(spec.symbol) else {
+                continue;
+            };
+            let name = target.name(spec.symbol);
+            if !self.first_probe(pid, image, &name, true) {
+                continue;
+            }
+            let offset = probe_offset(spec, image, &name);
+            self.attach_one(return_program, &name, offset, 0, target, scope, pid)?;
+            attached.push(AttachedProbe {
+                symbol: name,
+                offset,
+                is_return: true,
+                session: false,
+                library: target.label(),
+            });
+        }
+        for spec in ENTRY_POINTS
+            .iter()
+            .filter(|p| !in_session.contains(p.symbol))
+        {
+            let Some((target, image)) = pick(spec.symbol) else {
+                tracing::info!(pid, symbol = spec.symbol, "symbol not exported; not hooked");
+                continue;
+            };
+            let name = target.name(spec.symbol);
+            if !self.first_probe(pid, image, &name, false) {
+                tracing::info!(pid, symbol = %name, library = %target.path, "alias of a function already hooked; not hooked again");
+                continue;
+            }
+            let offset = probe_offset(spec, image, &name);
+            let program = if self.floor.is_some() {
+                programs::NOOP_ENTER
+            } else {
+                programs::entry(spec.call)
+            };
+            let cookie = allocator::probe_cookie(spec.call, target);
+            self.attach_one(program, &name, offset, cookie, target, scope, pid)?;
+            attached.push(AttachedProbe {
+                symbol: name,
+                offset,
+                is_return: false,
+                session: false,
+                library: target.label(),
+            });
+        }
+        Ok(attached)
+    }
+
+    /// Whether `symbol` of `image` is the first name of its function to be
+    /// probed (entry or return) for `pid`: one probe per function, however
+    /// many names (aliases, or the same file hooked as two allocators) lead
+    /// to it, or each call would be counted twice.
+    fn first_probe(&mut self, pid: u32, image: &Image, symbol: &str, ret: bool) -> bool {
+        let (Some(addr), Some(t)) = (image.address(symbol), self.targets.get_mut(&pid)) else {
+            return true;
+        };
+        let (dev, ino) = image.id();
+        t.hooked.insert((dev, ino, addr, ret))
+    }
+
+    /// Whether the function `symbol` of `image` is probed already (entry or
+    /// return) for `pid`, under this name or another.
+    fn is_hooked(&self, pid: u32, image: &Image, symbol: &str, ret: bool) -> bool {
+        let (Some(addr), Some(t)) = (image.address(symbol), self.targets.get(&pid)) else {
+            return false;
+        };
+        let (dev, ino) = image.id();
+        t.hooked.contains(&(dev, ino, addr, ret))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attach_one(
+        &mut self,
+        program: &'static str,
+        symbol: &str,
+        offset: u64,
+        cookie: u64,
+        lib: &Library,
+        scope: UProbeScope,
+        pid: u32,
+    ) -> Result<()> {
+        let prog: &mut UProbe = self
+            .ebpf
+            .program_mut(program)
+            .and_then(|p| p.try_into().ok())
+            .ok_or_else(|| Error::Runtime(format!("no uprobe program {program}")))?;
+        let location = if offset == 0 {
+            UProbeAttachLocation::Symbol(symbol)
+        } else {
+            UProbeAttachLocation::SymbolOffset(symbol, offset)
+        };
+        let point = aya::programs::uprobe::UProbeAttachPoint {
+            location,
+            cookie: Some(cookie),
+        };
+        match prog.attach(point, &lib.open_path, scope) {
+            Ok(link) => {
+                tracing::debug!(pid, program, symbol, offset, library = %lib.path, "probe placed");
+                if let Some(t) = self.targets.get_mut(&pid) {
+                    t.links.push((program, link));
+                }
+                Ok(())
+            }
+            Err(e) => {
+                if !crate::procfs::is_alive(pid) {
+                    Err(Error::NoSuchProcess { pid })
+                } else {
+                    Err(load_error(format!(
+                        "cannot hook {symbol} in {}: {e}",
+                        lib.path
+                    )))
+                }
+            }
+        }
+    }
+
+    /// Attaches session program `program` to `symbol` (at file offset
+    /// `offset` of `lib`) in `pid`.
+    fn attach_session(
+        &mut self,
+        program: &'static str,
+        symbol: &str,
+        offset: u64,
+        cookie: u64,
+        lib: &Library,
+        pid: u32,
+    ) -> Result<()> {
+        let sessions = self
+            .sessions
+            .as_ref()
+            .ok_or_else(|| Error::Runtime("no session programs".into()))?;
+        match sessions.attach(program, &lib.open_path, offset, cookie, pid) {
+            Ok(link) => {
+                tracing::debug!(pid, program, symbol, offset, library = %lib.path, "session probe placed");
+                if let Some(t) = self.targets.get_mut(&pid) {
+                    t.session_links.push(link);
+                }
+                Ok(())
+            }
+            Err(e) if !crate::procfs::is_alive(pid) => {
+                tracing::debug!(pid, error = %e, "target gone");
+                Err(Error::NoSuchProcess { pid })
+            }
+            Err(e) => Err(load_error(format!(
+                "cannot hook {symbol} in {} (uprobe session): {e}",
+                lib.path
+            ))),
+        }
+    }
+
+    /// Hooks one more allocator library of an attached target (one it
+    /// mapped after attach). On error, only the probes placed by this call
+    /// are removed; the target stays profiled as before.
+    pub fn attach_more(&mut self, pid: u32, lib: &Library) -> Result<Vec<AttachedProbe>> {
+        let (before, sessions_before) = self
+            .targets
+            .get(&pid)
+            .map_or((0, 0), |t| (t.links.len(), t.session_links.len()));
+        match self.attach_library(pid, lib, None) {
+            Ok(attached) => Ok(attached),
+            Err(e) => {
+                let links: Vec<_> = self
+                    .targets
+                    .get_mut(&pid)
+                    .map(|t| {
+                        t.session_links.truncate(sessions_before);
+                        t.links.split_off(before.min(t.links.len()))
+                    })
+                    .unwrap_or_default();
+                self.detach_links(pid, links);
+                Err(e)
+            }
+        }
+    }
+
+    fn detach_links(&mut self, pid: u32, links: Vec<(&'static str, UProbeLinkId)>) {
+        for (program, link) in links {
+            if let Some(prog) = self
+                .ebpf
+                .program_mut(program)
+                .and_then(|p| <&mut UProbe>::try_from(p).ok())
+            {
+                if let Err(e) = prog.detach(link) {
+                    tracing::debug!(pid, program, error = %e, "detach failed");
+                }
+            }
+        }
+    }
+
+    /// Detaches the probes of `pid` and forgets its data in the kernel maps.
+    pub fn detach(&mut self, pid: u32) {
+        if let Some(t) = self.targets.remove(&pid) {
+            self.detach_links(pid, t.links);
+        }
+        if let Ok(mut m) = self.targets_map() {
+            let _ = m.remove(&pid);
+        }
+        self.purge(pid);
+    }
+
+    /// Forgets everything the kernel maps hold of `pid`.
+    fn purge(&mut self, pid: u32) {
+        self.remove_where::<AllocKey, AllocInfo>("ALLOCS", |k| k.tgid == pid);
+        self.remove_where::<StackKey, StackStats>("STACK_STATS", |k| k.tgid == pid);
+        self.remove_where::<u64, Pending>("PENDING", |k| (k >> 32) as u32 == pid);
+        if let Ok(map) = self.map_mut("MODULES") {
+            if let Ok(mut modules) = BpfHashMap::<_, u32, ModuleTable>::try_from(map) {
+                let _ = modules.remove(&pid);
+            }
+        }
+        self.written_modules.remove(&pid);
+        self.stacks.forget(pid);
+    }
+
+    /// Removes the entries of hash map `name` whose key matches. The keys are
+    /// read in batches ([`sys::lookup_all`]): a `get_next_key` walk of a map
+    /// that other targets change all the time can restart or end early.
+    fn remove_where<K: aya::Pod, V: aya::Pod>(&mut self, name: &str, matches: impl Fn(&K) -> bool) {
+        let keys: Vec<K> = match self.map(name).and_then(map_fd) {
+            Ok(fd) => match sys::lookup_all::<K, V>(fd) {
+                Ok(entries) => entries
+                    .into_iter()
+                    .map(|(k, _)| k)
+                    .filter(|k| matches(k))
+                    .collect(),
+                Err(e) => {
+                    tracing::debug!(map = name, error = %e, "cannot read map to purge it");
+                    return;
+                }
+            },
+            Err(_) => return,
+        };
+        let Ok(map) = self.map_mut(name) else { return };
+        let Ok(mut hash) = BpfHashMap::<_, K, V>::try_from(map) else {
+            return;
+        };
+        for k in keys {
+            let _ = hash.remove(&k);
+        }
+    }
+}
+
+/// Where the probe on `symbol` goes: on the first instruction the kernel
+/// emulates when that is safe (see [`placement`]), else at +0.
+fn probe_offset(spec: &EntryPoint, image: &Image, symbol: &str) -> u64 {
+    image
+        .probe_point(symbol, spec.call.arguments_read(), spec.call.allocates())
+        .unwrap_or(0)
+}

@@ -1,0 +1,223 @@
+//! Loading: what heapbpf needs from the kernel and its credentials, the
+//! object's programs and maps, sampling settings, the OOM tracepoint, and the
+//! stack walk's program slots.
+use std::{collections::HashMap, path::Path};
+
+use aya::{
+    maps::HashMap as BpfHashMap,
+    programs::{TracePoint, UProbe},
+    Ebpf, EbpfLoader,
+};
+
+use super::{
+    programs, uprobe_session::Sessions, LoadOptions, Profiler, PROGRAM_OBJECT, UNWIND_ROWS,
+};
+use crate::{
+    error::{Error, Result},
+    unwind,
+};
+
+/// Checks what heapbpf needs from the kernel and from its own credentials,
+/// so that failures name their cause.
+pub fn preflight() -> Result<()> {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let cap_eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    const CAP_SYS_ADMIN: u64 = 1 << 21;
+    const CAP_PERFMON: u64 = 1 << 38;
+    const CAP_BPF: u64 = 1 << 39;
+    let has = |c: u64| cap_eff & c == c;
+    if !(has(CAP_SYS_ADMIN) || has(CAP_BPF | CAP_PERFMON)) {
+        return Err(Error::Privileges(format!(
+            "effective capabilities are {cap_eff:#x} (uid {})",
+            // SAFETY: getuid has no preconditions.
+            unsafe { libc::getuid() }
+        )));
+    }
+    if !Path::new("/sys/bus/event_source/devices/uprobe").exists() {
+        return Err(Error::Unsupported(
+            "this kernel has no uprobe support (/sys/bus/event_source/devices/uprobe is missing): \
+             heapbpf needs a kernel built with CONFIG_UPROBE_EVENTS"
+                .into(),
+        ));
+    }
+    // This kernel charges BPF memory to the cgroup; older ones need a high
+    // memlock limit. Raising it may be refused (no CAP_SYS_RESOURCE): fine.
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: a valid rlimit struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "cannot raise RLIMIT_MEMLOCK; continuing");
+    }
+    Ok(())
+}
+
+/// The error of a failed load or attach, by what the kernel said.
+pub(super) fn load_error(e: impl std::fmt::Display + std::fmt::Debug) -> Error {
+    let text = e.to_string();
+    let lower = format!("{e:?}").to_lowercase();
+    if lower.contains("operation not permitted") || lower.contains("permission denied") {
+        Error::Privileges(text)
+    } else if lower.contains("function not implemented") {
+        Error::Unsupported(format!("this kernel has no BPF support: {text}"))
+    } else {
+        Error::runtime("cannot load heapbpf's eBPF programs", format!("{e:?}"))
+    }
+}
+
+/// Puts the stack-walk programs in the slots the return program and the
+/// walk tail-call.
+fn install_unwinder(ebpf: &mut Ebpf) -> Result<()> {
+    let mut fds = Vec::new();
+    for name in [programs::UNWIND_STEP, programs::UNWIND_FINISH] {
+        let prog: &UProbe = ebpf
+            .program(name)
+            .and_then(|p| p.try_into().ok())
+            .ok_or_else(|| Error::Runtime(format!("eBPF object has no program {name}")))?;
+        let fd = prog
+            .fd()
+            .map_err(|e| Error::runtime(format!("program {name}"), e))?
+            .try_clone()
+            .map_err(|e| Error::runtime(format!("program {name}"), e))?;
+        fds.push(fd);
+    }
+    let map = ebpf
+        .map_mut("UNWIND_PROGS")
+        .ok_or_else(|| Error::Runtime("no UNWIND_PROGS map".into()))?;
+    let mut progs = aya::maps::ProgramArray::try_from(map)
+        .map_err(|e| Error::runtime("UNWIND_PROGS map", e))?;
+    for (slot, fd) in fds.iter().enumerate() {
+        progs
+            .set(slot as u32, fd, 0)
+            .map_err(|e| Error::runtime("cannot install the stack walk", e))?;
+    }
+    Ok(())
+}
+
+impl Profiler {
+    pub fn load(opts: &LoadOptions) -> Result<Self> {
+        let unwind_rows = if opts.unwind == unwind::Mode::Fp {
+            1
+        } else {
+            UNWIND_ROWS
+        };
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries("ALLOCS", opts.max_live_blocks)
+            .map_max_entries("UNWIND_ROWS", unwind_rows)
+            .load(PROGRAM_OBJECT)
+            .map_err(load_error)?;
+        for name in programs::uprobes() {
+            let prog: &mut UProbe = ebpf
+                .program_mut(name)
+                .ok_or_else(|| Error::Runtime(format!("eBPF object has no program {name}")))?
+                .try_into()
+                .map_err(|e| Error::runtime(format!("program {name}"), e))?;
+            prog.load().map_err(load_error)?;
+            if let Ok(info) = prog.info() {
+                tracing::debug!(
+                    program = name,
+                    verified_instructions = info.verified_instruction_count(),
+                    "program loaded"
+                );
+            }
+        }
+        install_unwinder(&mut ebpf)?;
+        let sessions = if opts.sessions {
+            match Sessions::load(
+                PROGRAM_OBJECT,
+                &ebpf,
+                &programs::sessions(opts.floor.is_some()),
+                "UNWIND_PROGS",
+                [programs::UNWIND_STEP, programs::UNWIND_FINISH],
+            ) {
+                Ok(s) => Some(s),
+                Err(why) => {
+                    tracing::info!(
+                        "uprobe sessions unavailable ({why}); using uprobe + uretprobe pairs"
+                    );
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let mut profiler = Profiler {
+            floor: opts.floor,
+            sample_bytes: opts.sample_bytes,
+            ebpf,
+            targets: HashMap::new(),
+            stacks: Default::default(),
+            unwind: unwind::Tables::new(opts.unwind, unwind_rows),
+            sessions,
+            written_modules: HashMap::new(),
+            walk_epoch: 0,
+        };
+        profiler.configure_sampling()?;
+        profiler.watch_oom();
+        Ok(profiler)
+    }
+
+    /// Writes the sampling rate and the table of `1 - exp(-x)` the programs
+    /// read (no floating point in BPF).
+    fn configure_sampling(&mut self) -> Result<()> {
+        use heapbpf_common::{config, SAMPLE_TABLE_LEN, SAMPLE_TABLE_STEPS};
+        let err = |e: aya::maps::MapError| Error::runtime("cannot configure sampling", e);
+        let sample_bytes = self.sample_bytes;
+        let map = self.map_mut("CONFIG")?;
+        let mut cfg = aya::maps::Array::<_, u64>::try_from(map).map_err(err)?;
+        cfg.set(config::SAMPLE_BYTES, sample_bytes, 0)
+            .map_err(err)?;
+        let map = self.map_mut("SAMPLE_P")?;
+        let mut table = aya::maps::Array::<_, u32>::try_from(map).map_err(err)?;
+        for i in 0..SAMPLE_TABLE_LEN {
+            let x = i as f64 / SAMPLE_TABLE_STEPS as f64;
+            let p = -(-x).exp_m1();
+            let q = (p * 4294967296.0).round().min(u32::MAX as f64) as u32;
+            table.set(i, q, 0).map_err(err)?;
+        }
+        Ok(())
+    }
+
+    /// Hooks `oom:mark_victim`; without it (old kernel, no tracefs) OOM kills
+    /// are only seen as exits.
+    fn watch_oom(&mut self) {
+        let result = (|| -> Result<(), String> {
+            let prog: &mut TracePoint = self
+                .ebpf
+                .program_mut(programs::OOM_MARK_VICTIM)
+                .ok_or("no oom_mark_victim program")?
+                .try_into()
+                .map_err(|e| format!("{e}"))?;
+            prog.load().map_err(|e| format!("{e}"))?;
+            prog.attach("oom", "mark_victim")
+                .map_err(|e| format!("{e}"))?;
+            Ok(())
+        })();
+        if let Err(e) = result {
+            tracing::warn!(
+                "cannot watch the OOM killer (oom:mark_victim): {e}; OOM kills will show as exits"
+            );
+        }
+    }
+
+    /// Takes the OOM killer's pick of `pid`, if it picked it since the last call.
+    pub fn take_oom_victim(&mut self, pid: u32) -> bool {
+        let Ok(map) = self.map_mut("OOM_VICTIMS") else {
+            return false;
+        };
+        let Ok(mut victims) = BpfHashMap::<_, u32, u64>::try_from(map) else {
+            return false;
+        };
+        if victims.get(&pid, 0).is_ok() {
+            let _ = victims.remove(&pid);
+            true
+        } else {
+            false
+        }
+    }
+}

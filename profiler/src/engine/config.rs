@@ -1,0 +1,28 @@
+//! What the engine is told, as plain data (the CLI converts its flags into
+//! this; the agent will build it from its own).
+use std::{path::PathBuf, time::Duration};
+
+use crate::{allocator, ebpf::Floor, output::Format, unwind};
+
+/// Everything a profiling run needs to know.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub output_dir: PathBuf,
+    pub formats: Vec<Format>,
+    pub duration: Option<Duration>,
+    pub interval: Option<Duration>,
+    pub rss_step: Option<u64>,
+    pub heap_step: Option<u64>,
+    /// Mean bytes between sampled allocations; 0 = exact.
+    pub sample_bytes: u64,
+    pub min_age: Duration,
+    pub max_snapshots: Option<usize>,
+    /// Live blocks the kernel maps can hold at once (all targets together).
+    pub max_live_blocks: u32,
+    /// Benchmark floors: programs that do nothing at the same probe points.
+    pub floor: Option<Floor>,
+    pub allocator: allocator::Choice,
+    pub unwind: unwind::Mode,
+    /// Uprobe sessions where the kernel has them.
+    pub sessions: bool,
+}

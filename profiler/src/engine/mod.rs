@@ -1,0 +1,418 @@
+//! The target lifecycle, one piece that every front end reuses: attach (an
+//! allocator plan from [`crate::allocator`], applied by [`crate::ebpf`]),
+//! keep up with the target (maps refreshed, allocators mapped later hooked,
+//! thresholds, OOM kills, exits), and snapshot (kernel data → model →
+//! symbolized snapshot → files), until detach.
+//!
+//! An [`Engine`] is driven from outside: `attach` and `run`
+//! ([`crate::commands::attach`]) call [`Engine::tick`] on a timer and
+//! [`Engine::snapshot_all`] on signals. No clap types and no event loop here.
+mod config;
+
+use std::{path::PathBuf, time::Instant};
+
+pub use config::Config;
+
+use crate::{
+    allocator::{self, AttachPlan},
+    ebpf::{self, LoadOptions, Profiler},
+    error::Result,
+    lines::{self, say},
+    model::{RawSnapshot, Snapshot, Stack, Totals, Trigger, SNAPSHOT_FORMAT, SNAPSHOT_VERSION},
+    output::writer::Series,
+    procfs::{self, ProcessInfo},
+    symbolize::Symbolizer,
+    trigger::StepTrigger,
+};
+
+/// One profiled process.
+struct Target {
+    info: ProcessInfo,
+    attached_at: String,
+    series: Series,
+    rss_bytes: u64,
+    rss_step: Option<StepTrigger>,
+    heap_step: Option<StepTrigger>,
+    /// The OOM killer picked it and its `oom` snapshot is written.
+    oom_written: bool,
+    /// Allocator libraries hooked ([`allocator::Library::identity`]).
+    hooked: Vec<String>,
+}
+
+/// Loaded programs, the symbolizer and the targets they serve.
+pub struct Engine {
+    cfg: Config,
+    profiler: Profiler,
+    symbolizer: Symbolizer,
+    targets: Vec<Target>,
+}
+
+fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+impl Engine {
+    /// Loads the eBPF programs for `cfg`; no target yet.
+    pub fn new(cfg: Config) -> Result<Self> {
+        let profiler = Profiler::load(&LoadOptions {
+            max_live_blocks: cfg.max_live_blocks,
+            floor: cfg.floor,
+            sample_bytes: cfg.sample_bytes,
+            unwind: cfg.unwind,
+            sessions: cfg.sessions,
+        })?;
+        Ok(Engine {
+            cfg,
+            profiler,
+            symbolizer: Symbolizer::new(),
+            targets: Vec::new(),
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Whether no target is left.
+    pub fn is_idle(&self) -> bool {
+        self.targets.is_empty()
+    }
+
+    fn index(&self, pid: u32) -> Option<usize> {
+        self.targets.iter().position(|t| t.info.pid == pid)
+    }
+
+    /// Attaches to a running process: its allocator found in its memory map.
+    pub fn attach(&mut self, info: ProcessInfo) -> Result<()> {
+        let maps = procfs::read_maps(info.pid)?;
+        let plan = allocator::plan(&info, &maps, &self.cfg.allocator)?;
+        self.attach_plan(info, &plan)
+    }
+
+    /// Hooks every library of `plan` and registers the target; prints the
+    /// contract's `attached` line once every probe is live.
+    pub fn attach_plan(&mut self, info: ProcessInfo, plan: &AttachPlan) -> Result<()> {
+        let pid = info.pid;
+        // Open every mapped module before the first allocation is seen, so
+        // that the stacks stay symbolizable after the target exits.
+        self.symbolizer.track(pid);
+        let probes = match self.profiler.attach(pid, plan) {
+            Ok(p) => p,
+            Err(e) => {
+                self.symbolizer.forget(pid);
+                return Err(e);
+            }
+        };
+        for p in &probes {
+            let kind = if p.session {
+                " (session: entry, return when needed)"
+            } else if p.is_return {
+                " (return)"
+            } else {
+                ""
+            };
+            tracing::info!(
+                pid,
+                "probe placed at {}+{:#x}{kind} in {}",
+                p.symbol,
+                p.offset,
+                p.library
+            );
+        }
+        let mut libraries: Vec<&str> = Vec::new();
+        for p in &probes {
+            if !libraries.contains(&p.library.as_str()) {
+                libraries.push(&p.library);
+            }
+        }
+        let rss = procfs::rss_bytes(pid).unwrap_or(0);
+        say(&lines::attached(
+            pid,
+            &info.comm,
+            probes.len(),
+            &libraries,
+            self.cfg.sample_bytes,
+        ));
+        self.targets.push(Target {
+            attached_at: now_rfc3339(),
+            series: Series::new(pid),
+            rss_bytes: rss,
+            rss_step: self.cfg.rss_step.map(|s| StepTrigger::new(rss, s)),
+            heap_step: self.cfg.heap_step.map(|s| StepTrigger::new(0, s)),
+            oom_written: false,
+            hooked: plan.libraries().map(allocator::Library::identity).collect(),
+            info,
+        });
+        Ok(())
+    }
+
+    /// OOM victims first (their snapshot is the one users need most, and
+    /// they are about to vanish), then exits — but of `held`, a launched
+    /// command whose exit its front end reports.
+    pub fn tick(&mut self, held: Option<u32>) {
+        self.check_oom();
+        self.reap_exited(held);
+    }
+
+    /// Re-reads every target's maps (new modules for symbolization and the
+    /// stack walk) and hooks allocator libraries mapped since attach.
+    pub fn refresh_all(&mut self) {
+        let pids: Vec<u32> = self.targets.iter().map(|t| t.info.pid).collect();
+        for pid in pids {
+            self.refresh_maps(pid);
+        }
+        self.pick_up_allocators();
+    }
+
+    fn refresh_maps(&mut self, pid: u32) {
+        if self.symbolizer.refresh(pid) {
+            self.profiler.refresh_unwind(pid);
+        }
+    }
+
+    /// Hooks allocator libraries targets mapped since they were attached
+    /// (`dlopen`, or linked by a launched command), in `--allocator auto`.
+    fn pick_up_allocators(&mut self) {
+        if self.cfg.allocator != allocator::Choice::Auto {
+            return;
+        }
+        for t in &mut self.targets {
+            let pid = t.info.pid;
+            let Ok(maps) = procfs::read_maps(pid) else {
+                continue;
+            };
+            for lib in allocator::dedicated(pid, &maps) {
+                let id = lib.identity();
+                if t.hooked.contains(&id) {
+                    continue;
+                }
+                t.hooked.push(id);
+                match self.profiler.attach_more(pid, &lib) {
+                    Ok(probes) => say(&lines::hooked_since(
+                        &lib.path,
+                        pid,
+                        &t.info.comm,
+                        probes.len(),
+                    )),
+                    Err(e) => {
+                        tracing::warn!(pid, library = %lib.path, "cannot hook an allocator mapped since: {e}")
+                    }
+                }
+            }
+        }
+    }
+
+    /// A snapshot of every target.
+    pub fn snapshot_all(&mut self, trigger: Trigger) {
+        for i in 0..self.targets.len() {
+            self.snapshot(i, trigger);
+        }
+    }
+
+    /// A launched command held at the start of its exit (its map is still
+    /// there): its final snapshot, then detach.
+    pub fn target_exiting(&mut self, pid: u32) {
+        if let Some(i) = self.index(pid) {
+            self.refresh_maps(pid);
+            self.check_oom();
+            self.finish(i, Trigger::Exit);
+        }
+    }
+
+    /// The final snapshot of target `i` (unless the OOM killer's was
+    /// written), then detach and forget it.
+    fn finish(&mut self, i: usize, trigger: Trigger) {
+        if !self.targets[i].oom_written {
+            self.snapshot(i, trigger);
+        }
+        let pid = self.targets[i].info.pid;
+        self.profiler.detach(pid);
+        self.symbolizer.forget(pid);
+        self.targets.remove(i);
+    }
+
+    /// Detaches every target, writing nothing.
+    pub fn detach_all(&mut self) {
+        for t in self.targets.drain(..) {
+            self.profiler.detach(t.info.pid);
+            self.symbolizer.forget(t.info.pid);
+        }
+    }
+
+    fn check_oom(&mut self) {
+        for i in 0..self.targets.len() {
+            let pid = self.targets[i].info.pid;
+            if !self.targets[i].oom_written && self.profiler.take_oom_victim(pid) {
+                self.snapshot(i, Trigger::Oom);
+                self.targets[i].oom_written = true;
+            }
+        }
+    }
+
+    fn reap_exited(&mut self, held: Option<u32>) {
+        let mut i = 0;
+        while i < self.targets.len() {
+            let pid = self.targets[i].info.pid;
+            if held == Some(pid) || procfs::is_alive(pid) {
+                i += 1;
+                continue;
+            }
+            // An OOM kill is an exit too; its snapshot is already written.
+            self.check_oom();
+            self.finish(i, Trigger::Exit);
+        }
+    }
+
+    /// `--rss-step` and `--heap-step`: a snapshot per new threshold reached.
+    pub fn check_steps(&mut self) {
+        for i in 0..self.targets.len() {
+            let pid = self.targets[i].info.pid;
+            if let Some(rss) = procfs::rss_bytes(pid) {
+                self.targets[i].rss_bytes = rss;
+                if let Some(c) = self.targets[i]
+                    .rss_step
+                    .as_mut()
+                    .and_then(|t| t.observe(rss))
+                {
+                    say(&lines::step(Trigger::RssStep, pid, "RSS", rss, c));
+                    self.snapshot(i, Trigger::RssStep);
+                }
+            }
+            if self.targets[i].heap_step.is_some() {
+                if let Some(live) = self.profiler.live_bytes(pid) {
+                    if let Some(c) = self.targets[i]
+                        .heap_step
+                        .as_mut()
+                        .and_then(|t| t.observe(live))
+                    {
+                        say(&lines::step(Trigger::HeapStep, pid, "live heap", live, c));
+                        self.snapshot(i, Trigger::HeapStep);
+                    }
+                }
+            }
+        }
+    }
+
+    fn snapshot(&mut self, i: usize, trigger: Trigger) {
+        let pid = self.targets[i].info.pid;
+        if let Err(e) = self.try_snapshot(i, trigger) {
+            say(&lines::snapshot_failed(trigger, pid, &e));
+        }
+    }
+
+    /// Kernel data → raw snapshot → symbolized snapshot → files.
+    fn try_snapshot(&mut self, i: usize, trigger: Trigger) -> Result<Vec<PathBuf>> {
+        let pid = self.targets[i].info.pid;
+        let started = Instant::now();
+        if procfs::is_alive(pid) {
+            self.refresh_maps(pid);
+            if let Some(rss) = procfs::rss_bytes(pid) {
+                self.targets[i].rss_bytes = rss;
+            }
+        }
+        let data = self.profiler.drain(pid)?;
+        let addresses = self.profiler.stacks(pid, &data.stack_ids())?;
+        let raw = RawSnapshot::from_kernel(
+            data,
+            &addresses,
+            ebpf::monotonic_ns(),
+            self.cfg.min_age.as_millis() as u64,
+            self.cfg.sample_bytes,
+        );
+        let t = &self.targets[i];
+        let mut snapshot = build_snapshot(
+            &raw,
+            &t.info,
+            &t.attached_at,
+            trigger,
+            self.cfg.sample_bytes,
+            t.rss_bytes,
+            |ips| self.symbolizer.symbolize_stack(pid, ips),
+        );
+        snapshot.mappings = self.symbolizer.mapping_infos(pid);
+        if snapshot.totals.dropped_events > 0 {
+            say(&format!(
+                "warning: pid={pid}: {}",
+                lines::dropped_events(
+                    snapshot.totals.dropped_events,
+                    Some(self.cfg.max_live_blocks)
+                )
+            ));
+        }
+        let paths = self.targets[i].series.write(
+            &self.cfg.output_dir,
+            &self.cfg.formats,
+            self.cfg.max_snapshots,
+            &snapshot,
+        )?;
+        say(&lines::snapshot_written(
+            trigger,
+            pid,
+            snapshot.totals.live_bytes,
+            snapshot.totals.live_allocations,
+            &paths,
+        ));
+        tracing::info!(
+            pid,
+            stacks = snapshot.stacks.len(),
+            dropped = snapshot.totals.dropped_events,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "snapshot statistics"
+        );
+        Ok(paths)
+    }
+}
+
+/// Raw snapshot + symbolizer → the canonical snapshot.
+fn build_snapshot(
+    raw: &RawSnapshot,
+    info: &ProcessInfo,
+    attached_at: &str,
+    trigger: Trigger,
+    sample_bytes: u64,
+    rss_bytes: u64,
+    mut symbolize: impl FnMut(&[u64]) -> Vec<crate::model::Frame>,
+) -> Snapshot {
+    let stacks: Vec<Stack> = raw
+        .stacks
+        .iter()
+        .map(|r| {
+            let mut frames = symbolize(&r.ips);
+            crate::model::strip_allocator_frames(&mut frames);
+            Stack {
+                live_bytes: r.live_bytes,
+                live_allocations: r.live_allocations,
+                allocated_bytes: r.allocated_bytes,
+                allocations: r.allocations,
+                oldest_age_ms: r.oldest_age_ms,
+                truncated: r
+                    .truncated
+                    .unwrap_or_else(|| !crate::model::reaches_root(&frames)),
+                frames,
+            }
+        })
+        .collect();
+    Snapshot {
+        format: SNAPSHOT_FORMAT.into(),
+        version: SNAPSHOT_VERSION,
+        pid: raw.pid,
+        comm: info.comm.clone(),
+        exe: info.exe.clone(),
+        taken_at: now_rfc3339(),
+        attached_at: attached_at.to_string(),
+        trigger,
+        sample_bytes,
+        totals: Totals {
+            live_bytes: stacks.iter().map(|s| s.live_bytes).sum(),
+            live_allocations: stacks.iter().map(|s| s.live_allocations).sum(),
+            allocated_bytes: raw.allocated_bytes,
+            allocations: raw.allocations,
+            frees: raw.frees,
+            rss_bytes,
+            dropped_events: raw.dropped_events,
+            truncated_stacks: stacks.iter().filter(|s| s.truncated).count() as u64,
+        },
+        stacks,
+        mappings: Vec::new(),
+    }
+}

@@ -1,0 +1,122 @@
+//! The lines of the contract on stderr (`attached`, `snapshot`, step and
+//! warning lines): user-facing output, not logging. Every such line is made
+//! here, so that their wording lives in one place.
+use std::{io::Write as _, path::PathBuf};
+
+use crate::{
+    model::Trigger,
+    trigger::Crossing,
+    units::{human_bytes, size_label},
+};
+
+/// Writes `heapbpf: LINE` to stderr.
+pub fn say(line: &str) {
+    let mut err = std::io::stderr().lock();
+    let _ = writeln!(err, "heapbpf: {line}");
+}
+
+/// Once every probe of a target is live: exactly one such line per target.
+pub fn attached(
+    pid: u32,
+    comm: &str,
+    probes: usize,
+    libraries: &[&str],
+    sample_bytes: u64,
+) -> String {
+    format!(
+        "attached to {pid} ({comm}): {probes} probes in {}; sampling {}; heapbpf pid {}",
+        libraries.join(", "),
+        if sample_bytes == 0 {
+            "EXACT".to_string()
+        } else {
+            size_label(sample_bytes)
+        },
+        std::process::id()
+    )
+}
+
+/// An allocator library a target mapped after attach, now hooked.
+pub fn hooked_since(library: &str, pid: u32, comm: &str, probes: usize) -> String {
+    format!("hooked {library} in {pid} ({comm}), mapped since: {probes} probes")
+}
+
+/// One snapshot written: its trigger, figures and files.
+pub fn snapshot_written(
+    trigger: Trigger,
+    pid: u32,
+    live_bytes: u64,
+    live_allocations: u64,
+    paths: &[PathBuf],
+) -> String {
+    let paths: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+    format!(
+        "snapshot {} pid={pid} live={live_bytes} allocations={live_allocations} -> {}",
+        trigger.as_str(),
+        paths.join(", ")
+    )
+}
+
+/// One snapshot that could not be written.
+pub fn snapshot_failed(trigger: Trigger, pid: u32, why: &dyn std::fmt::Display) -> String {
+    format!("snapshot {} pid={pid} failed: {why}", trigger.as_str())
+}
+
+/// Before a step snapshot: which threshold, and whether several were jumped
+/// at once.
+pub fn step(trigger: Trigger, pid: u32, what: &str, value: u64, c: Crossing) -> String {
+    let jumped = if c.skipped > 0 {
+        format!(" (jumped over {} more)", c.skipped)
+    } else {
+        String::new()
+    };
+    format!(
+        "{} pid={pid}: {what} {} reached threshold {}{jumped}",
+        trigger.as_str(),
+        human_bytes(value as i128),
+        human_bytes(c.threshold as i128)
+    )
+}
+
+/// What dropped events mean and what helps; `max_live_blocks` when the
+/// setting in force is known.
+pub fn dropped_events(dropped: u64, max_live_blocks: Option<u32>) -> String {
+    let now = max_live_blocks.map_or(String::new(), |n| format!(" (now {n})"));
+    format!(
+        "{dropped} events could not be recorded (full maps or failed stack walks); \
+         figures are lower bounds; raise --max-live-blocks{now} if the live-block map filled"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_read_as_the_contract_writes_them() {
+        let a = attached(12, "app", 9, &["/lib/libc.so.6", "/x/libjemalloc.so.2"], 0);
+        assert!(a.starts_with("attached to 12 (app): 9 probes in /lib/libc.so.6, /x/libjemalloc.so.2; sampling EXACT; heapbpf pid "), "{a}");
+        assert!(attached(1, "a", 1, &["l"], 64 << 10).contains("; sampling 64KiB;"));
+        let s = snapshot_written(
+            Trigger::Signal,
+            12,
+            4096,
+            2,
+            &[PathBuf::from("/o/a.json"), PathBuf::from("/o/a.pb.gz")],
+        );
+        assert_eq!(
+            s,
+            "snapshot signal pid=12 live=4096 allocations=2 -> /o/a.json, /o/a.pb.gz"
+        );
+        let c = Crossing {
+            k: 2,
+            threshold: 2 << 20,
+            skipped: 1,
+        };
+        assert_eq!(
+            step(Trigger::RssStep, 5, "RSS", 3 << 20, c),
+            "rss-step pid=5: RSS 3.0 MiB reached threshold 2.0 MiB (jumped over 1 more)"
+        );
+        assert!(dropped_events(3, Some(8)).contains("--max-live-blocks (now 8)"));
+        assert!(dropped_events(3, None).contains("--max-live-blocks if"));
+    }
+}
