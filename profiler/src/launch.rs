@@ -126,6 +126,7 @@ pub fn start(command: &[String]) -> Result<Launched> {
             // The session failed: nothing may be left behind.
             // SAFETY: our own child.
             unsafe { libc::kill(pid, libc::SIGKILL) };
+            // SAFETY: reaping our own child into a live status variable.
             unsafe { libc::waitpid(pid, &mut status, libc::__WALL) };
             return;
         }

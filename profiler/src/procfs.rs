@@ -65,6 +65,19 @@ fn parse_maps_line(line: &str) -> Option<Mapping> {
     })
 }
 
+/// The value of `Key:` in a `/proc/PID/status` text, trimmed.
+pub fn status_field<'a>(status: &'a str, key: &str) -> Option<&'a str> {
+    status.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        (k == key).then(|| v.trim())
+    })
+}
+
+/// `/proc/PID/status` (`self` for heapbpf itself).
+pub fn read_status(pid: &str) -> io::Result<String> {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+}
+
 /// Identity of a target, read once at attach.
 #[derive(Clone, Debug)]
 pub struct ProcessInfo {
@@ -99,12 +112,9 @@ pub fn process_info(pid: u32) -> Result<ProcessInfo> {
             why: "that is heapbpf itself".into(),
         });
     }
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| proc_err(pid, e))?;
+    let status = read_status(&pid.to_string()).map_err(|e| proc_err(pid, e))?;
     // A thread id is not a process: /proc/TID exists but Tgid differs.
-    let tgid = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Tgid:"))
-        .and_then(|v| v.trim().parse::<u32>().ok());
+    let tgid = status_field(&status, "Tgid").and_then(|v| v.parse::<u32>().ok());
     if let Some(tgid) = tgid {
         if tgid != pid {
             return Err(Error::NotTraceable {
@@ -113,10 +123,7 @@ pub fn process_info(pid: u32) -> Result<ProcessInfo> {
             });
         }
     }
-    if status
-        .lines()
-        .any(|l| l.starts_with("State:") && l.contains("zombie"))
-    {
+    if status_field(&status, "State").is_some_and(|s| s.contains("zombie")) {
         return Err(Error::NotTraceable {
             pid,
             why: "the process has exited (zombie)".into(),
@@ -260,6 +267,17 @@ mod tests {
         assert_eq!(maps[1].path, "/srv/jailbreak/x");
         to_target_view(&mut maps, Some("/"));
         assert_eq!(maps[0].path, "/bin/app");
+    }
+
+    #[test]
+    fn status_fields() {
+        let status =
+            "Name:\tapp\nState:\tZ (zombie)\nTgid:\t42\nNSpid:\t42\t7\nCapEff:\t000001ffffffffff\n";
+        assert_eq!(status_field(status, "Tgid"), Some("42"));
+        assert_eq!(status_field(status, "NSpid"), Some("42\t7"));
+        assert_eq!(status_field(status, "State"), Some("Z (zombie)"));
+        assert_eq!(status_field(status, "Cap"), None);
+        assert_eq!(status_field(status, "CapEff"), Some("000001ffffffffff"));
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Addresses → frames, with blazesym. The only module that names blazesym.
 //!
-//! For each target a [`ModuleTable`] keeps the memory map and an open file
+//! For each target a [`TargetModules`] keeps the memory map and an open file
 //! handle on every file-backed mapping (opened through
 //! `/proc/PID/map_files/`, so it is the very file the target mapped, in
 //! whatever mount namespace or chroot it lives). Symbolization reads those
@@ -18,12 +18,13 @@ use crate::{
 
 /// The memory map of one target, and handles that outlive it.
 #[derive(Default)]
-pub struct ModuleTable {
+pub struct TargetModules {
     pid: u32,
     mappings: Vec<Mapping>,
     files: HashMap<(String, u64), File>,
     build_ids: HashMap<(String, u64), Option<String>>,
-    text: String,
+    /// The map as last read, to tell whether it changed.
+    last_read: Vec<Mapping>,
     /// JIT symbols from `/tmp/perf-PID.map` (node --perf-basic-prof, ...),
     /// kept while the target lives: (start, end, name), sorted.
     perf_map: Vec<(u64, u64, String)>,
@@ -32,9 +33,9 @@ pub struct ModuleTable {
     perf_map_len: u64,
 }
 
-impl ModuleTable {
+impl TargetModules {
     pub fn new(pid: u32) -> Self {
-        ModuleTable {
+        TargetModules {
             pid,
             ..Default::default()
         }
@@ -45,15 +46,13 @@ impl ModuleTable {
     /// unmapped are kept: their blocks may still be live.
     pub fn refresh(&mut self) -> bool {
         let perf = self.refresh_perf_map();
-        let Ok(text) = std::fs::read_to_string(format!("/proc/{}/maps", self.pid)) else {
+        let Ok(fresh) = procfs::read_maps(self.pid) else {
             return perf;
         };
-        if text.is_empty() || text == self.text {
+        if fresh.is_empty() || fresh == self.last_read {
             return perf;
         }
-        let mut fresh = procfs::parse_maps(&text);
-        procfs::to_target_view(&mut fresh, procfs::root_of(self.pid).as_deref());
-        self.text = text;
+        self.last_read = fresh.clone();
         for m in fresh.iter().filter(|m| m.is_file()) {
             let key = (m.dev.clone(), m.inode);
             if !self.files.contains_key(&key) {
@@ -82,11 +81,8 @@ impl ModuleTable {
     /// Re-reads the target's perf map when it grew. It is named after the
     /// pid the target sees (its namespace's) and read through its root.
     fn refresh_perf_map(&mut self) -> bool {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap_or_default();
-        let ns_pid = status
-            .lines()
-            .find_map(|l| l.strip_prefix("NSpid:"))
+        let status = procfs::read_status(&self.pid.to_string()).unwrap_or_default();
+        let ns_pid = procfs::status_field(&status, "NSpid")
             .and_then(|v| v.split_whitespace().last().map(str::to_string))
             .unwrap_or_else(|| self.pid.to_string());
         let seen_as = format!("/tmp/perf-{ns_pid}.map");
@@ -119,11 +115,6 @@ impl ModuleTable {
         let i = self.mappings.partition_point(|m| m.start <= addr);
         let m = self.mappings.get(i.checked_sub(1)?)?;
         (addr < m.end).then_some(m)
-    }
-
-    /// The mapped files, as the target sees them.
-    pub fn mappings(&self) -> &[Mapping] {
-        &self.mappings
     }
 
     /// Executable file mappings with their build ids, for pprof.
@@ -182,7 +173,7 @@ pub fn parse_perf_map(text: &str) -> Vec<(u64, u64, String)> {
 /// Symbolizes the stacks of all targets of a session.
 pub struct Symbolizer {
     inner: symbolize::Symbolizer,
-    tables: HashMap<u32, ModuleTable>,
+    tables: HashMap<u32, TargetModules>,
     cache: HashMap<(u32, u64), Vec<Frame>>,
 }
 
@@ -208,7 +199,7 @@ impl Symbolizer {
 
     /// Starts keeping the modules of `pid`.
     pub fn track(&mut self, pid: u32) {
-        let mut t = ModuleTable::new(pid);
+        let mut t = TargetModules::new(pid);
         t.refresh();
         self.tables.insert(pid, t);
     }
@@ -228,10 +219,6 @@ impl Symbolizer {
             }
         }
         false
-    }
-
-    pub fn table(&self, pid: u32) -> Option<&ModuleTable> {
-        self.tables.get(&pid)
     }
 
     pub fn mapping_infos(&mut self, pid: u32) -> Vec<crate::model::MappingInfo> {
@@ -355,7 +342,7 @@ mod tests {
                     7f79837c7cc0 1e0 JS:*retainBuffers /tmp/nd/retain.js:3:23\n";
         let map = parse_perf_map(text);
         assert_eq!(map.len(), 2);
-        let mut t = ModuleTable::new(1);
+        let mut t = TargetModules::new(1);
         t.perf_map = map;
         assert_eq!(
             t.perf_symbol(0x7f79837c7dd6),

@@ -34,9 +34,9 @@ pub fn fixture_path(name: &str) -> PathBuf {
 /// Fails loudly when the tests cannot do what they are for.
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
     assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
+        euid, 0,
         "the integration tests attach eBPF probes: run them as root (cargo xtask test)"
     );
 }

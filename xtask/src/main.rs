@@ -196,9 +196,11 @@ pub fn bootstrap() -> Result<()> {
     Ok(())
 }
 
+/// `cargo` in the workspace, with heapbpf's eBPF object required (never
+/// built without it, see profiler/build.rs).
 fn cargo() -> Command {
     let mut c = Command::new("cargo");
-    c.current_dir(root());
+    c.current_dir(root()).env("HEAPBPF_REQUIRE_EBPF", "1");
     c
 }
 
@@ -216,7 +218,21 @@ fn require_bpf() -> Result<()> {
 fn test() -> Result<()> {
     bootstrap()?;
     run(cargo().args(["fmt", "--all", "--check"]))?;
-    run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+    run(cargo().args([
+        "clippy",
+        "-p",
+        "heapbpf",
+        "-p",
+        "heapbpf-common",
+        "-p",
+        "xtask",
+        "-p",
+        "heapbpf-integration-tests",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
     run(cargo().args([
         "test",
         "-p",
@@ -288,6 +304,7 @@ fn demo() -> Result<()> {
         // SAFETY: kill(2) on our own child.
         unsafe { libc::kill(hb.id() as i32, libc::SIGUSR2) };
         sleep(Duration::from_secs(4));
+        // SAFETY: kill(2) on our own child.
         unsafe { libc::kill(hb.id() as i32, libc::SIGINT) };
         let st = hb.wait()?;
         if !st.success() {

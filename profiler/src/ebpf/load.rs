@@ -14,17 +14,22 @@ use super::{
 };
 use crate::{
     error::{Error, Result},
-    unwind,
+    procfs, unwind,
 };
 
 /// Checks what heapbpf needs from the kernel and from its own credentials,
 /// so that failures name their cause.
 pub fn preflight() -> Result<()> {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let cap_eff = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+    if PROGRAM_OBJECT.is_empty() {
+        return Err(Error::Unsupported(
+            "this heapbpf was built without its eBPF programs (bpf-linker was missing): \
+             run `cargo xtask bootstrap`, then build heapbpf again"
+                .into(),
+        ));
+    }
+    let status = procfs::read_status("self").unwrap_or_default();
+    let cap_eff = procfs::status_field(&status, "CapEff")
+        .and_then(|v| u64::from_str_radix(v, 16).ok())
         .unwrap_or(0);
     const CAP_SYS_ADMIN: u64 = 1 << 21;
     const CAP_PERFMON: u64 = 1 << 38;

@@ -111,6 +111,7 @@ pub fn lookup_all<K: Copy + aya::Pod, V: Copy + aya::Pod>(
     loop {
         // SAFETY: K and V are Pod: all-zero bytes are valid values.
         let mut keys: Vec<K> = vec![unsafe { std::mem::zeroed() }; chunk];
+        // SAFETY: as above.
         let mut values: Vec<V> = vec![unsafe { std::mem::zeroed() }; chunk];
         let mut attr = BatchAttr {
             in_batch: if first { 0 } else { in_token.as_ptr() as u64 },
