@@ -1,9 +1,11 @@
 //! Plain data: the raw snapshot drained from the kernel, its aggregation, and
 //! the canonical [`Snapshot`]. No I/O, no kernel, no symbolizer.
+mod address;
 mod aggregate;
 pub mod diff;
 mod snapshot;
 
+pub use address::{Address, ParseAddressError};
 pub use aggregate::{aggregate, sample_weight, LiveBlock, RawSnapshot, RawStack, StackCounters};
 pub use diff::{diff, Diff, DiffEntry, Status};
 pub use snapshot::{

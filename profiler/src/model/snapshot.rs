@@ -1,6 +1,8 @@
 //! The canonical snapshot (`"format": "heapbpf-snapshot", "version": 1`).
 use serde::{Deserialize, Serialize};
 
+use super::Address;
+
 pub const SNAPSHOT_FORMAT: &str = "heapbpf-snapshot";
 pub const SNAPSHOT_VERSION: u32 = 1;
 
@@ -58,11 +60,11 @@ pub struct Snapshot {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MappingInfo {
-    /// `0x`-prefixed hex, like frame addresses.
-    pub start: String,
-    pub limit: String,
+    /// Written as `0x`-prefixed hex, like frame addresses.
+    pub start: Address,
+    pub limit: Address,
     /// Offset in the file of `start`.
-    pub offset: String,
+    pub offset: Address,
     /// The path as the target sees it.
     pub path: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -103,9 +105,9 @@ pub struct Stack {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Frame {
-    /// Runtime virtual address, `0x`-prefixed hex: the return address for
-    /// every frame of a call stack (symbolized at `address - 1`).
-    pub address: String,
+    /// Runtime virtual address, written as `0x`-prefixed hex: the return
+    /// address for every frame of a call stack (symbolized at `address - 1`).
+    pub address: Address,
     pub function: Option<String>,
     pub file: Option<String>,
     pub line: Option<u32>,
@@ -120,14 +122,14 @@ pub const TRUNCATED_FRAME: &str = "[truncated]";
 /// The root frame of a truncated stack (address 0, no module).
 pub fn truncated_frame() -> Frame {
     Frame {
-        address: "0x0".into(),
+        address: Address(0),
         function: Some(TRUNCATED_FRAME.into()),
         ..Default::default()
     }
 }
 
 pub fn is_truncated_frame(f: &Frame) -> bool {
-    f.address == "0x0" && f.module.is_none() && f.function.as_deref() == Some(TRUNCATED_FRAME)
+    f.address == Address(0) && f.module.is_none() && f.function.as_deref() == Some(TRUNCATED_FRAME)
 }
 
 impl Stack {
@@ -215,7 +217,7 @@ mod tests {
 
     fn f(name: &str) -> Frame {
         Frame {
-            address: "0x1".into(),
+            address: Address(1),
             function: Some(name.into()),
             ..Default::default()
         }
@@ -239,6 +241,20 @@ mod tests {
         let mut plain = vec![f("leak"), f("operator new(unsigned long)")];
         strip_allocator_frames(&mut plain);
         assert_eq!(plain.len(), 2);
+    }
+
+    #[test]
+    fn truncated_root_and_unknown_labels() {
+        assert!(is_truncated_frame(&truncated_frame()));
+        let mut other = truncated_frame();
+        other.address = Address(0x10);
+        assert!(!is_truncated_frame(&other));
+        let unknown = Frame {
+            address: Address(0x7f00dead0001),
+            module: Some("/lib/libx.so".into()),
+            ..Default::default()
+        };
+        assert_eq!(unknown.label(), "[unknown] libx.so 0x7f00dead0001");
     }
 
     #[test]
