@@ -52,16 +52,10 @@ pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<Snapshot> {
     serde_json::from_value(value).map_err(|e| bad(format!("malformed snapshot: {e}")))
 }
 
-/// Reads a snapshot written by heapbpf: JSON or pprof, told apart by content.
+/// Transitional, for `session.rs` (`run_report`, `run_diff`) only: delete
+/// once they call [`super::read_snapshot`].
 pub fn read(path: &Path) -> Result<Snapshot> {
-    let bytes = std::fs::read(path).map_err(|e| Error::BadSnapshot {
-        path: path.to_path_buf(),
-        why: format!("cannot read: {e}"),
-    })?;
-    if super::pprof::looks_like_pprof(&bytes) {
-        return super::pprof::from_bytes(path, &bytes);
-    }
-    from_bytes(path, &bytes)
+    super::read_snapshot(path)
 }
 
 #[cfg(test)]
