@@ -10,5 +10,6 @@ pub use aggregate::{aggregate, sample_weight, LiveBlock, RawSnapshot, RawStack, 
 pub use diff::{diff, Diff, DiffEntry, Status};
 pub use snapshot::{
     is_truncated_frame, reaches_root, strip_allocator_frames, truncated_frame, Frame, MappingInfo,
-    Snapshot, Stack, Totals, Trigger, SNAPSHOT_FORMAT, SNAPSHOT_VERSION, TRUNCATED_FRAME,
+    Snapshot, Stack, TargetMeta, Totals, Trigger, SNAPSHOT_FORMAT, SNAPSHOT_VERSION,
+    TRUNCATED_FRAME,
 };
