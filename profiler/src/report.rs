@@ -302,11 +302,11 @@ pub fn diff_json(d: &Diff, top: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Frame, Stack, Totals, Trigger, SNAPSHOT_FORMAT};
+    use crate::model::{Address, Frame, Stack, Totals, Trigger, SNAPSHOT_FORMAT};
 
     fn snap() -> Snapshot {
         let frame = |f: &str, line| Frame {
-            address: "0x401136".into(),
+            address: Address(0x401136),
             function: Some(f.into()),
             file: Some("/src/leak.c".into()),
             line: Some(line),

@@ -135,9 +135,9 @@ impl TargetModules {
                 }
             };
             out.push(crate::model::MappingInfo {
-                start: format!("{:#x}", m.start),
-                limit: format!("{:#x}", m.end),
-                offset: format!("{:#x}", m.offset),
+                start: crate::model::Address(m.start),
+                limit: crate::model::Address(m.end),
+                offset: crate::model::Address(m.offset),
                 path: m.path.clone(),
                 build_id,
             });
@@ -245,7 +245,7 @@ impl Symbolizer {
     }
 
     fn symbolize_return_address(&self, pid: u32, ip: u64) -> Vec<Frame> {
-        let address = format!("{ip:#x}");
+        let address = crate::model::Address(ip);
         let Some(table) = self.tables.get(&pid) else {
             return vec![Frame {
                 address,
@@ -275,7 +275,7 @@ impl Symbolizer {
         let module = (!m.path.is_empty()).then(|| m.path.clone());
         let unresolved = || {
             vec![Frame {
-                address: address.clone(),
+                address,
                 module: module.clone(),
                 ..Default::default()
             }]
@@ -309,7 +309,7 @@ impl Symbolizer {
         for inl in sym.inlined.iter().rev() {
             let (file, line) = code(inl.code_info.as_ref());
             frames.push(Frame {
-                address: address.clone(),
+                address,
                 function: Some(inl.name.to_string()),
                 file,
                 line: line.flatten(),

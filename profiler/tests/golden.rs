@@ -33,7 +33,7 @@ fn check(name: &str, actual: &[u8]) {
 }
 
 fn load(name: &str) -> heapbpf::model::Snapshot {
-    json::read(&dir().join(name)).unwrap()
+    heapbpf::output::read_snapshot(&dir().join(name)).unwrap()
 }
 
 #[test]

@@ -31,7 +31,7 @@ pub enum DiffFormat {
 
 /// `heapbpf report SNAPSHOT`: the top sites of one snapshot.
 pub fn run_report(snapshot: &Path, top: usize, format: ReportFormat) -> Result<()> {
-    let snapshot = output::json::read(snapshot)?;
+    let snapshot = output::read_snapshot(snapshot)?;
     let text = match format {
         ReportFormat::Text => report::text(&snapshot, top, color_stdout()),
         ReportFormat::Json => report::json(&snapshot, top),
@@ -41,8 +41,8 @@ pub fn run_report(snapshot: &Path, top: usize, format: ReportFormat) -> Result<(
 
 /// `heapbpf diff OLD NEW`: what grew between two snapshots.
 pub fn run_diff(old_path: &Path, new_path: &Path, top: usize, format: DiffFormat) -> Result<()> {
-    let old = output::json::read(old_path)?;
-    let new = output::json::read(new_path)?;
+    let old = output::read_snapshot(old_path)?;
+    let new = output::read_snapshot(new_path)?;
     let d = model::diff(&old, &new);
     if d.different_executables() {
         say(&format!(

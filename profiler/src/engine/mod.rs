@@ -18,7 +18,7 @@ use crate::{
     ebpf::{self, LoadOptions, Profiler},
     error::Result,
     lines::{self, say},
-    model::{RawSnapshot, Snapshot, Stack, Totals, Trigger, SNAPSHOT_FORMAT, SNAPSHOT_VERSION},
+    model::{RawSnapshot, Snapshot, TargetMeta, Trigger},
     output::writer::Series,
     procfs::{self, ProcessInfo},
     symbolize::Symbolizer,
@@ -320,15 +320,18 @@ impl Engine {
             self.cfg.sample_bytes,
         );
         let t = &self.targets[i];
-        let mut snapshot = build_snapshot(
-            &raw,
-            &t.info,
-            &t.attached_at,
+        let meta = TargetMeta {
+            comm: t.info.comm.clone(),
+            exe: t.info.exe.clone(),
+            attached_at: t.attached_at.clone(),
+            taken_at: now_rfc3339(),
             trigger,
-            self.cfg.sample_bytes,
-            t.rss_bytes,
-            |ips| self.symbolizer.symbolize_stack(pid, ips),
-        );
+            sample_bytes: self.cfg.sample_bytes,
+            rss_bytes: t.rss_bytes,
+        };
+        let symbolizer = &mut self.symbolizer;
+        let mut snapshot =
+            Snapshot::from_raw(&raw, meta, |ips| symbolizer.symbolize_stack(pid, ips));
         snapshot.mappings = self.symbolizer.mapping_infos(pid);
         if snapshot.totals.dropped_events > 0 {
             say(&format!(
@@ -360,59 +363,5 @@ impl Engine {
             "snapshot statistics"
         );
         Ok(paths)
-    }
-}
-
-/// Raw snapshot + symbolizer → the canonical snapshot.
-fn build_snapshot(
-    raw: &RawSnapshot,
-    info: &ProcessInfo,
-    attached_at: &str,
-    trigger: Trigger,
-    sample_bytes: u64,
-    rss_bytes: u64,
-    mut symbolize: impl FnMut(&[u64]) -> Vec<crate::model::Frame>,
-) -> Snapshot {
-    let stacks: Vec<Stack> = raw
-        .stacks
-        .iter()
-        .map(|r| {
-            let mut frames = symbolize(&r.ips);
-            crate::model::strip_allocator_frames(&mut frames);
-            Stack {
-                live_bytes: r.live_bytes,
-                live_allocations: r.live_allocations,
-                allocated_bytes: r.allocated_bytes,
-                allocations: r.allocations,
-                oldest_age_ms: r.oldest_age_ms,
-                truncated: r
-                    .truncated
-                    .unwrap_or_else(|| !crate::model::reaches_root(&frames)),
-                frames,
-            }
-        })
-        .collect();
-    Snapshot {
-        format: SNAPSHOT_FORMAT.into(),
-        version: SNAPSHOT_VERSION,
-        pid: raw.pid,
-        comm: info.comm.clone(),
-        exe: info.exe.clone(),
-        taken_at: now_rfc3339(),
-        attached_at: attached_at.to_string(),
-        trigger,
-        sample_bytes,
-        totals: Totals {
-            live_bytes: stacks.iter().map(|s| s.live_bytes).sum(),
-            live_allocations: stacks.iter().map(|s| s.live_allocations).sum(),
-            allocated_bytes: raw.allocated_bytes,
-            allocations: raw.allocations,
-            frees: raw.frees,
-            rss_bytes,
-            dropped_events: raw.dropped_events,
-            truncated_stacks: stacks.iter().filter(|s| s.truncated).count() as u64,
-        },
-        stacks,
-        mappings: Vec::new(),
     }
 }

@@ -180,7 +180,7 @@ mod tests {
 
     fn frame(function: Option<&str>, address: &str, module: &str) -> Frame {
         Frame {
-            address: address.into(),
+            address: address.parse().unwrap(),
             function: function.map(Into::into),
             module: Some(module.into()),
             ..Default::default()

@@ -1,9 +1,11 @@
 //! Plain data: the raw snapshot drained from the kernel, its aggregation, and
 //! the canonical [`Snapshot`]. No I/O, no kernel, no symbolizer.
+mod address;
 mod aggregate;
 pub mod diff;
 mod snapshot;
 
+pub use address::{Address, ParseAddressError};
 pub use aggregate::{
     aggregate, sample_weight, KernelData, LiveBlock, RawSnapshot, RawStack, StackAddrs,
     StackCounters,
@@ -11,6 +13,6 @@ pub use aggregate::{
 pub use diff::{diff, Diff, DiffEntry, Status};
 pub use snapshot::{
     basename, is_truncated_frame, reaches_root, strip_allocator_frames, truncated_frame, Frame,
-    MappingInfo, Snapshot, Stack, Totals, Trigger, SNAPSHOT_FORMAT, SNAPSHOT_VERSION,
+    MappingInfo, Snapshot, Stack, TargetMeta, Totals, Trigger, SNAPSHOT_FORMAT, SNAPSHOT_VERSION,
     TRUNCATED_FRAME,
 };

@@ -1,6 +1,8 @@
 //! The canonical snapshot (`"format": "heapbpf-snapshot", "version": 1`).
 use serde::{Deserialize, Serialize};
 
+use super::{Address, RawSnapshot};
+
 pub const SNAPSHOT_FORMAT: &str = "heapbpf-snapshot";
 pub const SNAPSHOT_VERSION: u32 = 1;
 
@@ -54,15 +56,87 @@ pub struct Snapshot {
     pub mappings: Vec<MappingInfo>,
 }
 
+/// What a snapshot says about its target and moment besides the kernel's
+/// figures: the plain inputs of [`Snapshot::from_raw`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TargetMeta {
+    pub comm: String,
+    pub exe: String,
+    /// RFC 3339, UTC.
+    pub attached_at: String,
+    /// RFC 3339, UTC. Passed in rather than read from the clock, so that
+    /// building a snapshot is a pure function.
+    pub taken_at: String,
+    pub trigger: Trigger,
+    pub sample_bytes: u64,
+    pub rss_bytes: u64,
+}
+
+impl Snapshot {
+    /// The canonical snapshot of a raw one. `symbolize` turns a stack's
+    /// return addresses (innermost first) into frames; the allocator's own
+    /// front frames are then stripped. A stack is truncated when the walk
+    /// said so, or, when it could not tell, when its last frame is not a root
+    /// function. Stacks keep the raw order; live totals are their sums, the
+    /// other counters the kernel's. `pid` is the raw snapshot's; `mappings`
+    /// is left empty for the caller to fill.
+    pub fn from_raw(
+        raw: &RawSnapshot,
+        meta: TargetMeta,
+        mut symbolize: impl FnMut(&[u64]) -> Vec<Frame>,
+    ) -> Snapshot {
+        let stacks: Vec<Stack> = raw
+            .stacks
+            .iter()
+            .map(|r| {
+                let mut frames = symbolize(&r.ips);
+                strip_allocator_frames(&mut frames);
+                Stack {
+                    live_bytes: r.live_bytes,
+                    live_allocations: r.live_allocations,
+                    allocated_bytes: r.allocated_bytes,
+                    allocations: r.allocations,
+                    oldest_age_ms: r.oldest_age_ms,
+                    truncated: r.truncated.unwrap_or_else(|| !reaches_root(&frames)),
+                    frames,
+                }
+            })
+            .collect();
+        Snapshot {
+            format: SNAPSHOT_FORMAT.into(),
+            version: SNAPSHOT_VERSION,
+            pid: raw.pid,
+            comm: meta.comm,
+            exe: meta.exe,
+            taken_at: meta.taken_at,
+            attached_at: meta.attached_at,
+            trigger: meta.trigger,
+            sample_bytes: meta.sample_bytes,
+            totals: Totals {
+                live_bytes: stacks.iter().map(|s| s.live_bytes).sum(),
+                live_allocations: stacks.iter().map(|s| s.live_allocations).sum(),
+                allocated_bytes: raw.allocated_bytes,
+                allocations: raw.allocations,
+                frees: raw.frees,
+                rss_bytes: meta.rss_bytes,
+                dropped_events: raw.dropped_events,
+                truncated_stacks: stacks.iter().filter(|s| s.truncated).count() as u64,
+            },
+            stacks,
+            mappings: Vec::new(),
+        }
+    }
+}
+
 /// One executable file mapping of the target.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MappingInfo {
-    /// `0x`-prefixed hex, like frame addresses.
-    pub start: String,
-    pub limit: String,
+    /// Written as `0x`-prefixed hex, like frame addresses.
+    pub start: Address,
+    pub limit: Address,
     /// Offset in the file of `start`.
-    pub offset: String,
+    pub offset: Address,
     /// The path as the target sees it.
     pub path: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -103,9 +177,9 @@ pub struct Stack {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Frame {
-    /// Runtime virtual address, `0x`-prefixed hex: the return address for
-    /// every frame of a call stack (symbolized at `address - 1`).
-    pub address: String,
+    /// Runtime virtual address, written as `0x`-prefixed hex: the return
+    /// address for every frame of a call stack (symbolized at `address - 1`).
+    pub address: Address,
     pub function: Option<String>,
     pub file: Option<String>,
     pub line: Option<u32>,
@@ -126,14 +200,14 @@ pub fn basename(path: &str) -> &str {
 /// The root frame of a truncated stack (address 0, no module).
 pub fn truncated_frame() -> Frame {
     Frame {
-        address: "0x0".into(),
+        address: Address(0),
         function: Some(TRUNCATED_FRAME.into()),
         ..Default::default()
     }
 }
 
 pub fn is_truncated_frame(f: &Frame) -> bool {
-    f.address == "0x0" && f.module.is_none() && f.function.as_deref() == Some(TRUNCATED_FRAME)
+    f.address == Address(0) && f.module.is_none() && f.function.as_deref() == Some(TRUNCATED_FRAME)
 }
 
 impl Stack {
@@ -218,7 +292,7 @@ mod tests {
 
     fn f(name: &str) -> Frame {
         Frame {
-            address: "0x1".into(),
+            address: Address(1),
             function: Some(name.into()),
             ..Default::default()
         }
@@ -242,6 +316,189 @@ mod tests {
         let mut plain = vec![f("leak"), f("operator new(unsigned long)")];
         strip_allocator_frames(&mut plain);
         assert_eq!(plain.len(), 2);
+    }
+
+    #[test]
+    fn truncated_root_and_unknown_labels() {
+        assert!(is_truncated_frame(&truncated_frame()));
+        let mut other = truncated_frame();
+        other.address = Address(0x10);
+        assert!(!is_truncated_frame(&other));
+        let unknown = Frame {
+            address: Address(0x7f00dead0001),
+            module: Some("/lib/libx.so".into()),
+            ..Default::default()
+        };
+        assert_eq!(unknown.label(), "[unknown] libx.so 0x7f00dead0001");
+    }
+
+    /// A raw stack of `ips` with `live_bytes`, and the kernel's verdict.
+    fn raw_stack(ips: &[u64], live_bytes: u64, truncated: Option<bool>) -> crate::model::RawStack {
+        crate::model::RawStack {
+            stack_id: ips[0],
+            ips: ips.to_vec(),
+            truncated,
+            live_bytes,
+            live_allocations: live_bytes / 8,
+            allocated_bytes: live_bytes * 2,
+            allocations: live_bytes / 4,
+            oldest_age_ms: 100 + live_bytes,
+        }
+    }
+
+    fn meta() -> TargetMeta {
+        TargetMeta {
+            comm: "app".into(),
+            exe: "/usr/bin/app".into(),
+            attached_at: "2026-11-24T18:59:00Z".into(),
+            taken_at: "2026-11-24T19:00:00Z".into(),
+            trigger: Trigger::Interval,
+            sample_bytes: 4096,
+            rss_bytes: 1 << 20,
+        }
+    }
+
+    /// A symbolizer over a fixed table: one frame per address.
+    fn fake_symbolize(ips: &[u64]) -> Vec<Frame> {
+        ips.iter()
+            .map(|&ip| Frame {
+                address: Address(ip),
+                function: Some(
+                    match ip {
+                        1 => "operator new(unsigned long)",
+                        2 => "leak",
+                        3 => "main",
+                        4 => "__libc_start_call_main",
+                        5 => "worker",
+                        6 => "start_thread",
+                        _ => "helper",
+                    }
+                    .into(),
+                ),
+                module: Some("/usr/bin/app".into()),
+                ..Default::default()
+            })
+            .collect()
+    }
+
+    fn names(s: &Stack) -> Vec<&str> {
+        s.frames
+            .iter()
+            .map(|f| f.function.as_deref().unwrap_or("?"))
+            .collect()
+    }
+
+    #[test]
+    fn from_raw_totals_add_up() {
+        let raw = RawSnapshot {
+            pid: 77,
+            stacks: vec![
+                raw_stack(&[2, 3, 4], 800, Some(false)),
+                raw_stack(&[5, 6], 160, Some(true)),
+                raw_stack(&[7], 40, None),
+            ],
+            // Since attach, so not the sums of the stacks.
+            allocated_bytes: 123_456,
+            allocations: 789,
+            frees: 321,
+            dropped_events: 5,
+        };
+        let s = Snapshot::from_raw(&raw, meta(), fake_symbolize);
+        assert_eq!(
+            (s.format.as_str(), s.version, s.pid),
+            (SNAPSHOT_FORMAT, SNAPSHOT_VERSION, 77)
+        );
+        assert_eq!((s.comm.as_str(), s.exe.as_str()), ("app", "/usr/bin/app"));
+        assert_eq!(s.taken_at, "2026-11-24T19:00:00Z");
+        assert_eq!(s.attached_at, "2026-11-24T18:59:00Z");
+        assert_eq!((s.trigger, s.sample_bytes), (Trigger::Interval, 4096));
+        assert_eq!(
+            s.totals,
+            Totals {
+                live_bytes: 1000,
+                live_allocations: 100 + 20 + 5,
+                allocated_bytes: 123_456,
+                allocations: 789,
+                frees: 321,
+                rss_bytes: 1 << 20,
+                dropped_events: 5,
+                truncated_stacks: 2,
+            }
+        );
+        assert_eq!(
+            s.stacks[1],
+            Stack {
+                live_bytes: 160,
+                live_allocations: 20,
+                allocated_bytes: 320,
+                allocations: 40,
+                oldest_age_ms: 260,
+                truncated: true,
+                frames: fake_symbolize(&[5, 6]),
+            }
+        );
+        assert!(s.mappings.is_empty());
+    }
+
+    #[test]
+    fn from_raw_strips_allocator_frames() {
+        let raw = RawSnapshot {
+            pid: 1,
+            stacks: vec![raw_stack(&[1, 2, 3, 4], 64, None)],
+            ..Default::default()
+        };
+        let s = Snapshot::from_raw(&raw, meta(), fake_symbolize);
+        assert_eq!(
+            names(&s.stacks[0]),
+            ["leak", "main", "__libc_start_call_main"]
+        );
+        assert_eq!(s.stacks[0].frames[0].address, Address(2));
+        assert!(!s.stacks[0].truncated);
+    }
+
+    #[test]
+    fn from_raw_truncated_verdict() {
+        let raw = RawSnapshot {
+            pid: 1,
+            stacks: vec![
+                // The walk's verdict wins over the symbols, both ways.
+                raw_stack(&[2, 3, 4], 50, Some(true)),
+                raw_stack(&[2, 3], 40, Some(false)),
+                // No verdict: decided by whether the stack ends in a root.
+                raw_stack(&[5, 6], 30, None),
+                raw_stack(&[2, 3], 20, None),
+                raw_stack(&[1], 10, None),
+            ],
+            ..Default::default()
+        };
+        let s = Snapshot::from_raw(&raw, meta(), fake_symbolize);
+        let got: Vec<bool> = s.stacks.iter().map(|s| s.truncated).collect();
+        assert_eq!(got, [true, false, false, true, true]);
+        assert_eq!(s.totals.truncated_stacks, 3);
+    }
+
+    #[test]
+    fn from_raw_keeps_the_order() {
+        // Not sorted by size: the order is the raw snapshot's, and each
+        // stack's addresses go to the symbolizer as they are.
+        let raw = RawSnapshot {
+            pid: 1,
+            stacks: vec![
+                raw_stack(&[7, 3], 8, None),
+                raw_stack(&[2, 3, 4], 800, None),
+                raw_stack(&[5, 6], 80, None),
+            ],
+            ..Default::default()
+        };
+        let mut seen = Vec::new();
+        let s = Snapshot::from_raw(&raw, meta(), |ips| {
+            seen.push(ips.to_vec());
+            fake_symbolize(ips)
+        });
+        assert_eq!(seen, [vec![7, 3], vec![2, 3, 4], vec![5, 6]]);
+        let sizes: Vec<u64> = s.stacks.iter().map(|s| s.live_bytes).collect();
+        assert_eq!(sizes, [8, 800, 80]);
+        assert_eq!(names(&s.stacks[0]), ["helper", "main"]);
     }
 
     #[test]

@@ -52,22 +52,10 @@ pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<Snapshot> {
     serde_json::from_value(value).map_err(|e| bad(format!("malformed snapshot: {e}")))
 }
 
-/// Reads a snapshot written by heapbpf: JSON or pprof, told apart by content.
-pub fn read(path: &Path) -> Result<Snapshot> {
-    let bytes = std::fs::read(path).map_err(|e| Error::BadSnapshot {
-        path: path.to_path_buf(),
-        why: format!("cannot read: {e}"),
-    })?;
-    if super::pprof::looks_like_pprof(&bytes) {
-        return super::pprof::from_bytes(path, &bytes);
-    }
-    from_bytes(path, &bytes)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Frame, Stack, Totals, Trigger};
+    use crate::model::{Address, Frame, Stack, Totals, Trigger};
 
     pub(crate) fn sample() -> Snapshot {
         Snapshot {
@@ -99,7 +87,7 @@ mod tests {
                 oldest_age_ms: 5120,
                 truncated: false,
                 frames: vec![Frame {
-                    address: "0x401136".into(),
+                    address: Address(0x401136),
                     function: Some("leak_malloc".into()),
                     file: Some("leak.c".into()),
                     line: Some(12),
@@ -137,5 +125,19 @@ mod tests {
             err(br#"{"format":"heapbpf-snapshot","version":1,"pid":"x"}"#).contains("malformed")
         );
         assert_eq!(from_bytes(p, b"").unwrap_err().exit_code(), 2);
+    }
+
+    #[test]
+    fn addresses_must_be_hex_strings() {
+        let p = Path::new("snap.json");
+        let good = String::from_utf8(to_bytes(&sample())).unwrap();
+        for bad in [r#""0xzz""#, r#""12""#, "4198710"] {
+            let text = good.replace(r#""0x401136""#, bad);
+            assert_ne!(text, good);
+            let e = from_bytes(p, text.as_bytes()).unwrap_err();
+            assert_eq!(e.exit_code(), 2, "{bad}");
+            let msg = e.to_string();
+            assert!(msg.contains("malformed") && msg.contains("hex"), "{msg}");
+        }
     }
 }

@@ -7,7 +7,9 @@ pub mod pprof;
 pub mod svg;
 pub mod writer;
 
-use crate::error::Result;
+use std::{fs, path::Path};
+
+use crate::error::{Error, Result};
 
 /// The output formats of `--format`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,6 +70,21 @@ impl Format {
     }
 }
 
+/// Reads a snapshot file written by heapbpf, JSON or (gzipped) pprof, told
+/// apart by content rather than by name. Every failure is a
+/// [`Error::BadSnapshot`] naming the file (exit 2).
+pub fn read_snapshot(path: &Path) -> Result<crate::model::Snapshot> {
+    let bytes = fs::read(path).map_err(|e| Error::BadSnapshot {
+        path: path.to_path_buf(),
+        why: format!("cannot read: {e}"),
+    })?;
+    if pprof::looks_like_pprof(&bytes) {
+        pprof::from_bytes(path, &bytes)
+    } else {
+        json::from_bytes(path, &bytes)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -89,5 +106,29 @@ mod tests {
             .unwrap_err()
             .contains("unknown format"));
         assert!(Format::parse_list("").is_err());
+    }
+
+    #[test]
+    fn one_reader_for_json_and_pprof() {
+        let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/new.json");
+        let s = read_snapshot(&golden).unwrap();
+        let dir = std::env::temp_dir().join(format!("heapbpf-read-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let pb = dir.join("s.pb.gz");
+        fs::write(&pb, pprof::to_bytes(&s)).unwrap();
+        assert_eq!(read_snapshot(&pb).unwrap(), s);
+        // Told apart by content: a JSON snapshot named like pprof still reads.
+        let js = dir.join("s-json.pb.gz");
+        fs::write(&js, json::to_bytes(&s)).unwrap();
+        assert_eq!(read_snapshot(&js).unwrap(), s);
+        let cut = dir.join("cut.pb.gz");
+        let bytes = pprof::to_bytes(&s);
+        fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+        for bad in [cut, dir.join("missing.json")] {
+            let e = read_snapshot(&bad).unwrap_err();
+            assert_eq!(e.exit_code(), 2);
+            assert!(e.to_string().contains(&*bad.to_string_lossy()), "{e}");
+        }
+        fs::remove_dir_all(&dir).unwrap();
     }
 }

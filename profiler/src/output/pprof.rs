@@ -13,7 +13,8 @@ use serde::{Deserialize, Serialize};
 use crate::{
     error::{Error, Result},
     model::{
-        Frame, MappingInfo, Snapshot, Stack, Totals, Trigger, SNAPSHOT_FORMAT, SNAPSHOT_VERSION,
+        Address, Frame, MappingInfo, Snapshot, Stack, Totals, Trigger, SNAPSHOT_FORMAT,
+        SNAPSHOT_VERSION,
     },
 };
 
@@ -133,7 +134,7 @@ use proto::*;
 
 /// What makes two frames the same location.
 type FrameKey = (
-    String,
+    Address,
     Option<String>,
     Option<String>,
     Option<u32>,
@@ -180,10 +181,6 @@ impl Strings {
     }
 }
 
-fn parse_hex(s: &str) -> u64 {
-    u64::from_str_radix(s.trim_start_matches("0x"), 16).unwrap_or(0)
-}
-
 fn nanos(rfc3339: &str) -> Option<i64> {
     let t = humantime::parse_rfc3339(rfc3339).ok()?;
     Some(t.duration_since(SystemTime::UNIX_EPOCH).ok()?.as_nanos() as i64)
@@ -208,9 +205,9 @@ pub fn to_profile(s: &Snapshot) -> Profile {
         .enumerate()
         .map(|(i, m)| Mapping {
             id: i as u64 + 1,
-            memory_start: parse_hex(&m.start),
-            memory_limit: parse_hex(&m.limit),
-            file_offset: parse_hex(&m.offset),
+            memory_start: m.start.0,
+            memory_limit: m.limit.0,
+            file_offset: m.offset.0,
             filename: st.get(&m.path),
             build_id: st.get(m.build_id.as_deref().unwrap_or("")),
             has_functions: true,
@@ -260,7 +257,7 @@ pub fn to_profile(s: &Snapshot) -> Profile {
                 .iter()
                 .map(|f| {
                     (
-                        f.address.clone(),
+                        f.address,
                         f.function.clone(),
                         f.file.clone(),
                         f.line,
@@ -297,7 +294,7 @@ pub fn to_profile(s: &Snapshot) -> Profile {
                             })
                         })
                         .collect();
-                    let address = parse_hex(&group[0].address);
+                    let address = group[0].address.0;
                     locations.push(Location {
                         id,
                         mapping_id: mapping_of(address, group[0].module.as_deref()),
@@ -450,10 +447,10 @@ pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<Snapshot> {
             let module = mappings
                 .get(&loc.mapping_id)
                 .and_then(|m| opt(s(m.filename)));
-            let address = format!("{:#x}", loc.address);
+            let address = Address(loc.address);
             if loc.line.is_empty() {
                 frames.push(Frame {
-                    address: address.clone(),
+                    address,
                     module: module.clone(),
                     ..Default::default()
                 });
@@ -461,7 +458,7 @@ pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<Snapshot> {
             for (k, line) in loc.line.iter().enumerate() {
                 let f = functions.get(&line.function_id);
                 frames.push(Frame {
-                    address: address.clone(),
+                    address,
                     function: f.and_then(|f| opt(s(f.name))),
                     file: f.and_then(|f| opt(s(f.filename))),
                     line: (line.line > 0).then_some(line.line as u32),
@@ -506,9 +503,9 @@ pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<Snapshot> {
         mappings: mapping_list
             .into_iter()
             .map(|m| MappingInfo {
-                start: format!("{:#x}", m.memory_start),
-                limit: format!("{:#x}", m.memory_limit),
-                offset: format!("{:#x}", m.file_offset),
+                start: Address(m.memory_start),
+                limit: Address(m.memory_limit),
+                offset: Address(m.file_offset),
                 path: s(m.filename),
                 build_id: opt(s(m.build_id)),
             })
