@@ -9,10 +9,13 @@ use crate::{
     units::{human_bytes, size_label},
 };
 
+/// What every line starts with.
+pub const PREFIX: &str = "heapbpf: ";
+
 /// Writes `heapbpf: LINE` to stderr.
 pub fn say(line: &str) {
     let mut err = std::io::stderr().lock();
-    let _ = writeln!(err, "heapbpf: {line}");
+    let _ = writeln!(err, "{PREFIX}{line}");
 }
 
 /// Once every probe of a target is live: exactly one such line per target.
@@ -87,6 +90,43 @@ pub fn dropped_events(dropped: u64, max_live_blocks: Option<u32>) -> String {
     )
 }
 
+/// An `attached` line read back: the pid and comm it names.
+pub fn parse_attached(line: &str) -> Option<(u32, &str)> {
+    let rest = line.strip_prefix(PREFIX)?.strip_prefix("attached to ")?;
+    let (pid, rest) = rest.split_once(" (")?;
+    let (comm, _) = rest.rsplit_once("): ")?;
+    Some((pid.parse().ok()?, comm))
+}
+
+/// A `snapshot` line read back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotLine {
+    pub trigger: String,
+    pub pid: u32,
+    pub live_bytes: u64,
+    pub live_allocations: u64,
+    pub paths: Vec<PathBuf>,
+}
+
+/// Reads a line written by [`snapshot_written`] (not a failure line).
+pub fn parse_snapshot(line: &str) -> Option<SnapshotLine> {
+    let rest = line.strip_prefix(PREFIX)?.strip_prefix("snapshot ")?;
+    let (head, paths) = rest.split_once(" -> ")?;
+    let mut words = head.split(' ');
+    let trigger = words.next()?.to_string();
+    let mut field = |key: &str| words.next()?.strip_prefix(key)?.parse::<u64>().ok();
+    let pid = u32::try_from(field("pid=")?).ok()?;
+    let live_bytes = field("live=")?;
+    let live_allocations = field("allocations=")?;
+    Some(SnapshotLine {
+        trigger,
+        pid,
+        live_bytes,
+        live_allocations,
+        paths: paths.split(", ").map(PathBuf::from).collect(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -117,6 +157,26 @@ mod tests {
             "rss-step pid=5: RSS 3.0 MiB reached threshold 2.0 MiB (jumped over 1 more)"
         );
         assert!(dropped_events(3, Some(8)).contains("--max-live-blocks (now 8)"));
+        // Read back as the integration tests read them.
+        let line = format!("{PREFIX}{s}");
+        let parsed = parse_snapshot(&line).unwrap();
+        assert_eq!(parsed.trigger, "signal");
+        assert_eq!(
+            (parsed.pid, parsed.live_bytes, parsed.live_allocations),
+            (12, 4096, 2)
+        );
+        assert_eq!(parsed.paths.len(), 2);
+        assert_eq!(parse_attached(&format!("{PREFIX}{a}")), Some((12, "app")));
+        assert_eq!(
+            parse_attached(
+                "heapbpf: attached to 9 (a (b)): 3 probes in x; sampling EXACT; heapbpf pid 1"
+            ),
+            Some((9, "a (b)"))
+        );
+        assert_eq!(
+            parse_snapshot("heapbpf: snapshot exit pid=9 failed: disk full"),
+            None
+        );
         assert!(dropped_events(3, None).contains("--max-live-blocks if"));
     }
 }

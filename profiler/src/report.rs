@@ -87,8 +87,8 @@ pub fn text(s: &Snapshot, top: usize, color: bool) -> String {
     }
     if t.dropped_events > 0 {
         let warning = format!(
-            "WARNING: {} events could not be recorded (full maps or failed stack walks); figures are lower bounds; raise --max-live-blocks if the live-block map filled",
-            t.dropped_events
+            "WARNING: {}",
+            crate::lines::dropped_events(t.dropped_events, None)
         );
         let _ = writeln!(o, "{}", c.warn(&warning));
     }

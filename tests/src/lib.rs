@@ -9,6 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub use heapbpf::lines;
 pub use serde_json::Value;
 
 pub const TIMEOUT: Duration = Duration::from_secs(30);
@@ -199,10 +200,9 @@ impl Heapbpf {
             err,
             stderr: Vec::new(),
         };
-        for pid in pids {
-            let prefix = format!("heapbpf: attached to {pid} (");
+        for &pid in pids {
             h.wait_for(&format!("attached line of {pid}"), |l| {
-                l.starts_with(&prefix)
+                lines::parse_attached(l).is_some_and(|(p, _)| p == pid)
             });
         }
         h
@@ -214,14 +214,12 @@ impl Heapbpf {
 
     /// Waits for the next `snapshot TRIGGER pid=PID` line and returns its paths.
     pub fn wait_snapshot(&mut self, trigger: &str, pid: u32) -> Vec<PathBuf> {
-        let prefix = format!("heapbpf: snapshot {trigger} pid={pid} ");
         let line = self.wait_for(&format!("{trigger} snapshot of {pid}"), |l| {
-            l.starts_with(&prefix)
+            lines::parse_snapshot(l).is_some_and(|s| s.trigger == trigger && s.pid == pid)
         });
-        let (_, paths) = line
-            .split_once(" -> ")
-            .unwrap_or_else(|| panic!("no paths in {line:?}"));
-        paths.split(", ").map(PathBuf::from).collect()
+        lines::parse_snapshot(&line)
+            .unwrap_or_else(|| panic!("unreadable snapshot line {line:?}"))
+            .paths
     }
 
     pub fn signal(&self, sig: i32) {
@@ -254,6 +252,27 @@ impl Drop for Heapbpf {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The first `snapshot TRIGGER` line in `stderr`, read as heapbpf writes it.
+pub fn snapshot_line(stderr: &str, trigger: &str) -> lines::SnapshotLine {
+    stderr
+        .lines()
+        .filter_map(lines::parse_snapshot)
+        .find(|s| s.trigger == trigger)
+        .unwrap_or_else(|| panic!("no {trigger} snapshot line in:\n{stderr}"))
+}
+
+/// How many snapshot lines of `trigger` (any, for `None`) are in `stderr`.
+pub fn count_snapshot_lines<'a>(
+    stderr: impl IntoIterator<Item = &'a String>,
+    trigger: Option<&str>,
+) -> usize {
+    stderr
+        .into_iter()
+        .filter_map(|l| lines::parse_snapshot(l))
+        .filter(|s| trigger.is_none_or(|t| s.trigger == t))
+        .count()
 }
 
 /// Runs heapbpf to completion: (exit code, stdout, stderr).

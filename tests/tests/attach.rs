@@ -453,11 +453,7 @@ fn a_burst_of_signals_never_writes_half_files() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     names.sort();
-    let lines = hb
-        .stderr
-        .iter()
-        .filter(|l| l.starts_with("heapbpf: snapshot "))
-        .count();
+    let lines = count_snapshot_lines(&hb.stderr, None);
     assert_eq!(names.len(), lines, "one file per snapshot line: {names:?}");
     for (i, name) in names.iter().enumerate() {
         assert!(

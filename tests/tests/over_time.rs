@@ -17,8 +17,7 @@ fn collect(hb: &mut Heapbpf, trigger: &str, pid: u32, n: usize) -> Vec<PathBuf> 
 }
 
 fn count_lines(hb: &Heapbpf, trigger: &str) -> usize {
-    let prefix = format!("heapbpf: snapshot {trigger} ");
-    hb.stderr.iter().filter(|l| l.starts_with(&prefix)).count()
+    count_snapshot_lines(&hb.stderr, Some(trigger))
 }
 
 #[test]

@@ -20,18 +20,7 @@ fn run_tracks_a_command_from_its_first_allocation_and_returns_its_status() {
     assert_eq!(code, 3, "heapbpf run returns the command's status:\n{err}");
     let attached = err.lines().filter(|l| l.contains(" attached to ")).count();
     assert_eq!(attached, 1, "{err}");
-    let line = err
-        .lines()
-        .find(|l| l.starts_with("heapbpf: snapshot exit pid="))
-        .unwrap_or_else(|| panic!("{err}"));
-    let json = line
-        .split(" -> ")
-        .nth(1)
-        .unwrap()
-        .split(", ")
-        .next()
-        .unwrap();
-    let s = read_json(std::path::Path::new(json));
+    let s = read_json(&snapshot_line(&err, "exit").paths[0]);
     assert_eq!(s["trigger"], "exit");
     assert_eq!(s["comm"], "startleak");
     assert_eq!(
@@ -104,11 +93,7 @@ fn run_finds_the_allocator_a_command_links() {
     assert!(attached.contains("libtcmalloc_minimal.so.4"), "{attached}");
     // Hooked once: the library mapped after exec is the one hooked before.
     assert!(!err.contains("heapbpf: hooked "), "{err}");
-    let line = err
-        .lines()
-        .find(|l| l.starts_with("heapbpf: snapshot exit pid="))
-        .unwrap_or_else(|| panic!("{err}"));
-    let s = read_json(std::path::Path::new(line.split(" -> ").nth(1).unwrap()));
+    let s = read_json(&snapshot_line(&err, "exit").paths[0]);
     assert_eq!(
         site(&s, "leak_at_start"),
         Site {
@@ -153,11 +138,7 @@ fn run_walks_stacks_of_a_command_from_its_start() {
         "50",
     ]);
     assert_eq!(code, 0, "{err}");
-    let line = err
-        .lines()
-        .find(|l| l.starts_with("heapbpf: snapshot exit pid="))
-        .unwrap_or_else(|| panic!("{err}"));
-    let s = read_json(std::path::Path::new(line.split(" -> ").nth(1).unwrap()));
+    let s = read_json(&snapshot_line(&err, "exit").paths[0]);
     let st = s["stacks"]
         .as_array()
         .unwrap()
