@@ -6,7 +6,7 @@
 //! only to check that it works.
 use std::{
     io::{BufRead, BufReader, Write},
-    path::Path,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     thread::sleep,
     time::{Duration, Instant},
@@ -36,6 +36,10 @@ pub struct BenchArgs {
     /// Live blocks at which to time a snapshot (comma list).
     #[arg(long, default_value = "100000,1000000", value_delimiter = ',')]
     snapshot_blocks: Vec<u64>,
+    /// Another heapbpf binary (an earlier build) whose default and exact
+    /// rows run interleaved with this build's, for a before/after table.
+    #[arg(long, value_name = "BIN")]
+    baseline: Option<PathBuf>,
 }
 
 impl BenchArgs {
@@ -48,6 +52,7 @@ impl BenchArgs {
             deep_stack: 32,
             redis_requests: 500,
             snapshot_blocks: vec![1_000],
+            baseline: None,
         }
     }
 }
@@ -62,6 +67,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 enum Watcher {
     Nobody,
     Heapbpf(Vec<&'static str>),
+    /// Another heapbpf binary (`--baseline`) with these arguments.
+    HeapbpfAt(PathBuf, Vec<&'static str>),
     /// A memleak-equivalent bpftrace script: uprobe + uretprobe on the
     /// allocating functions keeping size and user stack per address, uprobe
     /// on free, filtered by pid inside the program.
@@ -100,8 +107,8 @@ fn targets(names: &[&str], medians: &[Option<f64>]) -> Vec<(String, Option<f64>,
     ]
 }
 
-fn configs() -> Vec<(&'static str, Watcher)> {
-    vec![
+fn configs(baseline: Option<&Path>) -> Vec<(&'static str, Watcher)> {
+    let mut configs = vec![
         ("no profiler", Watcher::Nobody),
         (
             FLOOR_ENTRY,
@@ -135,7 +142,18 @@ fn configs() -> Vec<(&'static str, Watcher)> {
         ),
         (BPFTRACE, Watcher::Bpftrace),
         ("heaptrack (launch mode)", Watcher::Heaptrack),
-    ]
+    ];
+    if let Some(b) = baseline {
+        configs.push((
+            "baseline exact (auto)",
+            Watcher::HeapbpfAt(b.to_path_buf(), vec!["--sample-bytes", "0"]),
+        ));
+        configs.push((
+            "baseline default",
+            Watcher::HeapbpfAt(b.to_path_buf(), vec![]),
+        ));
+    }
+    configs
 }
 
 fn bpftrace_script(lib: &str, pid: u32) -> String {
@@ -199,7 +217,11 @@ fn wait_for_libc(pid: u32) -> Result<()> {
 fn watch(heapbpf: &Path, watcher: &Watcher, pid: u32) -> Result<Option<Child>> {
     match watcher {
         Watcher::Nobody | Watcher::Heaptrack => Ok(None),
-        Watcher::Heapbpf(extra) => {
+        Watcher::Heapbpf(extra) | Watcher::HeapbpfAt(_, extra) => {
+            let heapbpf = match watcher {
+                Watcher::HeapbpfAt(bin, _) => bin.as_path(),
+                _ => heapbpf,
+            };
             let dir = crate::root().join("target/bench/out");
             std::fs::create_dir_all(&dir)?;
             let mut p = Command::new(heapbpf)
@@ -391,7 +413,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let heapbpf = crate::build_release()?;
     let bin = crate::root().join("target/bench/loop");
     crate::gcc(&crate::root().join("xtask/bench/loop.c"), &bin, &[])?;
-    let configs = configs();
+    let configs = configs(args.baseline.as_deref());
     let names: Vec<&str> = configs.iter().map(|c| c.0).collect();
     let mut micro: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); configs.len()]; args.threads.len()];
     let mut deep: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
