@@ -20,6 +20,9 @@ mod floor;
 mod maps;
 mod oom;
 mod probes;
+mod record;
+mod sampling;
+mod state;
 mod unwind;
 
 #[cfg(target_arch = "bpf")]

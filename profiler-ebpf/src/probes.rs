@@ -1,107 +1,23 @@
 //! The allocator hooks. User space attaches them from a table (symbol,
 //! program, entry/return); see `profiler/src/ebpf/probes.rs`.
-//!
-//! Sampling (`--sample-bytes R`) is Poisson sampling by bytes: sample points
-//! fall on the stream of allocated bytes as a Poisson process of rate 1/R.
-//! Points in disjoint byte ranges are independent, so each allocation of
-//! size s holds at least one point — is sampled — independently, with
-//! probability p = 1 - exp(-s/R), and then stands for s/p bytes and 1/p
-//! allocations, which makes every estimate unbiased. No per-thread state is
-//! needed: one random number per call.
-
-use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use aya_ebpf::{
-    bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
-    helpers::{
-        bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_get_stack,
-        bpf_ktime_get_ns, bpf_probe_read_user,
-    },
+    helpers::{bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_probe_read_user},
     macros::{uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext},
     EbpfContext,
 };
 use heapbpf_common::{
-    config, drop_reason, info_counter, kind, AllocInfo, AllocKey, Pending, StackKey, StackStats,
-    StackTrace, TargetState, COUNT_UNIT, MAX_STACK_DEPTH, NO_STACK, SAMPLE_TABLE_LEN,
-    SAMPLE_TABLE_STEPS, STACK_LEN_MASK,
+    drop_reason, info_counter, kind, probe_cookie, unwind_mode, AllocInfo, AllocKey, Pending,
+    TargetState,
 };
-use heapbpf_common::{probe_cookie, unwind_mode};
 
-use crate::maps::{ALLOCS, CONFIG, PENDING, SAMPLE_P, SCRATCH, STACKS, STACK_STATS, TARGETS};
-
-#[inline(always)]
-fn add(field: &mut u64, value: u64) {
-    // SAFETY: `field` points into a map value, valid and 8-byte aligned; other
-    // CPUs update it concurrently, hence the atomic add. The BPF target has no
-    // `AtomicU64::fetch_add`; the intrinsic lowers to BPF's atomic add (the
-    // result is unused, so no fetch is needed).
-    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(field as *mut u64, value) };
-}
-
-#[inline(always)]
-pub(crate) fn count(state: *mut TargetState, counter: usize) {
-    if counter < info_counter::COUNT {
-        // SAFETY: `state` comes from a successful map lookup.
-        add(unsafe { &mut (*state).counters[counter] }, 1);
-    }
-}
-
-#[inline(always)]
-pub(crate) fn target(tgid: u32) -> Option<*mut TargetState> {
-    TARGETS.get_ptr_mut(tgid)
-}
-
-#[inline(always)]
-fn sample_bytes() -> u64 {
-    CONFIG.get(config::SAMPLE_BYTES).copied().unwrap_or(0)
-}
-
-/// Probability that an allocation of `size` bytes is sampled, in units of
-/// 2^-32 (`u32::MAX` and above: always).
-#[inline(always)]
-fn sample_p(size: u64, rate: u64) -> u64 {
-    if rate == 0 || size >= 16 * rate {
-        return 1 << 32;
-    }
-    // x = size / rate in units of 2^-16.
-    // checked_div: a plain `/` leaves a panic path the verifier rejects.
-    let x = (size << 16).checked_div(rate).unwrap_or(0);
-    let i = x >> 8; // table steps of 1/256
-    if i == 0 {
-        // p = x - x^2/2 + ..., exact enough below 1/256.
-        return (x << 16).saturating_sub((x * x) >> 1).max(1);
-    }
-    let frac = x & 0xff;
-    let lo = SAMPLE_P.get(i as u32).copied().unwrap_or(u32::MAX) as u64;
-    let hi = if (i as u32) + 1 < SAMPLE_TABLE_LEN {
-        SAMPLE_P.get(i as u32 + 1).copied().unwrap_or(u32::MAX) as u64
-    } else {
-        lo
-    };
-    let _ = SAMPLE_TABLE_STEPS;
-    (lo + (((hi.saturating_sub(lo)) * frac) >> 8)).max(1)
-}
-
-/// The weight of a sampled block: (bytes, allocations in COUNT_UNITs).
-#[inline(always)]
-fn weight(size: u64, rate: u64) -> (u64, u64) {
-    let p = sample_p(size, rate);
-    if p >= 1 << 32 {
-        return (size, COUNT_UNIT);
-    }
-    // size < 16 * rate <= 2^30, so size << 32 fits.
-    (
-        (size << 32).checked_div(p).unwrap_or(size),
-        (COUNT_UNIT << 32).checked_div(p).unwrap_or(COUNT_UNIT),
-    )
-}
-
-#[inline(always)]
-fn sampled(size: u64, rate: u64) -> bool {
-    let p = sample_p(size, rate);
-    p >= 1 << 32 || (unsafe { bpf_get_prandom_u32() } as u64) < p
-}
+use crate::{
+    maps::{ALLOCS, PENDING},
+    record::{account_free, record_with_stack, stack_id},
+    sampling::{sample_bytes, sampled},
+    state::{count, target},
+};
 
 /// What an entry program tells a uprobe session: run the return half.
 const WANT_RETURN: u32 = 0;
@@ -340,74 +256,6 @@ pub fn free_enter(ctx: ProbeContext) -> u32 {
     0
 }
 
-#[inline(always)]
-fn account_free(state: *mut TargetState, info: &AllocInfo) {
-    // Per stack, what is live comes from the blocks themselves (a snapshot
-    // needs each block's age anyway); only the target's totals count frees.
-    let (bytes, units) = weight(info.size, sample_bytes());
-    // SAFETY: valid map value.
-    let s = unsafe { &mut *state };
-    add(&mut s.freed_bytes, bytes);
-    add(&mut s.frees, units);
-}
-
-/// Captures the user stack of the current call site and interns it.
-#[inline(always)]
-fn stack_id<C: EbpfContext>(ctx: &C, state: *mut TargetState) -> u64 {
-    let Some(buf) = SCRATCH.get_ptr_mut(0) else {
-        count(state, drop_reason::STACK_ERROR);
-        return NO_STACK;
-    };
-    // SAFETY: per-CPU scratch value, ours for the duration of this program.
-    let buf = unsafe { &mut *buf };
-    let bytes = unsafe {
-        bpf_get_stack(
-            ctx.as_ptr(),
-            buf.ips.as_mut_ptr() as *mut _,
-            (MAX_STACK_DEPTH * 8) as u32,
-            BPF_F_USER_STACK as u64,
-        )
-    };
-    if bytes <= 0 {
-        count(state, drop_reason::STACK_ERROR);
-        return NO_STACK;
-    }
-    buf.len = (bytes as u64) / 8;
-    intern(state, buf)
-}
-
-/// Interns `trace` (length and flags in `len`) by an FNV-1a hash of its
-/// addresses; returns the stack id, or [`NO_STACK`] when the map is full.
-#[inline(always)]
-pub(crate) fn intern(state: *mut TargetState, trace: &StackTrace) -> u64 {
-    let len = trace.len & STACK_LEN_MASK;
-    // 0 is reserved for "no stack".
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for i in 0..MAX_STACK_DEPTH {
-        if i as u64 >= len {
-            break;
-        }
-        hash = (hash ^ trace.ips[i]).wrapping_mul(0x0100_0000_01b3);
-    }
-    hash = (hash ^ trace.len).wrapping_mul(0x0100_0000_01b3);
-    if hash == NO_STACK {
-        hash = 1;
-    }
-    // Most stacks are known: a lookup takes no lock, an insert does.
-    // SAFETY: only tests presence.
-    if unsafe { STACKS.get(&hash) }.is_some() {
-        return hash;
-    }
-    match STACKS.insert(hash, trace, BPF_NOEXIST as u64) {
-        Ok(()) => hash,
-        Err(e) if e == -17 => hash, // EEXIST: already interned
-        Err(_) => {
-            count(state, drop_reason::STACKS_FULL);
-            NO_STACK
-        }
-    }
-}
-
 /// Records a new live block of `size` bytes at `addr`, with the stack of
 /// the call site. With heapbpf's own stack walk for this target, the walk
 /// (a tail call) finishes the record; if the tail call cannot be made, the
@@ -420,76 +268,6 @@ fn record(ctx: &RetProbeContext, state: *mut TargetState, tgid: u32, addr: u64, 
     }
     let stack_id = stack_id(ctx, state);
     record_with_stack(state, tgid, addr, size, stack_id);
-}
-
-/// Records a new live block of `size` bytes at `addr` allocated by the
-/// interned stack `stack_id`.
-#[inline(always)]
-pub(crate) fn record_with_stack(
-    state: *mut TargetState,
-    tgid: u32,
-    addr: u64,
-    size: u64,
-    stack_id: u64,
-) {
-    let key = AllocKey {
-        tgid,
-        _pad: 0,
-        addr,
-    };
-    let info = AllocInfo {
-        size,
-        stack_id,
-        timestamp_ns: unsafe { bpf_ktime_get_ns() },
-    };
-    match ALLOCS.insert(key, info, BPF_NOEXIST as u64) {
-        Ok(()) => {}
-        Err(e) if e == -17 => {
-            // EEXIST: a block still recorded at this address was freed by a
-            // path heapbpf does not see; retire it so its stack does not
-            // grow forever.
-            // SAFETY: plain data copied out of the map.
-            if let Some(stale) = (unsafe { ALLOCS.get(key) }).copied() {
-                account_free(state, &stale);
-                count(state, info_counter::STALE_REPLACED);
-            }
-            if ALLOCS.insert(key, info, 0).is_err() {
-                count(state, drop_reason::ALLOCS_FULL);
-                return;
-            }
-        }
-        Err(_) => {
-            count(state, drop_reason::ALLOCS_FULL);
-            return;
-        }
-    }
-    let (bytes, units) = weight(size, sample_bytes());
-    // SAFETY: valid map value.
-    let s = unsafe { &mut *state };
-    add(&mut s.allocated_bytes, bytes);
-    add(&mut s.allocations, units);
-    let skey = StackKey {
-        tgid,
-        _pad: 0,
-        stack_id,
-    };
-    let stats = match STACK_STATS.get_ptr_mut(skey) {
-        Some(stats) => stats,
-        None => {
-            let _ = STACK_STATS.insert(skey, StackStats::default(), BPF_NOEXIST as u64);
-            match STACK_STATS.get_ptr_mut(skey) {
-                Some(stats) => stats,
-                None => {
-                    count(state, drop_reason::STATS_FULL);
-                    return;
-                }
-            }
-        }
-    };
-    // SAFETY: valid map value.
-    let stats = unsafe { &mut *stats };
-    add(&mut stats.allocated_bytes, bytes);
-    add(&mut stats.allocations, units);
 }
 
 #[uretprobe]

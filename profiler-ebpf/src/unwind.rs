@@ -30,7 +30,8 @@ use heapbpf_common::{
 
 use crate::{
     maps::{CONFIG, MODULES, UNWIND, UNWIND_PROGS, UNWIND_ROWS, WALK_CACHE},
-    probes::{count, intern, record_with_stack, target},
+    record::{intern, record_with_stack},
+    state::{count, target},
 };
 
 /// Frames walked per program run.
