@@ -23,7 +23,7 @@ mod probes;
 mod record;
 mod sampling;
 mod state;
-mod unwind;
+mod walk;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

@@ -264,7 +264,7 @@ pub fn free_enter(ctx: ProbeContext) -> u32 {
 fn record(ctx: &RetProbeContext, state: *mut TargetState, tgid: u32, addr: u64, size: u64) {
     // SAFETY: valid map value.
     if unsafe { (*state).unwind } == unwind_mode::WALK {
-        crate::unwind::start(ctx, tgid, addr, size);
+        crate::walk::start(ctx, tgid, addr, size);
     }
     let stack_id = stack_id(ctx, state);
     record_with_stack(state, tgid, addr, size, stack_id);
