@@ -1,5 +1,14 @@
-//! The allocator hooks. User space attaches them from a table (symbol,
-//! program, entry/return); see `profiler/src/ebpf/probes.rs`.
+//! The allocator hooks: what happens at an allocator call's entry
+//! ([`enter`]), at its return ([`alloc_exit`]) and at a free
+//! ([`free_enter`]), and the plain-uprobe programs that run it: the entry
+//! programs (`*_enter`) and the return program (`alloc_return`, a
+//! uretprobe). User space attaches them from a table (symbol, program,
+//! entry/return); see `profiler/src/ebpf/probes.rs`. Where the kernel has
+//! uprobe sessions, the session twins of the entry programs (`session.rs`)
+//! run the same entry and return.
+//!
+//! An allocation's return starts the stack walk (`walk.rs`) for targets it
+//! walks; nothing below this module and `session.rs` calls into the walk.
 
 use aya_ebpf::{
     helpers::{bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_probe_read_user},
@@ -17,12 +26,73 @@ use crate::{
     record::{account_free, record_with_stack, stack_id},
     sampling::{sample_bytes, sampled},
     state::{count, target},
+    walk,
 };
 
-/// What an entry program tells a uprobe session: run the return half.
-const WANT_RETURN: u32 = 0;
-/// ... or do not: the call needs nothing more.
-const SKIP_RETURN: u32 = 1;
+/// An allocator call as its entry program reads it.
+#[derive(Clone, Copy)]
+pub(crate) struct Call {
+    /// What the return must do ([`heapbpf_common::kind`]).
+    kind: u32,
+    size: u64,
+    /// `realloc`: the block being resized (0 for `realloc(NULL, n)`).
+    old_ptr: u64,
+    /// `posix_memalign`: where the result will be stored.
+    out_ptr: u64,
+    /// The function calls no other hooked function (see [`leaf`]).
+    leaf: bool,
+}
+
+impl Call {
+    /// A call whose return value is the new block.
+    #[inline(always)]
+    fn plain(size: u64, leaf: bool) -> Self {
+        Call {
+            kind: kind::PLAIN,
+            size,
+            old_ptr: 0,
+            out_ptr: 0,
+            leaf,
+        }
+    }
+
+    /// `realloc`, `reallocarray`: frees `old_ptr`, returns the new block.
+    #[inline(always)]
+    fn realloc(size: u64, old_ptr: u64) -> Self {
+        Call {
+            kind: kind::REALLOC,
+            size,
+            old_ptr,
+            out_ptr: 0,
+            leaf: false,
+        }
+    }
+
+    /// `posix_memalign`: stores the new block at `out_ptr`.
+    #[inline(always)]
+    fn posix_memalign(size: u64, out_ptr: u64) -> Self {
+        Call {
+            kind: kind::POSIX_MEMALIGN,
+            size,
+            old_ptr: 0,
+            out_ptr,
+            leaf: false,
+        }
+    }
+}
+
+/// What the return of a call needs, as [`enter`] decides it.
+pub(crate) enum Return {
+    /// Nothing: the call is not recorded (or, in a session, it is nested in
+    /// one that is).
+    Skip,
+    /// [`alloc_exit`]: the call waits in `PENDING`, or it deepened the
+    /// nesting count of the outer call that does.
+    Pending,
+    /// A sampled leaf call in a session: its size is all the return needs,
+    /// and the session carries it (`session.rs`).
+    Leaf(u64),
+}
 
 /// Records the start of an allocator call. Only the outermost call of a
 /// thread is recorded. `leaf` calls (user space says which: glibc's malloc
@@ -35,15 +105,22 @@ const SKIP_RETURN: u32 = 1;
 /// that need nothing more (nested calls, unsampled leaf calls): those cost
 /// one trap instead of two, and an unsampled leaf call one random number.
 #[inline(always)]
-fn enter(kind: u32, size: u64, old_ptr: u64, out_ptr: u64, leaf: bool, session: bool) -> u32 {
+pub(crate) fn enter(call: Call, session: bool) -> Return {
+    let Call {
+        kind,
+        size,
+        old_ptr,
+        out_ptr,
+        leaf,
+    } = call;
     let picked = sampled(size, sample_bytes());
     if session && leaf && !picked {
-        return SKIP_RETURN;
+        return Return::Skip;
     }
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     let Some(state) = target(tgid) else {
-        return SKIP_RETURN;
+        return Return::Skip;
     };
     if let Some(pending) = PENDING.get_ptr_mut(pid_tgid) {
         // SAFETY: valid map value; only this thread touches its own entry.
@@ -51,21 +128,19 @@ fn enter(kind: u32, size: u64, old_ptr: u64, out_ptr: u64, leaf: bool, session: 
         if pending.depth > 0 {
             count(state, info_counter::NESTED);
             if session {
-                return SKIP_RETURN;
+                return Return::Skip;
             }
             pending.depth += 1;
-            return WANT_RETURN;
+            return Return::Pending;
         }
     }
     if !picked && leaf {
-        return SKIP_RETURN;
+        return Return::Skip;
     }
     if session && leaf {
         // A leaf call has nothing to carry but its size: in the session's
         // cookie, not in a map entry.
-        // SAFETY: the kernel's 8-byte cookie of this session instance.
-        unsafe { *session_cookie() = size | CARRIED };
-        return WANT_RETURN;
+        return Return::Leaf(size);
     }
     let mut pending = Pending {
         depth: 1,
@@ -105,39 +180,12 @@ fn enter(kind: u32, size: u64, old_ptr: u64, out_ptr: u64, leaf: bool, session: 
             let _ = ALLOCS.insert(key, pending.old_info, 0);
         }
         count(state, drop_reason::PENDING_FULL);
-        return SKIP_RETURN;
+        return Return::Skip;
     }
-    WANT_RETURN
+    Return::Pending
 }
 
-/// The entry programs, each as a plain uprobe (`*_enter`, paired with the
-/// `alloc_return` uretprobe) and as a uprobe session program (`*_session`,
-/// entry and return in one; see `profiler/src/ebpf/multi.rs`).
-macro_rules! entry_programs {
-    ($($enter:ident, $session:ident => |$ctx:ident| $args:expr;)*) => {$(
-        #[uprobe]
-        pub fn $enter($ctx: ProbeContext) -> u32 {
-            let (kind, size, old, out, leaf) = $args;
-            // A plain uprobe's return value means nothing.
-            let _ = enter(kind, size, old, out, leaf, false);
-            0
-        }
-
-        // Not `#[uprobe]`: its wrapper returns 0 whatever the function
-        // returns, and a session reads the entry half's return value.
-        #[unsafe(no_mangle)]
-        #[unsafe(link_section = "uprobe")]
-        pub fn $session(regs: *mut core::ffi::c_void) -> u32 {
-            if session_is_return() {
-                return session_exit(&RetProbeContext::new(regs));
-            }
-            let $ctx = ProbeContext::new(regs);
-            let (kind, size, old, out, leaf) = $args;
-            enter(kind, size, old, out, leaf, true)
-        }
-    )*};
-}
-
+/// Argument `n` of the probed call (0 if it cannot be read).
 fn arg(ctx: &ProbeContext, n: usize) -> u64 {
     ctx.arg(n).unwrap_or(0)
 }
@@ -150,67 +198,74 @@ fn leaf(ctx: &ProbeContext) -> bool {
     cookie & probe_cookie::LEAF != 0
 }
 
+/// What each entry program reads of its call. The plain entry programs
+/// below and their session twins (`session.rs`) share these.
+pub(crate) mod read {
+    use aya_ebpf::programs::ProbeContext;
+
+    use super::{arg, leaf, Call};
+
+    #[inline(always)]
+    pub(crate) fn malloc(ctx: &ProbeContext) -> Call {
+        Call::plain(arg(ctx, 0), leaf(ctx))
+    }
+
+    #[inline(always)]
+    pub(crate) fn alloc_size0(ctx: &ProbeContext) -> Call {
+        Call::plain(arg(ctx, 0), false)
+    }
+
+    #[inline(always)]
+    pub(crate) fn alloc_size1(ctx: &ProbeContext) -> Call {
+        Call::plain(arg(ctx, 1), false)
+    }
+
+    /// An overflowing product fails inside calloc; the return sees NULL.
+    #[inline(always)]
+    pub(crate) fn calloc(ctx: &ProbeContext) -> Call {
+        Call::plain(arg(ctx, 0).wrapping_mul(arg(ctx, 1)), leaf(ctx))
+    }
+
+    #[inline(always)]
+    pub(crate) fn realloc(ctx: &ProbeContext) -> Call {
+        Call::realloc(arg(ctx, 1), arg(ctx, 0))
+    }
+
+    #[inline(always)]
+    pub(crate) fn reallocarray(ctx: &ProbeContext) -> Call {
+        Call::realloc(arg(ctx, 1).wrapping_mul(arg(ctx, 2)), arg(ctx, 0))
+    }
+
+    #[inline(always)]
+    pub(crate) fn posix_memalign(ctx: &ProbeContext) -> Call {
+        Call::posix_memalign(arg(ctx, 2), arg(ctx, 0))
+    }
+}
+
+/// The entry programs as plain uprobes, each paired with the
+/// `alloc_return` uretprobe.
+macro_rules! entry_programs {
+    ($($name:ident => $read:path;)*) => {$(
+        #[uprobe]
+        pub fn $name(ctx: ProbeContext) -> u32 {
+            // A plain uprobe's return value means nothing.
+            let _ = enter($read(&ctx), false);
+            0
+        }
+    )*};
+}
+
 entry_programs! {
-    malloc_enter, malloc_session => |ctx| (kind::PLAIN, arg(&ctx, 0), 0, 0, leaf(&ctx));
-    alloc_size0_enter, alloc_size0_session => |ctx| (kind::PLAIN, arg(&ctx, 0), 0, 0, false);
-    alloc_size1_enter, alloc_size1_session => |ctx| (kind::PLAIN, arg(&ctx, 1), 0, 0, false);
-    // An overflowing product fails inside calloc; the return sees NULL.
-    calloc_enter, calloc_session =>
-        |ctx| (kind::PLAIN, arg(&ctx, 0).wrapping_mul(arg(&ctx, 1)), 0, 0, leaf(&ctx));
-    realloc_enter, realloc_session =>
-        |ctx| (kind::REALLOC, arg(&ctx, 1), arg(&ctx, 0), 0, false);
-    reallocarray_enter, reallocarray_session =>
-        |ctx| (kind::REALLOC, arg(&ctx, 1).wrapping_mul(arg(&ctx, 2)), arg(&ctx, 0), 0, false);
-    posix_memalign_enter, posix_memalign_session =>
-        |ctx| (kind::POSIX_MEMALIGN, arg(&ctx, 2), 0, arg(&ctx, 0), false);
+    malloc_enter => read::malloc;
+    alloc_size0_enter => read::alloc_size0;
+    alloc_size1_enter => read::alloc_size1;
+    calloc_enter => read::calloc;
+    realloc_enter => read::realloc;
+    reallocarray_enter => read::reallocarray;
+    posix_memalign_enter => read::posix_memalign;
 }
 
-/// Marks a session cookie that carries the size of a leaf call (sizes are
-/// below 2^63: the call fails).
-const CARRIED: u64 = 1 << 63;
-
-/// The kfunc `bpf_session_is_return()`: whether a session program runs for
-/// the return of the call. The BPF target cannot name a kernel function, so
-/// this calls a placeholder helper number that heapbpf's loader rewrites
-/// into the kfunc call (see `heapbpf_common::kfunc_call`).
-#[inline(always)]
-fn session_is_return() -> bool {
-    // SAFETY: a BPF call instruction with a placeholder number, rewritten at
-    // load; programs holding it are only loaded through that path.
-    let f: unsafe extern "C" fn() -> u64 =
-        unsafe { core::mem::transmute(heapbpf_common::kfunc_call::SESSION_IS_RETURN as usize) };
-    let r = unsafe { f() };
-    r & 0xff != 0
-}
-
-/// The kfunc `bpf_session_cookie()`: 8 bytes of this session instance, zero
-/// at entry, kept for its return half.
-#[inline(always)]
-fn session_cookie() -> *mut u64 {
-    // SAFETY: as `session_is_return`.
-    let f: unsafe extern "C" fn() -> *mut u64 =
-        unsafe { core::mem::transmute(heapbpf_common::kfunc_call::SESSION_COOKIE as usize) };
-    unsafe { f() }
-}
-
-/// The return half of a session: a leaf call's size is in the cookie;
-/// other calls left their arguments in `PENDING`.
-#[inline(always)]
-fn session_exit(ctx: &RetProbeContext) -> u32 {
-    // SAFETY: the kernel's 8-byte cookie of this session instance.
-    let carried = unsafe { *session_cookie() };
-    if carried & CARRIED == 0 {
-        return alloc_exit(ctx);
-    }
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    let Some(state) = target(tgid) else { return 0 };
-    let ret: u64 = ctx.ret();
-    if ret != 0 {
-        record(ctx, state, tgid, ret, carried & !CARRIED);
-    }
-    0
-}
-
+/// A free: the block leaves `ALLOCS`, its weight the target's totals.
 #[uprobe]
 pub fn free_enter(ctx: ProbeContext) -> u32 {
     let ptr = arg(&ctx, 0);
@@ -261,10 +316,16 @@ pub fn free_enter(ctx: ProbeContext) -> u32 {
 /// (a tail call) finishes the record; if the tail call cannot be made, the
 /// kernel's frame-pointer walk stands in.
 #[inline(always)]
-fn record(ctx: &RetProbeContext, state: *mut TargetState, tgid: u32, addr: u64, size: u64) {
+pub(crate) fn record_block(
+    ctx: &RetProbeContext,
+    state: *mut TargetState,
+    tgid: u32,
+    addr: u64,
+    size: u64,
+) {
     // SAFETY: valid map value.
     if unsafe { (*state).unwind } == unwind_mode::WALK {
-        crate::walk::start(ctx, tgid, addr, size);
+        walk::start(ctx, tgid, addr, size);
     }
     let stack_id = stack_id(ctx, state);
     record_with_stack(state, tgid, addr, size, stack_id);
@@ -277,7 +338,7 @@ pub fn alloc_return(ctx: RetProbeContext) -> u32 {
 
 /// The return of an allocating call: the result becomes a live block.
 #[inline(always)]
-fn alloc_exit(ctx: &RetProbeContext) -> u32 {
+pub(crate) fn alloc_exit(ctx: &RetProbeContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     let Some(state) = target(tgid) else { return 0 };
@@ -316,14 +377,14 @@ fn alloc_exit(ctx: &RetProbeContext) -> u32 {
                 count(state, info_counter::UNTRACKED_FREES);
             }
             if ret != 0 && picked {
-                record(ctx, state, tgid, ret, call.size);
+                record_block(ctx, state, tgid, ret, call.size);
             }
         }
         kind::POSIX_MEMALIGN => {
             if ret == 0 && call.out_ptr != 0 && picked {
                 // SAFETY: reads target memory through the checked helper.
                 match unsafe { bpf_probe_read_user(call.out_ptr as *const u64) } {
-                    Ok(addr) if addr != 0 => record(ctx, state, tgid, addr, call.size),
+                    Ok(addr) if addr != 0 => record_block(ctx, state, tgid, addr, call.size),
                     Ok(_) => {}
                     Err(_) => count(state, drop_reason::READ_ERROR),
                 }
@@ -331,7 +392,7 @@ fn alloc_exit(ctx: &RetProbeContext) -> u32 {
         }
         _ => {
             if ret != 0 && picked {
-                record(ctx, state, tgid, ret, call.size);
+                record_block(ctx, state, tgid, ret, call.size);
             }
         }
     }
