@@ -21,6 +21,10 @@ use crate::{
     state::{add, count},
 };
 
+/// `EEXIST`: an insert with `BPF_NOEXIST` found the key already there (map
+/// helpers return it negated).
+const EEXIST: i32 = 17;
+
 /// Takes a freed block's weight off its target's totals.
 #[inline(always)]
 pub(crate) fn account_free(state: *mut TargetState, info: &AllocInfo) {
@@ -82,7 +86,7 @@ pub(crate) fn intern(state: *mut TargetState, trace: &StackTrace) -> u64 {
     }
     match STACKS.insert(hash, trace, BPF_NOEXIST as u64) {
         Ok(()) => hash,
-        Err(e) if e == -17 => hash, // EEXIST: already interned
+        Err(e) if e == -EEXIST => hash, // already interned
         Err(_) => {
             count(state, drop_reason::STACKS_FULL);
             NO_STACK
@@ -112,8 +116,8 @@ pub(crate) fn record_with_stack(
     };
     match ALLOCS.insert(key, info, BPF_NOEXIST as u64) {
         Ok(()) => {}
-        Err(e) if e == -17 => {
-            // EEXIST: a block still recorded at this address was freed by a
+        Err(e) if e == -EEXIST => {
+            // A block still recorded at this address was freed by a
             // path heapbpf does not see; retire it so its stack does not
             // grow forever.
             // SAFETY: plain data copied out of the map.

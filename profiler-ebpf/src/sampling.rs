@@ -11,6 +11,11 @@ use heapbpf_common::{config, COUNT_UNIT, SAMPLE_TABLE_LEN, SAMPLE_TABLE_STEPS};
 
 use crate::maps::{CONFIG, SAMPLE_P};
 
+/// Bits of `x` (`size / rate` in units of 2^-16, in [`sample_p`]) below one
+/// step of the table, which has `SAMPLE_TABLE_STEPS` steps per unit: 8.
+const STEP_SHIFT: u32 = 16 - SAMPLE_TABLE_STEPS.trailing_zeros();
+const _: () = assert!(SAMPLE_TABLE_STEPS.is_power_of_two() && SAMPLE_TABLE_STEPS < 1 << 16);
+
 /// The sampling rate R (mean bytes between samples); 0 = exact.
 #[inline(always)]
 pub(crate) fn sample_bytes() -> u64 {
@@ -27,20 +32,19 @@ fn sample_p(size: u64, rate: u64) -> u64 {
     // x = size / rate in units of 2^-16.
     // checked_div: a plain `/` leaves a panic path the verifier rejects.
     let x = (size << 16).checked_div(rate).unwrap_or(0);
-    let i = x >> 8; // table steps of 1/256
+    let i = x >> STEP_SHIFT; // table steps of 1 / SAMPLE_TABLE_STEPS
     if i == 0 {
-        // p = x - x^2/2 + ..., exact enough below 1/256.
+        // p = x - x^2/2 + ..., exact enough below one step.
         return (x << 16).saturating_sub((x * x) >> 1).max(1);
     }
-    let frac = x & 0xff;
+    let frac = x & ((1 << STEP_SHIFT) - 1);
     let lo = SAMPLE_P.get(i as u32).copied().unwrap_or(u32::MAX) as u64;
     let hi = if (i as u32) + 1 < SAMPLE_TABLE_LEN {
         SAMPLE_P.get(i as u32 + 1).copied().unwrap_or(u32::MAX) as u64
     } else {
         lo
     };
-    let _ = SAMPLE_TABLE_STEPS;
-    (lo + (((hi.saturating_sub(lo)) * frac) >> 8)).max(1)
+    (lo + (((hi.saturating_sub(lo)) * frac) >> STEP_SHIFT)).max(1)
 }
 
 /// The weight of a sampled block: (bytes, allocations in COUNT_UNITs).

@@ -21,7 +21,6 @@ use aya_ebpf::{
     helpers::bpf_probe_read_user,
     macros::uprobe,
     programs::{ProbeContext, RetProbeContext},
-    EbpfContext,
 };
 use heapbpf_common::{
     config, drop_reason, module_kind, row_kind, ModuleEntry, ModuleTable, UnwindRow, MAX_MODULES,
@@ -351,7 +350,7 @@ pub fn unwind_step(ctx: ProbeContext) -> u32 {
 
 /// Interns the walked stack and records the block.
 #[uprobe]
-pub fn unwind_finish(ctx: ProbeContext) -> u32 {
+pub fn unwind_finish(_ctx: ProbeContext) -> u32 {
     let Some(u) = UNWIND.get_ptr_mut(0) else {
         return 0;
     };
@@ -362,6 +361,5 @@ pub fn unwind_finish(ctx: ProbeContext) -> u32 {
     };
     let stack_id = intern(state, &u.trace);
     record_with_stack(state, u.tgid, u.addr, u.size, stack_id);
-    let _ = ctx.as_ptr();
     0
 }
