@@ -162,7 +162,8 @@ pub(crate) fn enter(call: Call, session: bool) -> Return {
             _pad: 0,
             addr: old_ptr,
         };
-        // SAFETY: plain data copied out of the map.
+        // SAFETY: `ALLOCS` is not preallocated: an entry removed meanwhile is
+        // not reused while this program runs; the value is copied out at once.
         if let Some(info) = unsafe { ALLOCS.get(key) } {
             pending.old_info = *info;
             pending.has_old = 1;
@@ -279,7 +280,8 @@ pub fn free_enter(ctx: ProbeContext) -> u32 {
         _pad: 0,
         addr: ptr,
     };
-    // SAFETY: plain data copied out of the map.
+    // SAFETY: `ALLOCS` is not preallocated: an entry removed meanwhile is
+    // not reused while this program runs; the value is copied out at once.
     let found = (unsafe { ALLOCS.get(key) }).copied();
     if found.is_none() && sample_bytes() != 0 {
         // Sampling: most blocks were never recorded. One lookup, no more.
@@ -287,9 +289,9 @@ pub fn free_enter(ctx: ProbeContext) -> u32 {
     }
     let Some(state) = target(tgid) else { return 0 };
     let Some(info) = found else {
-        // SAFETY: valid map value.
         let nested = PENDING
             .get_ptr(pid_tgid)
+            // SAFETY: a map value from a successful lookup.
             .is_some_and(|p| unsafe { (*p).depth } > 0);
         // Freed by the allocator itself (realloc(p, 0), the outer call took
         // the block out and accounts for it), or never seen allocated.

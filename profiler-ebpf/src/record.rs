@@ -46,6 +46,8 @@ pub(crate) fn stack_id<C: EbpfContext>(ctx: &C, state: *mut TargetState) -> u64 
     };
     // SAFETY: per-CPU scratch value, ours for the duration of this program.
     let buf = unsafe { &mut *buf };
+    // SAFETY: `buf.ips` holds `MAX_STACK_DEPTH` u64s, the size passed;
+    // `ctx` is the context this program was called with.
     let bytes = unsafe {
         bpf_get_stack(
             ctx.as_ptr(),
@@ -65,6 +67,10 @@ pub(crate) fn stack_id<C: EbpfContext>(ctx: &C, state: *mut TargetState) -> u64 
 /// Interns `trace` (length and flags in `len`) by an FNV-1a hash of its
 /// addresses; returns the stack id, or [`NO_STACK`] when the map is full.
 #[inline(always)]
+#[allow(
+    clippy::needless_borrows_for_generic_args,
+    reason = "`STACKS.get(hash)` changes the code LLVM emits for every program that records; not measured against the verifier"
+)]
 pub(crate) fn intern(state: *mut TargetState, trace: &StackTrace) -> u64 {
     let len = trace.len & STACK_LEN_MASK;
     // 0 is reserved for "no stack".
@@ -80,7 +86,7 @@ pub(crate) fn intern(state: *mut TargetState, trace: &StackTrace) -> u64 {
         hash = 1;
     }
     // Most stacks are known: a lookup takes no lock, an insert does.
-    // SAFETY: only tests presence.
+    // SAFETY: only tests presence; the value is not read.
     if unsafe { STACKS.get(&hash) }.is_some() {
         return hash;
     }
@@ -112,6 +118,7 @@ pub(crate) fn record_with_stack(
     let info = AllocInfo {
         size,
         stack_id,
+        // SAFETY: the helper takes no arguments and touches no memory of ours.
         timestamp_ns: unsafe { bpf_ktime_get_ns() },
     };
     match ALLOCS.insert(key, info, BPF_NOEXIST as u64) {
@@ -120,7 +127,8 @@ pub(crate) fn record_with_stack(
             // A block still recorded at this address was freed by a
             // path heapbpf does not see; retire it so its stack does not
             // grow forever.
-            // SAFETY: plain data copied out of the map.
+            // SAFETY: `ALLOCS` is not preallocated: an entry removed meanwhile is
+            // not reused while this program runs; the value is copied out at once.
             if let Some(stale) = (unsafe { ALLOCS.get(key) }).copied() {
                 account_free(state, &stale);
                 count(state, info_counter::STALE_REPLACED);

@@ -65,5 +65,6 @@ pub(crate) fn weight(size: u64, rate: u64) -> (u64, u64) {
 #[inline(always)]
 pub(crate) fn sampled(size: u64, rate: u64) -> bool {
     let p = sample_p(size, rate);
+    // SAFETY: the helper takes no arguments and touches no memory of ours.
     p >= 1 << 32 || (unsafe { bpf_get_prandom_u32() } as u64) < p
 }

@@ -31,10 +31,12 @@ const CARRIED: u64 = 1 << 63;
 /// into the kfunc call (see `heapbpf_common::kfunc_call`).
 #[inline(always)]
 fn session_is_return() -> bool {
-    // SAFETY: a BPF call instruction with a placeholder number, rewritten at
-    // load; programs holding it are only loaded through that path.
+    // SAFETY: makes a BPF call instruction with a placeholder number, which
+    // heapbpf's loader rewrites into the kfunc call; programs holding it are
+    // only loaded through that path (the kernel refuses the placeholder).
     let f: unsafe extern "C" fn() -> u64 =
         unsafe { core::mem::transmute(heapbpf_common::kfunc_call::SESSION_IS_RETURN as usize) };
+    // SAFETY: the kfunc takes no arguments; a session program may call it.
     let r = unsafe { f() };
     r & 0xff != 0
 }
@@ -43,9 +45,10 @@ fn session_is_return() -> bool {
 /// at entry, kept for its return half.
 #[inline(always)]
 fn session_cookie() -> *mut u64 {
-    // SAFETY: as `session_is_return`.
+    // SAFETY: as in `session_is_return`: a placeholder call, rewritten at load.
     let f: unsafe extern "C" fn() -> *mut u64 =
         unsafe { core::mem::transmute(heapbpf_common::kfunc_call::SESSION_COOKIE as usize) };
+    // SAFETY: the kfunc takes no arguments; a session program may call it.
     unsafe { f() }
 }
 
@@ -86,7 +89,8 @@ fn session_exit(ctx: &RetProbeContext) -> u32 {
 macro_rules! session_programs {
     ($($name:ident => $read:path;)*) => {$(
         // Not `#[uprobe]`: its wrapper returns 0 whatever the function
-        // returns, and a session reads the entry half's return value.
+        // returns, and a session reads the entry half's return value. The
+        // unmangled name is the program's, unique in the object.
         #[unsafe(no_mangle)]
         #[unsafe(link_section = "uprobe")]
         pub fn $name(regs: *mut core::ffi::c_void) -> u32 {

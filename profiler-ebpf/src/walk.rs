@@ -283,7 +283,8 @@ pub fn unwind_step(ctx: ProbeContext) -> u32 {
     // The epoch before the table: user space writes a table, then bumps
     // the epoch, so lookups in an older table never get the newer epoch.
     let epoch = CONFIG.get(config::WALK_EPOCH).copied().unwrap_or(0) as u32;
-    // SAFETY: plain data in a map value.
+    // SAFETY: `MODULES` is not preallocated: a table user space replaces
+    // meanwhile stays valid while this program runs; it is only read.
     let flags = match unsafe { MODULES.get(u.tgid) } {
         None => STACK_TRUNCATED,
         Some(table) => {
