@@ -26,6 +26,10 @@
 //! - `session`: the same entry and return as uprobe-session programs.
 //! - `oom` (the OOM killer's tracepoint) and `floor` (empty programs for
 //!   the benchmark's floors) stand apart.
+//!
+//! A program's name is its function's; user space names them by
+//! `heapbpf_common::names::programs` (`profiler-ebpf/common/tests/names.rs`
+//! checks the two agree).
 #![no_std]
 #![no_main]
 // Atomic adds on map values: the BPF target lacks `fetch_add` in core.
