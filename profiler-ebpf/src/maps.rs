@@ -1,5 +1,8 @@
 //! Every map of heapbpf, in one place. Sizes are defaults; user space may
 //! resize the large ones before loading.
+//!
+//! User space names them by `heapbpf_common::names::maps`; a new map gets its
+//! constant there too (`profiler-ebpf/common/tests/names.rs` checks).
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,

@@ -18,7 +18,9 @@ pub fn oom_mark_victim(ctx: TracePointContext) -> u32 {
     };
     let pid = pid as u32;
     if TARGETS.get_ptr(pid).is_some() {
-        let _ = OOM_VICTIMS.insert(pid, unsafe { bpf_ktime_get_ns() }, 0);
+        // SAFETY: the helper takes no arguments and touches no memory of ours.
+        let now = unsafe { bpf_ktime_get_ns() };
+        let _ = OOM_VICTIMS.insert(pid, now, 0);
     }
     0
 }

@@ -337,3 +337,105 @@ pub mod kfunc_call {
     /// `bpf_session_cookie`
     pub const SESSION_COOKIE: i32 = 0x7eb0_0002;
 }
+
+/// Names of the maps and programs in heapbpf's eBPF object, for the
+/// user-space loader; a test (`tests/names.rs`) checks them against the object.
+pub mod names {
+    /// Every map (`profiler-ebpf/src/maps.rs`).
+    pub mod maps {
+        pub const TARGETS: &str = "TARGETS";
+        pub const ALLOCS: &str = "ALLOCS";
+        pub const STACKS: &str = "STACKS";
+        pub const STACK_STATS: &str = "STACK_STATS";
+        pub const PENDING: &str = "PENDING";
+        pub const SCRATCH: &str = "SCRATCH";
+        pub const OOM_VICTIMS: &str = "OOM_VICTIMS";
+        pub const CONFIG: &str = "CONFIG";
+        pub const SAMPLE_P: &str = "SAMPLE_P";
+        pub const UNWIND_ROWS: &str = "UNWIND_ROWS";
+        pub const MODULES: &str = "MODULES";
+        pub const WALK_CACHE: &str = "WALK_CACHE";
+        pub const UNWIND: &str = "UNWIND";
+        pub const UNWIND_PROGS: &str = "UNWIND_PROGS";
+        /// All of the above.
+        pub const ALL: &[&str] = &[
+            TARGETS,
+            ALLOCS,
+            STACKS,
+            STACK_STATS,
+            PENDING,
+            SCRATCH,
+            OOM_VICTIMS,
+            CONFIG,
+            SAMPLE_P,
+            UNWIND_ROWS,
+            MODULES,
+            WALK_CACHE,
+            UNWIND,
+            UNWIND_PROGS,
+        ];
+    }
+
+    /// Every program.
+    pub mod programs {
+        // Entry programs (uprobes), each paired with `ALLOC_RETURN` but
+        // `FREE_ENTER`.
+        pub const MALLOC_ENTER: &str = "malloc_enter";
+        pub const ALLOC_SIZE0_ENTER: &str = "alloc_size0_enter";
+        pub const ALLOC_SIZE1_ENTER: &str = "alloc_size1_enter";
+        pub const CALLOC_ENTER: &str = "calloc_enter";
+        pub const REALLOC_ENTER: &str = "realloc_enter";
+        pub const REALLOCARRAY_ENTER: &str = "reallocarray_enter";
+        pub const POSIX_MEMALIGN_ENTER: &str = "posix_memalign_enter";
+        pub const FREE_ENTER: &str = "free_enter";
+        /// The return program of every allocating entry program (uretprobe).
+        pub const ALLOC_RETURN: &str = "alloc_return";
+        // Session programs (entry and return in one uprobe session): the
+        // twins of the allocating entry programs.
+        pub const MALLOC_SESSION: &str = "malloc_session";
+        pub const ALLOC_SIZE0_SESSION: &str = "alloc_size0_session";
+        pub const ALLOC_SIZE1_SESSION: &str = "alloc_size1_session";
+        pub const CALLOC_SESSION: &str = "calloc_session";
+        pub const REALLOC_SESSION: &str = "realloc_session";
+        pub const REALLOCARRAY_SESSION: &str = "reallocarray_session";
+        pub const POSIX_MEMALIGN_SESSION: &str = "posix_memalign_session";
+        /// The stack walk, slot 0 of `UNWIND_PROGS` (tail-called, never
+        /// attached).
+        pub const UNWIND_STEP: &str = "unwind_step";
+        /// The end of the stack walk, slot 1 of `UNWIND_PROGS`.
+        pub const UNWIND_FINISH: &str = "unwind_finish";
+        // The benchmark floors' empty programs.
+        pub const NOOP_ENTER: &str = "noop_enter";
+        pub const NOOP_RETURN: &str = "noop_return";
+        pub const NOOP_SESSION_ENTRY: &str = "noop_session_entry";
+        pub const NOOP_SESSION_RETURN: &str = "noop_session_return";
+        /// The OOM killer's tracepoint (`oom:mark_victim`).
+        pub const OOM_MARK_VICTIM: &str = "oom_mark_victim";
+        /// All of the above.
+        pub const ALL: &[&str] = &[
+            MALLOC_ENTER,
+            ALLOC_SIZE0_ENTER,
+            ALLOC_SIZE1_ENTER,
+            CALLOC_ENTER,
+            REALLOC_ENTER,
+            REALLOCARRAY_ENTER,
+            POSIX_MEMALIGN_ENTER,
+            FREE_ENTER,
+            ALLOC_RETURN,
+            MALLOC_SESSION,
+            ALLOC_SIZE0_SESSION,
+            ALLOC_SIZE1_SESSION,
+            CALLOC_SESSION,
+            REALLOC_SESSION,
+            REALLOCARRAY_SESSION,
+            POSIX_MEMALIGN_SESSION,
+            UNWIND_STEP,
+            UNWIND_FINISH,
+            NOOP_ENTER,
+            NOOP_RETURN,
+            NOOP_SESSION_ENTRY,
+            NOOP_SESSION_RETURN,
+            OOM_MARK_VICTIM,
+        ];
+    }
+}

@@ -21,7 +21,6 @@ use aya_ebpf::{
     helpers::bpf_probe_read_user,
     macros::uprobe,
     programs::{ProbeContext, RetProbeContext},
-    EbpfContext,
 };
 use heapbpf_common::{
     config, drop_reason, module_kind, row_kind, ModuleEntry, ModuleTable, UnwindRow, MAX_MODULES,
@@ -30,7 +29,8 @@ use heapbpf_common::{
 
 use crate::{
     maps::{CONFIG, MODULES, UNWIND, UNWIND_PROGS, UNWIND_ROWS, WALK_CACHE},
-    probes::{count, intern, record_with_stack, target},
+    record::{intern, record_with_stack},
+    state::{count, target},
 };
 
 /// Frames walked per program run.
@@ -283,7 +283,8 @@ pub fn unwind_step(ctx: ProbeContext) -> u32 {
     // The epoch before the table: user space writes a table, then bumps
     // the epoch, so lookups in an older table never get the newer epoch.
     let epoch = CONFIG.get(config::WALK_EPOCH).copied().unwrap_or(0) as u32;
-    // SAFETY: plain data in a map value.
+    // SAFETY: `MODULES` is not preallocated: a table user space replaces
+    // meanwhile stays valid while this program runs; it is only read.
     let flags = match unsafe { MODULES.get(u.tgid) } {
         None => STACK_TRUNCATED,
         Some(table) => {
@@ -350,7 +351,7 @@ pub fn unwind_step(ctx: ProbeContext) -> u32 {
 
 /// Interns the walked stack and records the block.
 #[uprobe]
-pub fn unwind_finish(ctx: ProbeContext) -> u32 {
+pub fn unwind_finish(_ctx: ProbeContext) -> u32 {
     let Some(u) = UNWIND.get_ptr_mut(0) else {
         return 0;
     };
@@ -361,6 +362,5 @@ pub fn unwind_finish(ctx: ProbeContext) -> u32 {
     };
     let stack_id = intern(state, &u.trace);
     record_with_stack(state, u.tgid, u.addr, u.size, stack_id);
-    let _ = ctx.as_ptr();
     0
 }
