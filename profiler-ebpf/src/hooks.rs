@@ -2,8 +2,9 @@
 //! ([`enter`]), at its return ([`alloc_exit`]) and at a free
 //! ([`free_enter`]), and the plain-uprobe programs that run it: the entry
 //! programs (`*_enter`) and the return program (`alloc_return`, a
-//! uretprobe). User space attaches them from a table (symbol, program,
-//! entry/return); see `profiler/src/ebpf/probes.rs`. Where the kernel has
+//! uretprobe). User space attaches them from its table of entry points
+//! (`profiler/src/allocator.rs`: symbol → call shape; the shape's program in
+//! `profiler/src/ebpf/programs.rs`). Where the kernel has
 //! uprobe sessions, the session twins of the entry programs (`session.rs`)
 //! run the same entry and return.
 //!

@@ -316,14 +316,23 @@ mod pod {
     use super::*;
     // SAFETY: all of these are repr(C), made of integers, with explicit padding.
     unsafe impl aya::Pod for AllocKey {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for AllocInfo {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for StackKey {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for StackStats {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for StackTrace {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for Pending {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for TargetState {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for UnwindRow {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for ModuleEntry {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for ModuleTable {}
 }
 

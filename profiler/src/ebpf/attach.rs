@@ -11,6 +11,7 @@ use aya::{
         UProbe,
     },
 };
+use heapbpf_common::names::maps;
 use heapbpf_common::{
     unwind_mode, AllocInfo, AllocKey, ModuleTable, Pending, StackKey, StackStats, TargetState,
 };
@@ -26,7 +27,8 @@ use crate::{
 
 impl Profiler {
     fn targets_map(&mut self) -> Result<BpfHashMap<&mut MapData, u32, TargetState>> {
-        BpfHashMap::try_from(self.map_mut("TARGETS")?).map_err(|e| Error::runtime("TARGETS map", e))
+        BpfHashMap::try_from(self.map_mut(maps::TARGETS)?)
+            .map_err(|e| Error::runtime("TARGETS map", e))
     }
 
     /// Applies `plan` to `pid`: every entry point of the main allocator
@@ -364,10 +366,10 @@ impl Profiler {
 
     /// Forgets everything the kernel maps hold of `pid`.
     fn purge(&mut self, pid: u32) {
-        self.remove_where::<AllocKey, AllocInfo>("ALLOCS", |k| k.tgid == pid);
-        self.remove_where::<StackKey, StackStats>("STACK_STATS", |k| k.tgid == pid);
-        self.remove_where::<u64, Pending>("PENDING", |k| (k >> 32) as u32 == pid);
-        if let Ok(map) = self.map_mut("MODULES") {
+        self.remove_where::<AllocKey, AllocInfo>(maps::ALLOCS, |k| k.tgid == pid);
+        self.remove_where::<StackKey, StackStats>(maps::STACK_STATS, |k| k.tgid == pid);
+        self.remove_where::<u64, Pending>(maps::PENDING, |k| (k >> 32) as u32 == pid);
+        if let Ok(map) = self.map_mut(maps::MODULES) {
             if let Ok(mut modules) = BpfHashMap::<_, u32, ModuleTable>::try_from(map) {
                 let _ = modules.remove(&pid);
             }

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 
 use aya::maps::HashMap as BpfHashMap;
+use heapbpf_common::names::maps;
 use heapbpf_common::{
     drop_reason, info_counter, AllocInfo, AllocKey, StackKey, StackStats, StackTrace, TargetState,
     NO_STACK, STACK_COMPLETE, STACK_LEN_MASK, STACK_TRUNCATED,
@@ -18,7 +19,7 @@ use crate::{
 impl Profiler {
     fn target_state(&self, pid: u32) -> Option<TargetState> {
         let targets =
-            BpfHashMap::<_, u32, TargetState>::try_from(self.map("TARGETS").ok()?).ok()?;
+            BpfHashMap::<_, u32, TargetState>::try_from(self.map(maps::TARGETS).ok()?).ok()?;
         targets.get(&pid, 0).ok()
     }
 
@@ -32,7 +33,7 @@ impl Profiler {
     pub fn drain(&self, pid: u32) -> Result<KernelData> {
         let state = self.target_state(pid).unwrap_or_default();
         let blocks: Vec<LiveBlock> =
-            sys::lookup_all::<AllocKey, AllocInfo>(map_fd(self.map("ALLOCS")?)?)
+            sys::lookup_all::<AllocKey, AllocInfo>(map_fd(self.map(maps::ALLOCS)?)?)
                 .map_err(|e| Error::runtime("cannot read the ALLOCS map", e))?
                 .into_iter()
                 .filter(|(k, _)| k.tgid == pid)
@@ -43,7 +44,7 @@ impl Profiler {
                 })
                 .collect();
         let counters: HashMap<u64, StackCounters> =
-            sys::lookup_all::<StackKey, StackStats>(map_fd(self.map("STACK_STATS")?)?)
+            sys::lookup_all::<StackKey, StackStats>(map_fd(self.map(maps::STACK_STATS)?)?)
                 .map_err(|e| Error::runtime("cannot read the STACK_STATS map", e))?
                 .into_iter()
                 .filter(|(k, _)| k.tgid == pid)
@@ -80,7 +81,7 @@ impl Profiler {
     pub fn stacks(&mut self, pid: u32, ids: &[u64]) -> Result<HashMap<u64, StackAddrs>> {
         let map = self
             .ebpf
-            .map("STACKS")
+            .map(maps::STACKS)
             .ok_or_else(|| Error::Runtime("heapbpf's eBPF object has no map STACKS".into()))?;
         let stack_map = BpfHashMap::<_, u64, StackTrace>::try_from(map)
             .map_err(|e| Error::runtime("STACKS map", e))?;

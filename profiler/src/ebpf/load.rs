@@ -9,6 +9,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 
+use heapbpf_common::names::maps;
+
 use super::{
     programs, uprobe_session::Sessions, LoadOptions, Profiler, PROGRAM_OBJECT, UNWIND_ROWS,
 };
@@ -92,7 +94,7 @@ fn install_unwinder(ebpf: &mut Ebpf) -> Result<()> {
         fds.push(fd);
     }
     let map = ebpf
-        .map_mut("UNWIND_PROGS")
+        .map_mut(maps::UNWIND_PROGS)
         .ok_or_else(|| Error::Runtime("no UNWIND_PROGS map".into()))?;
     let mut progs = aya::maps::ProgramArray::try_from(map)
         .map_err(|e| Error::runtime("UNWIND_PROGS map", e))?;
@@ -112,8 +114,8 @@ impl Profiler {
             UNWIND_ROWS
         };
         let mut ebpf = EbpfLoader::new()
-            .map_max_entries("ALLOCS", opts.max_live_blocks)
-            .map_max_entries("UNWIND_ROWS", unwind_rows)
+            .map_max_entries(maps::ALLOCS, opts.max_live_blocks)
+            .map_max_entries(maps::UNWIND_ROWS, unwind_rows)
             .load(PROGRAM_OBJECT)
             .map_err(load_error)?;
         for name in programs::uprobes() {
@@ -137,7 +139,7 @@ impl Profiler {
                 PROGRAM_OBJECT,
                 &ebpf,
                 &programs::sessions(opts.floor.is_some()),
-                "UNWIND_PROGS",
+                maps::UNWIND_PROGS,
                 [programs::UNWIND_STEP, programs::UNWIND_FINISH],
             ) {
                 Ok(s) => Some(s),
@@ -170,14 +172,15 @@ impl Profiler {
     /// Writes the sampling rate and the table of `1 - exp(-x)` the programs
     /// read (no floating point in BPF).
     fn configure_sampling(&mut self) -> Result<()> {
+        use heapbpf_common::names::maps;
         use heapbpf_common::{config, SAMPLE_TABLE_LEN, SAMPLE_TABLE_STEPS};
         let err = |e: aya::maps::MapError| Error::runtime("cannot configure sampling", e);
         let sample_bytes = self.sample_bytes;
-        let map = self.map_mut("CONFIG")?;
+        let map = self.map_mut(maps::CONFIG)?;
         let mut cfg = aya::maps::Array::<_, u64>::try_from(map).map_err(err)?;
         cfg.set(config::SAMPLE_BYTES, sample_bytes, 0)
             .map_err(err)?;
-        let map = self.map_mut("SAMPLE_P")?;
+        let map = self.map_mut(maps::SAMPLE_P)?;
         let mut table = aya::maps::Array::<_, u32>::try_from(map).map_err(err)?;
         for i in 0..SAMPLE_TABLE_LEN {
             let x = i as f64 / SAMPLE_TABLE_STEPS as f64;
@@ -212,7 +215,7 @@ impl Profiler {
 
     /// Takes the OOM killer's pick of `pid`, if it picked it since the last call.
     pub fn take_oom_victim(&mut self, pid: u32) -> bool {
-        let Ok(map) = self.map_mut("OOM_VICTIMS") else {
+        let Ok(map) = self.map_mut(maps::OOM_VICTIMS) else {
             return false;
         };
         let Ok(mut victims) = BpfHashMap::<_, u32, u64>::try_from(map) else {

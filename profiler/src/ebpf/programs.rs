@@ -1,46 +1,35 @@
 //! Which program of heapbpf's object serves which allocator call, and which
-//! programs a profiler loads. The names are the object's function names.
+//! programs a profiler loads. The names are the ABI crate's
+//! ([`heapbpf_common::names`]), checked against the object by a test here.
+
+pub use heapbpf_common::names::programs::*;
 
 use crate::allocator::Call;
-
-/// The return program of uprobe + uretprobe pairs.
-pub const ALLOC_RETURN: &str = "alloc_return";
-/// The stack walk (slot 0 of `UNWIND_PROGS`, tail-called, never attached)
-/// and the program that ends it (slot 1).
-pub const UNWIND_STEP: &str = "unwind_step";
-pub const UNWIND_FINISH: &str = "unwind_finish";
-/// Floor programs for `cargo xtask bench`: they do nothing.
-pub const NOOP_ENTER: &str = "noop_enter";
-pub const NOOP_RETURN: &str = "noop_return";
-pub const NOOP_SESSION_ENTRY: &str = "noop_session_entry";
-pub const NOOP_SESSION_RETURN: &str = "noop_session_return";
-/// The OOM killer's tracepoint.
-pub const OOM_MARK_VICTIM: &str = "oom_mark_victim";
 
 /// The entry program of a call's uprobe.
 pub fn entry(call: Call) -> &'static str {
     match call {
-        Call::Malloc => "malloc_enter",
-        Call::Calloc => "calloc_enter",
-        Call::Realloc => "realloc_enter",
-        Call::ReallocArray => "reallocarray_enter",
-        Call::PosixMemalign => "posix_memalign_enter",
-        Call::Size0 => "alloc_size0_enter",
-        Call::Size1 => "alloc_size1_enter",
-        Call::Free => "free_enter",
+        Call::Malloc => MALLOC_ENTER,
+        Call::Calloc => CALLOC_ENTER,
+        Call::Realloc => REALLOC_ENTER,
+        Call::ReallocArray => REALLOCARRAY_ENTER,
+        Call::PosixMemalign => POSIX_MEMALIGN_ENTER,
+        Call::Size0 => ALLOC_SIZE0_ENTER,
+        Call::Size1 => ALLOC_SIZE1_ENTER,
+        Call::Free => FREE_ENTER,
     }
 }
 
 /// The session program of an allocating call (entry and return in one).
 pub fn session(call: Call) -> Option<&'static str> {
     Some(match call {
-        Call::Malloc => "malloc_session",
-        Call::Calloc => "calloc_session",
-        Call::Realloc => "realloc_session",
-        Call::ReallocArray => "reallocarray_session",
-        Call::PosixMemalign => "posix_memalign_session",
-        Call::Size0 => "alloc_size0_session",
-        Call::Size1 => "alloc_size1_session",
+        Call::Malloc => MALLOC_SESSION,
+        Call::Calloc => CALLOC_SESSION,
+        Call::Realloc => REALLOC_SESSION,
+        Call::ReallocArray => REALLOCARRAY_SESSION,
+        Call::PosixMemalign => POSIX_MEMALIGN_SESSION,
+        Call::Size0 => ALLOC_SIZE0_SESSION,
+        Call::Size1 => ALLOC_SIZE1_SESSION,
         Call::Free => return None,
     })
 }
@@ -94,5 +83,62 @@ mod tests {
             assert_eq!(session(c).is_some(), c.allocates(), "{c:?}");
         }
         assert_eq!(sessions(false).len(), 7);
+    }
+
+    /// The programs and maps of heapbpf's object, by symbol: global
+    /// functions outside `.text` (programs) and objects in the maps section.
+    #[cfg(not(heapbpf_no_ebpf))]
+    fn object_names() -> (Vec<String>, Vec<String>) {
+        use object::{Object, ObjectSection, ObjectSymbol, SectionKind, SymbolKind};
+        let file =
+            object::File::parse(super::super::PROGRAM_OBJECT).expect("heapbpf's eBPF object");
+        let (mut programs, mut maps) = (Vec::new(), Vec::new());
+        for sym in file.symbols() {
+            let Some(section) = sym
+                .section_index()
+                .and_then(|i| file.section_by_index(i).ok())
+            else {
+                continue;
+            };
+            let section_name = section.name().unwrap_or_default();
+            let name = sym.name().unwrap_or_default().to_string();
+            if sym.kind() == SymbolKind::Text
+                && sym.is_global()
+                && section.kind() == SectionKind::Text
+                && section_name != ".text"
+            {
+                programs.push(name);
+            } else if sym.kind() == SymbolKind::Data
+                && (section_name == "maps" || section_name == ".maps")
+            {
+                maps.push(name);
+            }
+        }
+        programs.sort();
+        maps.sort();
+        (programs, maps)
+    }
+
+    #[test]
+    #[cfg(not(heapbpf_no_ebpf))]
+    fn the_abi_names_are_the_objects() {
+        use heapbpf_common::names;
+        let (programs, maps) = object_names();
+        let mut want: Vec<&str> = names::programs::ALL.to_vec();
+        want.sort_unstable();
+        assert_eq!(
+            programs, want,
+            "programs of the object vs names::programs::ALL"
+        );
+        let mut want: Vec<&str> = names::maps::ALL.to_vec();
+        want.sort_unstable();
+        assert_eq!(maps, want, "maps of the object vs names::maps::ALL");
+        for p in uprobes()
+            .into_iter()
+            .chain(sessions(false))
+            .chain(sessions(true))
+        {
+            assert!(names::programs::ALL.contains(&p), "{p}");
+        }
     }
 }

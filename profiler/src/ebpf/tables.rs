@@ -2,6 +2,7 @@
 //! (shared across targets) and each walked target's module table, with the
 //! epoch that voids the walk's cached lookups when either changes.
 use aya::maps::HashMap as BpfHashMap;
+use heapbpf_common::names::maps;
 use heapbpf_common::{ModuleTable, UnwindRow};
 
 use super::Profiler;
@@ -68,7 +69,7 @@ impl Profiler {
             return Ok(());
         }
         let err = |e: aya::maps::MapError| Error::runtime("cannot write call-frame rows", e);
-        let map = self.map_mut("UNWIND_ROWS")?;
+        let map = self.map_mut(maps::UNWIND_ROWS)?;
         let mut rows = aya::maps::Array::<_, UnwindRow>::try_from(map).map_err(err)?;
         for chunk in new_rows {
             for (i, row) in chunk.rows.iter().enumerate() {
@@ -85,7 +86,7 @@ impl Profiler {
         self.walk_epoch += 1;
         let err = |e: aya::maps::MapError| Error::runtime("cannot update the walk epoch", e);
         let epoch = self.walk_epoch;
-        let map = self.map_mut("CONFIG")?;
+        let map = self.map_mut(maps::CONFIG)?;
         aya::maps::Array::<_, u64>::try_from(map)
             .map_err(err)?
             .set(config::WALK_EPOCH, epoch, 0)
@@ -100,7 +101,7 @@ impl Profiler {
         if self.written_modules.get(&pid).is_some_and(|old| same(old)) {
             return Ok(());
         }
-        let map = self.map_mut("MODULES")?;
+        let map = self.map_mut(maps::MODULES)?;
         let mut modules = BpfHashMap::<_, u32, ModuleTable>::try_from(map)
             .map_err(|e| Error::runtime("MODULES map", e))?;
         modules.insert(pid, table, 0).map_err(|e| {
