@@ -137,6 +137,10 @@ pub struct ProfileArgs {
     /// Live blocks the kernel maps can hold at once (all targets together).
     #[arg(long, value_name = "N", default_value_t = 1 << 21)]
     pub max_live_blocks: u32,
+    /// Distinct call stacks the kernel maps can hold at once (all targets
+    /// together); stacks no live block uses are retired when they fill.
+    #[arg(long, value_name = "N", default_value_t = crate::ebpf::DEFAULT_MAX_STACKS)]
+    pub max_stacks: u32,
     /// Benchmark floor: empty programs at the same probe points (entry or return).
     #[arg(long, value_enum, hide = true)]
     pub probe_floor: Option<ProbeFloor>,
@@ -192,6 +196,12 @@ pub struct ReportArgs {
     pub format: ReportFormat,
 }
 
+/// The range of `--max-stacks`: a map of a few thousand stacks is the least
+/// that makes sense; 4 Mi stacks of up to 1 KiB each is as much kernel
+/// memory as heapbpf should ever ask for.
+const MIN_STACKS: u32 = 1024;
+const MAX_STACKS: u32 = 1 << 22;
+
 /// `--sample-bytes` when none is given; chosen by measurement (README,
 /// "Sampling").
 pub const DEFAULT_SAMPLE_BYTES: &str = "64KiB";
@@ -229,6 +239,12 @@ impl ProfileArgs {
         if self.interval == Some(Duration::ZERO) {
             return Err(Error::BadInput("--interval must be longer than 0".into()));
         }
+        if !(MIN_STACKS..=MAX_STACKS).contains(&self.max_stacks) {
+            return Err(Error::BadInput(format!(
+                "--max-stacks {}: expected {MIN_STACKS} to {MAX_STACKS}",
+                self.max_stacks
+            )));
+        }
         if self.max_snapshots == Some(0) {
             return Err(Error::BadInput("--max-snapshots must be at least 1".into()));
         }
@@ -248,6 +264,7 @@ impl ProfileArgs {
             min_age: self.min_age.unwrap_or_default(),
             max_snapshots: self.max_snapshots,
             max_live_blocks: self.max_live_blocks,
+            max_stacks: self.max_stacks,
             floor: self.probe_floor.map(|f| match f {
                 ProbeFloor::Entry => ebpf::Floor::Entry,
                 ProbeFloor::Return => ebpf::Floor::Return,

@@ -4,7 +4,7 @@
 use std::{io::Write as _, path::PathBuf};
 
 use crate::{
-    model::Trigger,
+    model::{Totals, Trigger},
     trigger::Crossing,
     units::{human_bytes, size_label},
 };
@@ -80,13 +80,43 @@ pub fn step(trigger: Trigger, pid: u32, what: &str, value: u64, c: Crossing) -> 
     )
 }
 
-/// What dropped events mean and what helps; `max_live_blocks` when the
-/// setting in force is known.
-pub fn dropped_events(dropped: u64, max_live_blocks: Option<u32>) -> String {
-    let now = max_live_blocks.map_or(String::new(), |n| format!(" (now {n})"));
+/// What dropped events mean and what helps, reason by reason: which map
+/// filled and the flag that sizes it (with the settings in force, when
+/// known: `(max_live_blocks, max_stacks)`).
+pub fn dropped_events(totals: &Totals, limits: Option<(u32, u32)>) -> String {
+    let now = |i: usize| limits.map_or(String::new(), |l| format!(" (now {})", [l.0, l.1][i]));
+    let mut parts = Vec::new();
+    for (reason, n) in &totals.dropped {
+        let why = match reason.as_str() {
+            "allocs_full" => format!(
+                "the live-block map (ALLOCS) was full, those allocations are not tracked: raise --max-live-blocks{}",
+                now(0)
+            ),
+            "stacks_full" => format!(
+                "the stack map (STACKS) was full, those allocations are tracked without their stack: raise --max-stacks{}",
+                now(1)
+            ),
+            "stats_full" => format!(
+                "the per-stack figures map (STACK_STATS) was full: raise --max-stacks{}",
+                now(1)
+            ),
+            "stack_error" => "the kernel could not read the user stack".to_string(),
+            "pending_full" => "too many allocator calls in flight at once (PENDING map)".to_string(),
+            "read_error" => "posix_memalign's result could not be read".to_string(),
+            other => other.to_string(),
+        };
+        parts.push(format!("{reason} {n} ({why})"));
+    }
+    if parts.is_empty() {
+        parts.push(format!(
+            "full maps or failed stack walks; raise --max-live-blocks{} if the live-block map filled",
+            now(0)
+        ));
+    }
     format!(
-        "{dropped} events could not be recorded (full maps or failed stack walks); \
-         figures are lower bounds; raise --max-live-blocks{now} if the live-block map filled"
+        "{} events could not be recorded, figures are lower bounds: {}",
+        totals.dropped_events,
+        parts.join("; ")
     )
 }
 
@@ -156,7 +186,6 @@ mod tests {
             step(Trigger::RssStep, 5, "RSS", 3 << 20, c),
             "rss-step pid=5: RSS 3.0 MiB reached threshold 2.0 MiB (jumped over 1 more)"
         );
-        assert!(dropped_events(3, Some(8)).contains("--max-live-blocks (now 8)"));
         // Read back as the integration tests read them.
         let line = format!("{PREFIX}{s}");
         let parsed = parse_snapshot(&line).unwrap();
@@ -177,6 +206,28 @@ mod tests {
             parse_snapshot("heapbpf: snapshot exit pid=9 failed: disk full"),
             None
         );
-        assert!(dropped_events(3, None).contains("--max-live-blocks if"));
+    }
+
+    #[test]
+    fn dropped_events_name_the_map_and_the_flag() {
+        let mut totals = Totals {
+            dropped_events: 3,
+            ..Default::default()
+        };
+        assert!(dropped_events(&totals, Some((8, 9))).contains("--max-live-blocks (now 8)"));
+        assert!(dropped_events(&totals, None).contains("--max-live-blocks if"));
+        totals.dropped.insert("stacks_full".into(), 2);
+        totals.dropped.insert("allocs_full".into(), 1);
+        let w = dropped_events(&totals, Some((8, 9)));
+        assert!(w.starts_with("3 events could not be recorded"), "{w}");
+        assert!(
+            w.contains("stacks_full 2 (the stack map (STACKS) was full"),
+            "{w}"
+        );
+        assert!(w.contains("raise --max-stacks (now 9)"), "{w}");
+        assert!(
+            w.contains("allocs_full 1 (the live-block map (ALLOCS) was full"),
+            "{w}"
+        );
     }
 }

@@ -86,10 +86,7 @@ pub fn text(s: &Snapshot, top: usize, color: bool) -> String {
         );
     }
     if t.dropped_events > 0 {
-        let warning = format!(
-            "WARNING: {}",
-            crate::lines::dropped_events(t.dropped_events, None)
-        );
+        let warning = format!("WARNING: {}", crate::lines::dropped_events(t, None));
         let _ = writeln!(o, "{}", c.warn(&warning));
     }
     if t.truncated_stacks > 0 {
@@ -332,6 +329,7 @@ mod tests {
                 frees: 1,
                 rss_bytes: 1 << 20,
                 dropped_events: 0,
+                dropped: Default::default(),
                 truncated_stacks: 1,
             },
             stacks: vec![

@@ -72,6 +72,11 @@ impl Profiler {
             allocations: units(state.allocations),
             frees: units(state.frees),
             dropped_events: state.counters[..drop_reason::COUNT].iter().sum(),
+            dropped: DROP_REASONS
+                .iter()
+                .map(|&(i, name)| (name.to_string(), state.counters[i]))
+                .filter(|&(_, n)| n > 0)
+                .collect(),
         })
     }
 
@@ -91,8 +96,18 @@ impl Profiler {
     }
 }
 
+/// The kernel's drop counters by the names snapshots give them.
+const DROP_REASONS: [(usize, &str); drop_reason::COUNT] = [
+    (drop_reason::ALLOCS_FULL, "allocs_full"),
+    (drop_reason::STACKS_FULL, "stacks_full"),
+    (drop_reason::STACK_ERROR, "stack_error"),
+    (drop_reason::PENDING_FULL, "pending_full"),
+    (drop_reason::STATS_FULL, "stats_full"),
+    (drop_reason::READ_ERROR, "read_error"),
+];
+
 /// A stack as the kernel keeps it → its addresses and the walk's verdict.
-fn addresses(t: &StackTrace) -> StackAddrs {
+pub(super) fn addresses(t: &StackTrace) -> StackAddrs {
     let n = ((t.len & STACK_LEN_MASK) as usize).min(t.ips.len());
     StackAddrs {
         ips: t.ips[..n].to_vec(),
@@ -146,7 +161,7 @@ impl StackCache {
 }
 
 /// Kernel counts are in thousandths (sampled weights are fractional).
-fn units(v: u64) -> u64 {
+pub(super) fn units(v: u64) -> u64 {
     let unit = heapbpf_common::COUNT_UNIT;
     (v + unit / 2) / unit
 }

@@ -115,6 +115,8 @@ impl Profiler {
         };
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(maps::ALLOCS, opts.max_live_blocks)
+            .map_max_entries(maps::STACKS, opts.max_stacks)
+            .map_max_entries(maps::STACK_STATS, opts.max_stacks.saturating_mul(2))
             .map_max_entries(maps::UNWIND_ROWS, unwind_rows)
             .load(PROGRAM_OBJECT)
             .map_err(load_error)?;
@@ -163,6 +165,8 @@ impl Profiler {
             sessions,
             written_modules: HashMap::new(),
             walk_epoch: 0,
+            max_stacks: opts.max_stacks,
+            retire: super::retire::RetireState::new(),
         };
         profiler.configure_sampling()?;
         profiler.watch_oom();

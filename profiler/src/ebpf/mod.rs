@@ -9,6 +9,7 @@ mod attach;
 mod drain;
 mod load;
 mod programs;
+mod retire;
 mod sys;
 mod tables;
 mod uprobe_session;
@@ -23,6 +24,7 @@ use heapbpf_common::ModuleTable;
 
 pub use drain::monotonic_ns;
 pub use load::preflight;
+pub use retire::RetiredStack;
 
 use crate::{
     error::{Error, Result},
@@ -36,6 +38,9 @@ static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR
 pub struct LoadOptions {
     /// Capacity of the live-block map (blocks tracked at once, all targets).
     pub max_live_blocks: u32,
+    /// Capacity of the stack map (distinct stacks at once, all targets);
+    /// the per-stack figures get twice as many entries.
+    pub max_stacks: u32,
     /// Benchmark floors: attach programs that do nothing instead.
     pub floor: Option<Floor>,
     /// Mean bytes between sampled allocations; 0 = exact.
@@ -47,6 +52,9 @@ pub struct LoadOptions {
     pub sessions: bool,
 }
 
+/// `--max-stacks` when none is given.
+pub const DEFAULT_MAX_STACKS: u32 = 1 << 16;
+
 /// Call-frame rows the kernel can hold for all modules of all targets
 /// (12 bytes each): glibc needs about 20 k, a large C++ program a few 100 k.
 pub const UNWIND_ROWS: u32 = 1 << 20;
@@ -55,6 +63,7 @@ impl Default for LoadOptions {
     fn default() -> Self {
         LoadOptions {
             max_live_blocks: 1 << 21,
+            max_stacks: DEFAULT_MAX_STACKS,
             floor: None,
             sample_bytes: 0,
             unwind: unwind::Mode::Auto,
@@ -118,6 +127,9 @@ pub struct Profiler {
     /// (bumped when what the walk reads changes: its cache is then void).
     written_modules: HashMap<u32, Box<ModuleTable>>,
     walk_epoch: u64,
+    /// Capacity of the stack map, and when idle stacks were last retired.
+    max_stacks: u32,
+    retire: retire::RetireState,
 }
 
 impl Profiler {

@@ -16,6 +16,8 @@ use std::{
 };
 
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_PROG_LOAD: libc::c_long = 5;
@@ -55,7 +57,8 @@ struct MapCreateAttr {
     map_flags: u32,
 }
 
-/// `union bpf_attr` for `BPF_MAP_UPDATE_ELEM`.
+/// `union bpf_attr` for `BPF_MAP_UPDATE_ELEM` and the other commands on one
+/// element.
 #[repr(C)]
 #[derive(Default)]
 struct MapUpdateAttr {
@@ -142,6 +145,44 @@ pub fn lookup_all<K: Copy + aya::Pod, V: Copy + aya::Pod>(
         in_token = out_token;
         first = false;
     }
+}
+
+/// Deletes `key` from a map; `false` when it was not there.
+pub fn delete<K: aya::Pod>(map: BorrowedFd<'_>, key: &K) -> io::Result<bool> {
+    let mut attr = MapUpdateAttr {
+        map_fd: map.as_raw_fd() as u32,
+        key: key as *const K as u64,
+        ..Default::default()
+    };
+    match call(BPF_MAP_DELETE_ELEM, &mut attr) {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Deletes `keys` from a hash map, a few thousand per syscall; keys not
+/// there (deleted meanwhile) are skipped.
+pub fn delete_batch<K: aya::Pod>(map: BorrowedFd<'_>, keys: &[K]) -> io::Result<()> {
+    for chunk in keys.chunks(8192) {
+        let mut attr = BatchAttr {
+            keys: chunk.as_ptr() as u64,
+            count: chunk.len() as u32,
+            map_fd: map.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        match call(BPF_MAP_DELETE_BATCH, &mut attr) {
+            Ok(_) => {}
+            // The kernel stops at the first key that is gone: go on one by one.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                for key in &chunk[(attr.count as usize).min(chunk.len())..] {
+                    delete(map, key)?;
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Runs `bpf(cmd, attr)`.

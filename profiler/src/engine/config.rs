@@ -19,6 +19,8 @@ pub struct Config {
     pub max_snapshots: Option<usize>,
     /// Live blocks the kernel maps can hold at once (all targets together).
     pub max_live_blocks: u32,
+    /// Distinct stacks the kernel maps can hold at once (all targets).
+    pub max_stacks: u32,
     /// Benchmark floors: programs that do nothing at the same probe points.
     pub floor: Option<Floor>,
     pub allocator: allocator::Choice,

@@ -18,7 +18,7 @@ use crate::{
     ebpf::{self, LoadOptions, Profiler},
     error::Result,
     lines::{self, say},
-    model::{RawSnapshot, Snapshot, TargetMeta, Trigger},
+    model::{RawSnapshot, RetiredStacks, Snapshot, TargetMeta, Trigger},
     output::writer::Series,
     procfs::{self, ProcessInfo},
     symbolize::Symbolizer,
@@ -37,6 +37,8 @@ struct Target {
     oom_written: bool,
     /// Allocator libraries hooked ([`allocator::Library::identity`]).
     hooked: Vec<String>,
+    /// Stacks retired from the kernel, with what they allocated.
+    retired: RetiredStacks,
 }
 
 /// Loaded programs, the symbolizer and the targets they serve.
@@ -56,6 +58,7 @@ impl Engine {
     pub fn new(cfg: Config) -> Result<Self> {
         let profiler = Profiler::load(&LoadOptions {
             max_live_blocks: cfg.max_live_blocks,
+            max_stacks: cfg.max_stacks,
             floor: cfg.floor,
             sample_bytes: cfg.sample_bytes,
             unwind: cfg.unwind,
@@ -141,6 +144,7 @@ impl Engine {
             heap_step: self.cfg.heap_step.map(|s| StepTrigger::new(0, s)),
             oom_written: false,
             hooked: plan.libraries().map(allocator::Library::identity).collect(),
+            retired: RetiredStacks::default(),
             info,
         });
         Ok(())
@@ -152,6 +156,25 @@ impl Engine {
     pub fn tick(&mut self, held: Option<u32>) {
         self.check_oom();
         self.reap_exited(held);
+        self.maintain_stacks(false);
+    }
+
+    /// Retires stacks no live block uses when the kernel's stack maps fill
+    /// (see `ebpf::retire`); their figures stay with their target.
+    fn maintain_stacks(&mut self, before_snapshot: bool) {
+        match self
+            .profiler
+            .maintain_stacks(Instant::now(), before_snapshot)
+        {
+            Ok(retired) => {
+                for r in retired {
+                    if let Some(t) = self.targets.iter_mut().find(|t| t.info.pid == r.tgid) {
+                        t.retired.add(r.stack_id, r.counters, r.addresses);
+                    }
+                }
+            }
+            Err(e) => tracing::warn!("cannot retire idle stacks: {e}"),
+        }
     }
 
     /// Re-reads every target's maps (new modules for symbolization and the
@@ -310,8 +333,12 @@ impl Engine {
                 self.targets[i].rss_bytes = rss;
             }
         }
-        let data = self.profiler.drain(pid)?;
-        let addresses = self.profiler.stacks(pid, &data.stack_ids())?;
+        self.maintain_stacks(true);
+        let mut data = self.profiler.drain(pid)?;
+        let retired = &self.targets[i].retired;
+        retired.merge_counters(&mut data);
+        let mut addresses = self.profiler.stacks(pid, &data.stack_ids())?;
+        retired.fill_addresses(&mut addresses);
         let raw = RawSnapshot::from_kernel(
             data,
             &addresses,
@@ -337,8 +364,8 @@ impl Engine {
             say(&format!(
                 "warning: pid={pid}: {}",
                 lines::dropped_events(
-                    snapshot.totals.dropped_events,
-                    Some(self.cfg.max_live_blocks)
+                    &snapshot.totals,
+                    Some((self.cfg.max_live_blocks, self.cfg.max_stacks))
                 )
             ));
         }

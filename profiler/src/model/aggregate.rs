@@ -1,5 +1,5 @@
 //! Live blocks and per-stack counters → per-stack figures.
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 /// One live block as recorded in the kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,6 +44,8 @@ pub struct KernelData {
     pub allocations: u64,
     pub frees: u64,
     pub dropped_events: u64,
+    /// `dropped_events` by reason (`stacks_full`, ...), the non-zero ones.
+    pub dropped: BTreeMap<String, u64>,
 }
 
 impl KernelData {
@@ -79,6 +81,7 @@ pub struct RawSnapshot {
     pub allocations: u64,
     pub frees: u64,
     pub dropped_events: u64,
+    pub dropped: BTreeMap<String, u64>,
 }
 
 impl RawSnapshot {
@@ -111,6 +114,7 @@ impl RawSnapshot {
             allocations: data.allocations,
             frees: data.frees,
             dropped_events: data.dropped_events,
+            dropped: data.dropped,
         }
     }
 }
@@ -321,6 +325,7 @@ mod tests {
             allocations: 6,
             frees: 3,
             dropped_events: 2,
+            dropped: Default::default(),
         };
         assert_eq!(data.stack_ids(), vec![1, 2, 3]);
         let addrs = HashMap::from([(

@@ -3,6 +3,7 @@
 mod address;
 mod aggregate;
 pub mod diff;
+mod retired;
 mod snapshot;
 
 pub use address::{Address, ParseAddressError};
@@ -11,6 +12,7 @@ pub use aggregate::{
     StackCounters,
 };
 pub use diff::{diff, Diff, DiffEntry, Status};
+pub use retired::{RetiredStacks, DEFAULT_RETIRED_KEPT};
 pub use snapshot::{
     basename, is_truncated_frame, reaches_root, strip_allocator_frames, truncated_frame, Frame,
     MappingInfo, Snapshot, Stack, TargetMeta, Totals, Trigger, SNAPSHOT_FORMAT, SNAPSHOT_VERSION,

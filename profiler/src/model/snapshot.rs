@@ -1,4 +1,6 @@
 //! The canonical snapshot (`"format": "heapbpf-snapshot", "version": 1`).
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use super::{Address, RawSnapshot};
@@ -120,6 +122,7 @@ impl Snapshot {
                 frees: raw.frees,
                 rss_bytes: meta.rss_bytes,
                 dropped_events: raw.dropped_events,
+                dropped: raw.dropped.clone(),
                 truncated_stacks: stacks.iter().filter(|s| s.truncated).count() as u64,
             },
             stacks,
@@ -153,6 +156,10 @@ pub struct Totals {
     pub frees: u64,
     pub rss_bytes: u64,
     pub dropped_events: u64,
+    /// `dropped_events` by reason (`allocs_full`, `stacks_full`,
+    /// `stats_full`, `stack_error`, `pending_full`, `read_error`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub dropped: BTreeMap<String, u64>,
     /// Stacks in `stacks` whose walk stopped short of the program's or the
     /// thread's start (their `truncated` is true).
     #[serde(default)]
@@ -402,6 +409,7 @@ mod tests {
             allocations: 789,
             frees: 321,
             dropped_events: 5,
+            dropped: Default::default(),
         };
         let s = Snapshot::from_raw(&raw, meta(), fake_symbolize);
         assert_eq!(
@@ -422,6 +430,7 @@ mod tests {
                 frees: 321,
                 rss_bytes: 1 << 20,
                 dropped_events: 5,
+                dropped: Default::default(),
                 truncated_stacks: 2,
             }
         );

@@ -77,6 +77,7 @@ mod tests {
                 frees: 0,
                 rss_bytes: 8 << 20,
                 dropped_events: 0,
+                dropped: Default::default(),
                 truncated_stacks: 0,
             },
             stacks: vec![Stack {
