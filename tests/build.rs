@@ -161,5 +161,19 @@ fn main() {
         .status()
         .expect("run gcc");
     assert!(status.success(), "gcc -static failed on fixtures/allocs.c");
+    hardening_fixtures(&out);
     println!("cargo:rustc-env=FIXTURE_DIR={}", out.display());
+}
+
+/// The fixtures of `hardening_text.rs`: `hostile`, a process that controls
+/// text heapbpf prints.
+fn hardening_fixtures(out: &std::path::Path) {
+    println!("cargo:rerun-if-changed=fixtures/hostile.c");
+    let status = Command::new("gcc")
+        .args(["-O0", "-g", "-fno-omit-frame-pointer", "-Wall", "-o"])
+        .arg(out.join("hostile"))
+        .arg("fixtures/hostile.c")
+        .status()
+        .expect("run gcc");
+    assert!(status.success(), "gcc failed on fixtures/hostile.c");
 }

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use crate::{
     elf::{self, placement::Image},
     error::{Error, Result},
+    lines::escape,
     procfs::{self, Mapping, ProcessInfo},
 };
 
@@ -187,12 +188,12 @@ pub fn plan(info: &ProcessInfo, maps: &[Mapping], choice: &Choice) -> Result<Att
         why: match choice {
             Choice::Custom { path, .. } => format!(
                 "{path} is not mapped into {} (--allocator names a file the process has mapped: its path as in /proc/{pid}/maps, or its file name)",
-                info.comm
+                escape(&info.comm)
             ),
             _ => format!(
                 "no {} library is mapped into {} (a stripped static program?); heapbpf hooks the allocator of a shared library or of an executable with a symbol table",
                 choice.as_str(),
-                info.comm
+                escape(&info.comm)
             ),
         },
     })?;

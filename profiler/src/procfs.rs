@@ -73,9 +73,11 @@ pub fn status_field<'a>(status: &'a str, key: &str) -> Option<&'a str> {
     })
 }
 
-/// `/proc/PID/status` (`self` for heapbpf itself).
+/// `/proc/PID/status` (`self` for heapbpf itself). Its `Name` is whatever
+/// bytes the process named itself with: not necessarily UTF-8.
 pub fn read_status(pid: &str) -> io::Result<String> {
-    fs::read_to_string(format!("/proc/{pid}/status"))
+    let bytes = fs::read(format!("/proc/{pid}/status"))?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 
 /// Identity of a target, read once at attach.
@@ -129,15 +131,18 @@ pub fn process_info(pid: u32) -> Result<ProcessInfo> {
             why: "the process has exited (zombie)".into(),
         });
     }
-    let comm = fs::read_to_string(format!("/proc/{pid}/comm"))
-        .map_err(|e| proc_err(pid, e))?
-        .trim_end()
-        .to_string();
+    // The name is whatever bytes the process gave itself (PR_SET_NAME):
+    // not necessarily UTF-8, and printed only through lines::escape.
+    let comm = fs::read(format!("/proc/{pid}/comm")).map_err(|e| proc_err(pid, e))?;
+    let comm = String::from_utf8_lossy(comm.strip_suffix(b"\n").unwrap_or(&comm)).into_owned();
     let maps = read_maps(pid)?;
     if maps.is_empty() {
         return Err(Error::NotTraceable {
             pid,
-            why: format!("{comm} is a kernel thread, it has no user-space heap"),
+            why: format!(
+                "{} is a kernel thread, it has no user-space heap",
+                crate::lines::escape(&comm)
+            ),
         });
     }
     let exe_link = fs::read_link(format!("/proc/{pid}/exe")).ok();
@@ -158,8 +163,10 @@ pub fn process_info(pid: u32) -> Result<ProcessInfo> {
 }
 
 pub fn read_maps(pid: u32) -> Result<Vec<Mapping>> {
-    let text = fs::read_to_string(format!("/proc/{pid}/maps")).map_err(|e| proc_err(pid, e))?;
-    let mut maps = parse_maps(&text);
+    // Paths are bytes, not necessarily UTF-8 (files are opened through
+    // map_files, never by these paths).
+    let text = fs::read(format!("/proc/{pid}/maps")).map_err(|e| proc_err(pid, e))?;
+    let mut maps = parse_maps(&String::from_utf8_lossy(&text));
     to_target_view(&mut maps, root_of(pid).as_deref());
     Ok(maps)
 }
@@ -212,8 +219,11 @@ fn page_size() -> u64 {
 
 /// True while `/proc/PID` exists and is not a zombie.
 pub fn is_alive(pid: u32) -> bool {
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => parse_stat_state(&stat).is_some_and(|s| s != 'Z' && s != 'X'),
+    // Not read as UTF-8: the name in it is the process's own bytes.
+    match fs::read(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            parse_stat_state(&String::from_utf8_lossy(&stat)).is_some_and(|s| s != 'Z' && s != 'X')
+        }
         Err(_) => false,
     }
 }

@@ -96,7 +96,10 @@ impl Profiler {
         if pick("malloc").is_none() || pick("free").is_none() {
             return Err(Error::NotTraceable {
                 pid,
-                why: format!("{} does not export malloc and free", lib.path),
+                why: format!(
+                    "{} does not export malloc and free",
+                    crate::lines::escape(&lib.path)
+                ),
             });
         }
         let return_program = if self.floor.is_some() {

@@ -16,9 +16,10 @@ pub fn to_bytes(snapshot: &Snapshot) -> Vec<u8> {
 /// Parses a snapshot, checking format and version before the fields so that
 /// the error names the real problem.
 pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<Snapshot> {
+    // Parse errors quote the file: nothing of it reaches a terminal raw.
     let bad = |why: String| Error::BadSnapshot {
         path: path.to_path_buf(),
-        why,
+        why: crate::lines::escape(&why).into_owned(),
     };
     let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
         if e.is_eof() {
@@ -123,6 +124,15 @@ mod tests {
             .contains("version 9 is not supported"));
         assert!(
             err(br#"{"format":"heapbpf-snapshot","version":1,"pid":"x"}"#).contains("malformed")
+        );
+        // What the parser quotes of the file is escaped.
+        let mut v: serde_json::Value = serde_json::from_slice(&full).unwrap();
+        v["trigger"] = "\x1b]0;x\x07\n".into();
+        let e = err(&serde_json::to_vec(&v).unwrap());
+        assert!(e.contains("unknown variant"), "{e}");
+        assert!(
+            !e.contains(['\x1b', '\x07', '\n']) && e.contains("\\x1b]0;x\\x07\\n"),
+            "{e}"
         );
         assert_eq!(from_bytes(p, b"").unwrap_err().exit_code(), 2);
     }

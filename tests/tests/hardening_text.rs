@@ -1,0 +1,312 @@
+//! Issue 13, "Text a target controls": what a target (or a crafted
+//! snapshot) puts in names, paths and symbols reaches no terminal raw and
+//! splits no line; tracing's lines are plain off a terminal. Each test here
+//! failed against heapbpf at eb5edfa (`HEAPBPF_BIN=/tmp/base/heapbpf`).
+use std::{
+    io::{BufRead, BufReader},
+    path::Path,
+    process::{Child, Command, Stdio},
+    sync::mpsc::{channel, Receiver},
+    time::{Duration, Instant},
+};
+
+use heapbpf_integration_tests::*;
+
+/// The name `hostile` gives itself on `rename-escapes`, and how heapbpf
+/// shows it.
+const ESCAPES: &str = "\x1b]0;X\x07\nY\u{9b}";
+const ESCAPES_SHOWN: &str = "\\x1b]0;X\\x07\\nY\\u{9b}";
+
+/// A control character other than the line ends of `text`.
+fn controls(text: &str) -> Vec<char> {
+    text.chars()
+        .filter(|c| c.is_control() && *c != '\n')
+        .collect()
+}
+
+fn assert_plain(what: &str, text: &str) {
+    assert!(
+        controls(text).is_empty(),
+        "{what} holds control characters {:?}:\n{text:?}",
+        controls(text)
+    );
+}
+
+/// `heapbpf attach` with its stderr as it comes, line by line: the common
+/// helper waits for a well-formed `attached` line, which is what these tests
+/// check.
+struct Raw {
+    child: Child,
+    lines: Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Raw {
+    fn attach(pid: u32, dir: &Path, extra: &[&str]) -> Raw {
+        let mut child = Command::new(heapbpf_bin())
+            .arg("attach")
+            .arg(pid.to_string())
+            .arg("-o")
+            .arg(dir)
+            .args(["--sample-bytes", "0"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, lines) = channel();
+        let err = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            // Lines as bytes: what heapbpf wrote, not what UTF-8 allows.
+            for line in BufReader::new(err).split(b'\n') {
+                let Ok(line) = line else { break };
+                if tx
+                    .send(String::from_utf8_lossy(&line).into_owned())
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+        Raw {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    fn wait(&mut self, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if pred(&line) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!("no {what}; heapbpf wrote:\n{}", self.seen.join("\n")),
+            }
+        }
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: plain kill(2) on our child.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, sig) }, 0);
+    }
+
+    /// SIGINT, then everything it wrote until it exited, and its code.
+    fn stop(mut self) -> (i32, Vec<String>) {
+        self.signal(libc::SIGINT);
+        let deadline = Instant::now() + TIMEOUT;
+        let code = loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                break st.code().unwrap_or(-1);
+            }
+            assert!(Instant::now() < deadline, "heapbpf did not stop");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        while let Ok(l) = self.lines.recv_timeout(Duration::from_millis(300)) {
+            self.seen.push(l);
+        }
+        (code, std::mem::take(&mut self.seen))
+    }
+}
+
+impl Drop for Raw {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn snapshot_paths(stderr: &[String], trigger: &str) -> Vec<std::path::PathBuf> {
+    stderr
+        .iter()
+        .filter_map(|l| lines::parse_snapshot(l))
+        .find(|s| s.trigger == trigger)
+        .unwrap_or_else(|| panic!("no {trigger} snapshot in:\n{}", stderr.join("\n")))
+        .paths
+}
+
+#[test]
+fn a_target_named_with_escapes_and_a_newline_stays_on_one_line() {
+    require_root();
+    let mut fx = Fixture::spawn("hostile");
+    fx.command("rename-escapes");
+    let dir = TempDir::new("escapes");
+    let mut h = Raw::attach(fx.pid, dir.path(), &[]);
+    let line = h.wait("attached line", |l| {
+        l.contains(&format!("attached to {}", fx.pid))
+    });
+    assert_plain("the attached line", &line);
+    assert!(
+        line.contains(&format!("attached to {} ({ESCAPES_SHOWN}): ", fx.pid))
+            && line.contains(" probes in ")
+            && line.contains("; heapbpf pid "),
+        "one whole line, the escapes visible: {line:?}"
+    );
+    assert_eq!(
+        lines::parse_attached(&line),
+        Some((fx.pid, ESCAPES_SHOWN)),
+        "{line:?}"
+    );
+    fx.command("alloc");
+    let (code, stderr) = h.stop();
+    assert_eq!(code, 0, "{stderr:?}");
+    for l in &stderr {
+        assert_plain("a stderr line", l);
+    }
+    // The data file keeps the name as the process gave it.
+    let json = &snapshot_paths(&stderr, "stop")[0];
+    assert_eq!(read_json(json)["comm"], ESCAPES);
+    // `report` prints it for people: escaped.
+    let (code, out, err) = run_heapbpf(&["report", json.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert_plain("report", &out);
+    assert!(
+        out.contains(&format!("({ESCAPES_SHOWN})")),
+        "report shows the name escaped:\n{out}"
+    );
+}
+
+#[test]
+fn a_target_named_with_bytes_that_are_not_utf8_is_still_profiled() {
+    require_root();
+    let mut fx = Fixture::spawn("hostile");
+    fx.command("rename-invalid");
+    let dir = TempDir::new("invalid");
+    let mut h = Raw::attach(fx.pid, dir.path(), &[]);
+    let line = h.wait("attached line", |l| l.starts_with("heapbpf: "));
+    assert!(
+        line.contains(&format!("attached to {} (bad\u{fffd}name): ", fx.pid)),
+        "{line:?}"
+    );
+    let (code, stderr) = h.stop();
+    assert_eq!(code, 0, "{stderr:?}");
+    let json = &snapshot_paths(&stderr, "stop")[0];
+    assert_eq!(read_json(json)["comm"], "bad\u{fffd}name");
+}
+
+/// A snapshot with `live_bytes` on one stack, whose strings are `comm`,
+/// `exe` and the function `function` (JSON-escaped by serde).
+fn crafted(comm: &str, exe: &str, function: &str, live: u64) -> Value {
+    serde_json::json!({
+        "format": "heapbpf-snapshot", "version": 1,
+        "pid": 42, "comm": comm, "exe": exe,
+        "taken_at": "2026-11-24T19:00:00Z\u{1b}[2J", "attached_at": "2026-11-24T18:59:00Z",
+        "trigger": "signal", "sample_bytes": 0,
+        "totals": {
+            "live_bytes": live, "live_allocations": 1,
+            "allocated_bytes": live, "allocations": 1, "frees": 0,
+            "rss_bytes": 0, "dropped_events": 0
+        },
+        "stacks": [{
+            "live_bytes": live, "live_allocations": 1,
+            "allocated_bytes": live, "allocations": 1, "oldest_age_ms": 5,
+            "frames": [
+                {"address": "0x401136", "function": function, "file": "/src/a\u{1b}]8;;x\u{7}.c",
+                 "line": 3, "module": "/tmp/m\nod", "inlined": false},
+                {"address": "0x401200", "function": null, "file": null, "line": null,
+                 "module": "/tmp/\u{1b}]0;lib\u{7}.so", "inlined": false}
+            ]
+        }]
+    })
+}
+
+#[test]
+fn crafted_snapshot_text_reaches_no_terminal_raw() {
+    let dir = TempDir::new("crafted");
+    let write = |name: &str, v: &Value| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, serde_json::to_vec(v).unwrap()).unwrap();
+        p.to_string_lossy().into_owned()
+    };
+    let osc = "\u{1b}]0;pwned\u{7}leak\nnext\rline\u{9b}31m";
+    let osc_shown = "\\x1b]0:pwned\\x07leak\\nnext\\rline\\u{9b}31m";
+    let old = write(
+        "old.json",
+        &crafted("app\u{1b}[2J", "/bin/\u{1b}[31mapp", osc, 2048),
+    );
+    let new = write(
+        "new.json",
+        &crafted("app", "/other/\u{1b}]0;t\u{7}\nx", osc, 4096),
+    );
+    let (code, out, err) = run_heapbpf(&["report", &old]);
+    assert_eq!(code, 0, "{err}");
+    assert_plain("report", &out);
+    assert!(out.contains("(app\\x1b[2J) /bin/\\x1b[31mapp"), "{out}");
+    assert!(out.contains("taken 2026-11-24T19:00:00Z\\x1b[2J"), "{out}");
+    assert!(
+        out.contains("\\x1b]0;pwned\\x07leak\\nnext\\rline\\u{9b}31m (a\\x1b]8;;x\\x07.c:3)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("[unknown] \\x1b]0;lib\\x07.so 0x401200"),
+        "{out}"
+    );
+
+    let (code, out, err) = run_heapbpf(&["diff", &old, &new]);
+    assert_eq!(code, 0, "{err}");
+    assert_plain("diff", &out);
+    assert_plain("diff's warning", &err);
+    assert_eq!(err.lines().count(), 1, "one warning line:\n{err}");
+    assert!(err.contains("/other/\\x1b]0;t\\x07\\nx"), "{err}");
+    assert!(out.contains("/other/\\x1b]0;t\\x07\\nx"), "{out}");
+    assert!(out.contains("\\x1b]0;pwned\\x07leak"), "{out}");
+
+    // Folded stacks: one line per stack, names escaped (`;` separates frames).
+    let (code, out, err) = run_heapbpf(&["diff", &old, &new, "--format", "collapsed"]);
+    assert_eq!(code, 0, "{err}");
+    assert_plain("collapsed", &out);
+    let folded: Vec<&str> = out.lines().collect();
+    assert_eq!(folded.len(), 1, "{out}");
+    assert!(
+        folded[0].ends_with(&format!("{osc_shown} 2048 4096")),
+        "{:?}",
+        folded[0]
+    );
+}
+
+#[test]
+fn logging_is_plain_off_a_terminal_and_a_failure_is_one_line() {
+    require_root();
+    let mut fx = Fixture::spawn("hostile");
+    let dir = TempDir::new("plainlog");
+    let out = dir.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let mut h = Raw::attach(fx.pid, &out, &["-v"]);
+    h.wait("attached line", |l| l.contains("attached to"));
+    fx.command("alloc");
+    // The output directory vanishes: the snapshot fails.
+    std::fs::remove_dir_all(&out).unwrap();
+    h.signal(libc::SIGUSR2);
+    h.wait("failed snapshot", |l| l.contains("failed"));
+    let (_, stderr) = h.stop();
+    let all = stderr.join("\n");
+    if let Some(l) = stderr.iter().find(|l| l.contains('\x1b')) {
+        panic!("colour on a pipe: {l:?}");
+    }
+    assert!(
+        stderr
+            .iter()
+            .any(|l| l.contains("INFO") && l.contains("probe placed")),
+        "-v shows where probes went:\n{all}"
+    );
+    // Each failure is said once, in a plain `heapbpf:` line.
+    let failures: Vec<&String> = stderr.iter().filter(|l| l.contains("failed")).collect();
+    assert!(!failures.is_empty(), "{all}");
+    for l in &failures {
+        assert!(
+            l.starts_with("heapbpf: ") && !l.contains("ERROR"),
+            "a failure said other than in one plain line: {l:?}\n{all}"
+        );
+    }
+    let signal_failures = failures
+        .iter()
+        .filter(|l| l.starts_with("heapbpf: snapshot signal "))
+        .count();
+    assert_eq!(signal_failures, 1, "{all}");
+}
