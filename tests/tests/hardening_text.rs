@@ -1,7 +1,8 @@
 //! Issue 13, "Text a target controls": what a target (or a crafted
 //! snapshot) puts in names, paths and symbols reaches no terminal raw and
-//! splits no line; tracing's lines are plain off a terminal. Each test here
-//! failed against heapbpf at eb5edfa (`HEAPBPF_BIN=/tmp/base/heapbpf`).
+//! splits no line; tracing's lines are plain off a terminal. And
+//! `--max-live-blocks` is checked. Each test here failed against heapbpf at
+//! eb5edfa (`HEAPBPF_BIN=/tmp/base/heapbpf`).
 use std::{
     io::{BufRead, BufReader},
     path::Path,
@@ -309,4 +310,26 @@ fn logging_is_plain_off_a_terminal_and_a_failure_is_one_line() {
         .filter(|l| l.starts_with("heapbpf: snapshot signal "))
         .count();
     assert_eq!(signal_failures, 1, "{all}");
+}
+
+#[test]
+fn max_live_blocks_out_of_range_is_a_bad_flag() {
+    require_root();
+    let fx = Fixture::spawn("hostile");
+    let dir = TempDir::new("maxlive");
+    let pid = fx.pid.to_string();
+    let out = dir.path().to_str().unwrap();
+    for n in ["0", "67108865", "1073741824", "4294967295"] {
+        let (code, _, err) = run_heapbpf(&["attach", &pid, "-o", out, "--max-live-blocks", n]);
+        assert_eq!(code, 2, "--max-live-blocks {n}: {err}");
+        assert_eq!(
+            err.lines().next().unwrap_or(""),
+            format!("heapbpf: --max-live-blocks {n}: expected 1 to 67108864 (64Mi; the kernel reserves 16 bytes a block when heapbpf starts)"),
+            "{err}"
+        );
+        assert!(!err.contains("MapError") && !err.contains("Os {"), "{err}");
+    }
+    let (code, _, err) =
+        run_heapbpf(&["attach", &pid, "-o", out, "--max-live-blocks", "4294967296"]);
+    assert_eq!(code, 2, "{err}");
 }

@@ -16,7 +16,8 @@ use heapbpf_common::{
 };
 
 use super::{
-    load::load_error, map_fd, programs, sys, AttachedProbe, Floor, ProbedTarget, Profiler,
+    load::{error_chain, load_error},
+    map_fd, programs, sys, AttachedProbe, Floor, ProbedTarget, Profiler,
 };
 use crate::{
     allocator::{self, AttachPlan, EntryPoint, Library, ENTRY_POINTS},
@@ -273,8 +274,9 @@ impl Profiler {
                     Err(Error::NoSuchProcess { pid })
                 } else {
                     Err(load_error(format!(
-                        "cannot hook {symbol} in {}: {e}",
-                        lib.path
+                        "cannot hook {symbol} in {}: {}",
+                        lib.path,
+                        error_chain(&e)
                     )))
                 }
             }
