@@ -192,6 +192,15 @@ pub struct ReportArgs {
     pub format: ReportFormat,
 }
 
+/// `report --top N` and `diff --top N`: at least one entry (totals alone
+/// are what `--format json` is for).
+pub fn checked_top(top: usize) -> Result<usize> {
+    if top == 0 {
+        return Err(Error::BadInput("--top must be at least 1".into()));
+    }
+    Ok(top)
+}
+
 /// `--sample-bytes` when none is given; chosen by measurement (README,
 /// "Sampling").
 pub const DEFAULT_SAMPLE_BYTES: &str = "64KiB";
@@ -376,6 +385,12 @@ mod tests {
             let c = attach(&["1", "--max-live-blocks", n]).unwrap();
             assert_eq!(c.max_live_blocks.to_string(), n);
         }
+        assert_eq!(
+            checked_top(0).unwrap_err().to_string(),
+            "--top must be at least 1"
+        );
+        assert_eq!(checked_top(0).unwrap_err().exit_code(), 2);
+        assert_eq!(checked_top(3).unwrap(), 3);
         assert!(attach(&["1", "--interval", "soon"]).is_err());
         assert!(attach(&[]).is_err());
     }

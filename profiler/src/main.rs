@@ -4,7 +4,7 @@ use std::io::{IsTerminal, Write};
 
 use clap::Parser;
 use heapbpf::{
-    cli::{Cli, Command},
+    cli::{self, Cli, Command},
     commands, lines,
 };
 
@@ -37,8 +37,10 @@ fn main() {
             .into_config()
             .and_then(|cfg| commands::attach::run_command(cfg, &args.command))
             .map(|code| std::process::exit(code)),
-        Command::Report(a) => commands::run_report(&a.snapshot, a.top, a.format.into()),
-        Command::Diff(a) => commands::run_diff(&a.old, &a.new, a.top, a.format.into()),
+        Command::Report(a) => cli::checked_top(a.top)
+            .and_then(|top| commands::run_report(&a.snapshot, top, a.format.into())),
+        Command::Diff(a) => cli::checked_top(a.top)
+            .and_then(|top| commands::run_diff(&a.old, &a.new, top, a.format.into())),
     };
     if let Err(e) = result {
         for line in e.to_string().lines() {

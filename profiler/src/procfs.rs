@@ -94,13 +94,61 @@ fn proc_err(pid: u32, e: io::Error) -> Error {
         io::ErrorKind::NotFound => Error::NoSuchProcess { pid },
         io::ErrorKind::PermissionDenied => Error::NotTraceable {
             pid,
-            why: "permission denied reading /proc (run heapbpf as root)".into(),
+            why: access_denied(pid, &read_status("self").unwrap_or_default()),
         },
         _ => Error::NotTraceable {
             pid,
             why: e.to_string(),
         },
     }
+}
+
+/// Why the kernel refused heapbpf a process's `/proc/PID/maps` (and `exe`,
+/// `map_files`): its ptrace access check (`PTRACE_MODE_READ`), which root
+/// passes through `CAP_SYS_PTRACE` unless something stronger protects the
+/// process — as pid 1 on the machine this was written on, the init of a
+/// VM: root in the same user namespace, with `CAP_SYS_PTRACE`, reads its
+/// `status` but not its `maps`, `exe` or `root` (other root processes, with
+/// or without `CAP_SYS_PTRACE`, are readable). Worded from heapbpf's own
+/// `status`.
+pub fn access_denied(pid: u32, own_status: &str) -> String {
+    const CAP_SYS_PTRACE: u32 = 19;
+    let caps = |status: &str, key: &str| {
+        status_field(status, key).and_then(|v| u64::from_str_radix(v, 16).ok())
+    };
+    let euid = |status: &str| {
+        status_field(status, "Uid").and_then(|v| v.split_whitespace().nth(1)?.parse::<u32>().ok())
+    };
+    let own = caps(own_status, "CapEff").unwrap_or(0);
+    let uid = euid(own_status);
+    if own & (1 << CAP_SYS_PTRACE) == 0 {
+        return format!(
+            "permission denied reading /proc/{pid}/maps: heapbpf (uid {}) lacks CAP_SYS_PTRACE; \
+             run it as root or grant it CAP_SYS_PTRACE",
+            uid.map_or("?".into(), |u| u.to_string())
+        );
+    }
+    let who = if uid == Some(0) {
+        "runs as root with CAP_SYS_PTRACE"
+    } else {
+        "has CAP_SYS_PTRACE"
+    };
+    let mut why = format!(
+        "the kernel refuses heapbpf its memory map (/proc/{pid}/maps: the ptrace access check) \
+         although heapbpf {who}"
+    );
+    if pid == 1 {
+        why.push_str(
+            "; pid 1 is the init of this machine or container, protected from inspection: \
+             heapbpf cannot profile it from here",
+        );
+    } else {
+        why.push_str(
+            "; a security policy (Landlock, Yama, SELinux, AppArmor) protects the process \
+             from inspection",
+        );
+    }
+    why
 }
 
 /// Checks that `pid` names a live user-space process heapbpf may trace.
@@ -288,6 +336,27 @@ mod tests {
         assert_eq!(status_field(status, "State"), Some("Z (zombie)"));
         assert_eq!(status_field(status, "Cap"), None);
         assert_eq!(status_field(status, "CapEff"), Some("000001ffffffffff"));
+    }
+
+    #[test]
+    fn access_denied_says_what_the_kernel_refused() {
+        let root = "Uid:\t0\t0\t0\t0\nCapEff:\t000001fffeffffff\n";
+        let why = access_denied(1, root);
+        assert!(!why.contains("run heapbpf as root"), "{why}");
+        assert!(
+            why.starts_with("the kernel refuses heapbpf its memory map (/proc/1/maps")
+                && why.contains("although heapbpf runs as root with CAP_SYS_PTRACE")
+                && why.ends_with("heapbpf cannot profile it from here"),
+            "{why}"
+        );
+        assert!(access_denied(42, root).contains("a security policy"));
+        // Without CAP_SYS_PTRACE, that is the cause.
+        let nobody = "Uid:\t65534\t65534\t65534\t65534\nCapEff:\t000000c000000000\n";
+        let why = access_denied(42, nobody);
+        assert!(
+            why.contains("(uid 65534) lacks CAP_SYS_PTRACE") && why.contains("run it as root"),
+            "{why}"
+        );
     }
 
     #[test]
