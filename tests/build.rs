@@ -161,5 +161,51 @@ fn main() {
         .status()
         .expect("run gcc");
     assert!(status.success(), "gcc -static failed on fixtures/allocs.c");
+    hardening_fixtures(&out);
     println!("cargo:rustc-env=FIXTURE_DIR={}", out.display());
+}
+
+/// The fixtures of `hardening_text.rs`: `hostile` (glibc, and static against
+/// musl: a malloc without a free), and Go programs without and with cgo
+/// (built when Go is installed; the tests that need them say so).
+fn hardening_fixtures(out: &std::path::Path) {
+    println!("cargo:rerun-if-changed=fixtures/hostile.c");
+    let status = Command::new("gcc")
+        .args(["-O0", "-g", "-fno-omit-frame-pointer", "-Wall", "-o"])
+        .arg(out.join("hostile"))
+        .arg("fixtures/hostile.c")
+        .status()
+        .expect("run gcc");
+    assert!(status.success(), "gcc failed on fixtures/hostile.c");
+    let status = Command::new("musl-gcc")
+        .args([
+            "-static",
+            "-O0",
+            "-g",
+            "-fno-omit-frame-pointer",
+            "-Wall",
+            "-o",
+        ])
+        .arg(out.join("hostile-musl-static"))
+        .arg("fixtures/hostile.c")
+        .status()
+        .expect("run musl-gcc (install it: cargo xtask bootstrap installs musl-tools)");
+    assert!(
+        status.success(),
+        "musl-gcc -static failed on fixtures/hostile.c"
+    );
+    for (name, cgo) in [("gofx", "0"), ("gocgo", "1")] {
+        let src = format!("fixtures/{name}.go");
+        println!("cargo:rerun-if-changed={src}");
+        match Command::new("go")
+            .args(["build", "-o"])
+            .arg(out.join(name))
+            .arg(&src)
+            .env("CGO_ENABLED", cgo)
+            .status()
+        {
+            Ok(status) => assert!(status.success(), "go build failed on {src}"),
+            Err(e) => println!("cargo:warning=go fixtures not built ({e}): install golang-go"),
+        }
+    }
 }

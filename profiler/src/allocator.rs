@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use crate::{
     elf::{self, placement::Image},
     error::{Error, Result},
+    lines::escape,
     procfs::{self, Mapping, ProcessInfo},
 };
 
@@ -187,13 +188,16 @@ pub fn plan(info: &ProcessInfo, maps: &[Mapping], choice: &Choice) -> Result<Att
         why: match choice {
             Choice::Custom { path, .. } => format!(
                 "{path} is not mapped into {} (--allocator names a file the process has mapped: its path as in /proc/{pid}/maps, or its file name)",
-                info.comm
+                escape(&info.comm)
             ),
-            _ => format!(
-                "no {} library is mapped into {} (a stripped static program?); heapbpf hooks the allocator of a shared library or of an executable with a symbol table",
-                choice.as_str(),
-                info.comm
-            ),
+            _ => {
+                let facts = maps
+                    .iter()
+                    .find(|m| m.is_file() && m.is_exec())
+                    .map(|m| elf::program_facts(&m.map_file(pid)))
+                    .unwrap_or_default();
+                no_allocator(&escape(&info.comm), choice, facts)
+            }
         },
     })?;
     let libc = find(pid, maps, &Choice::Libc).filter(|l| l.path != chosen.path);
@@ -225,11 +229,61 @@ pub fn plan(info: &ProcessInfo, maps: &[Mapping], choice: &Choice) -> Result<Att
     })
 }
 
+/// Why nothing serves `malloc` in `comm`, from the facts of its executable:
+/// a Go program (its heap is the Go runtime's, not a C allocator's), a
+/// stripped static program, or one whose executable defines no `malloc`.
+pub fn no_allocator(comm: &str, choice: &Choice, exe: elf::ProgramFacts) -> String {
+    if exe.go && matches!(choice, Choice::Auto | Choice::Libc) {
+        return format!(
+            "{comm} is a Go program without a C allocator: its heap is managed by the Go runtime, \
+             which heapbpf does not hook; use Go's own heap profile (runtime/pprof's \
+             WriteHeapProfile, or net/http/pprof: go tool pprof http://HOST/debug/pprof/heap)"
+        );
+    }
+    if *choice != Choice::Auto {
+        return format!("no {} library is mapped into {comm}", choice.as_str());
+    }
+    let why = if !exe.elf {
+        "its executable cannot be read"
+    } else if !exe.has_symbols {
+        "its executable has no symbol table (a stripped static program)"
+    } else {
+        "its executable defines no malloc"
+    };
+    format!(
+        "nothing in {comm} serves malloc: no allocator library is mapped and {why}; \
+         heapbpf hooks the allocator of a shared library or of an executable with a symbol table"
+    )
+}
+
 /// The plan for `heapbpf run`, before the command runs `exec`: the C library
 /// heapbpf itself maps (same root), served by the dedicated allocator the
 /// command preloads (`LD_PRELOAD`) or links (`DT_NEEDED`, found where its
-/// dynamic linker will find it) when there is one.
+/// dynamic linker will find it) when there is one. A static program maps
+/// no library: its own `malloc`, or an error saying why there is none.
 pub fn plan_for_command(exe: &Path, ld_preload: Option<&str>) -> Result<AttachPlan> {
+    let facts = elf::program_facts(exe);
+    if facts.elf && facts.is_static {
+        let image = Image::open(exe);
+        if !image.defines("malloc") {
+            let name = exe.display().to_string();
+            let comm = escape(crate::model::basename(&name));
+            return Err(Error::BadInput(format!(
+                "cannot profile {}: {}",
+                escape(&name),
+                no_allocator(&comm, &Choice::Auto, facts)
+            )));
+        }
+        let main = Library {
+            never_frees: !image.defines("free"),
+            ..Library::new(exe.display().to_string(), exe.to_path_buf())
+        };
+        return Ok(AttachPlan {
+            main,
+            fallback: None,
+            extra: Vec::new(),
+        });
+    }
     let own_pid = std::process::id();
     let own = procfs::read_maps(own_pid)?;
     let libc = find(own_pid, &own, &Choice::Libc)
@@ -273,6 +327,9 @@ pub struct Library {
     /// Prefix of the allocator's function names (`je_` for a jemalloc
     /// built with `--with-jemalloc-prefix=je_`); empty for the standard names.
     pub prefix: String,
+    /// It has `malloc` and no `free` (see [`own_never_freeing`]): its
+    /// blocks live until the process exits.
+    pub never_frees: bool,
 }
 
 impl Library {
@@ -281,6 +338,7 @@ impl Library {
             path,
             open_path,
             prefix: String::new(),
+            never_frees: false,
         }
     }
 
@@ -448,6 +506,7 @@ pub fn find(pid: u32, maps: &[Mapping], choice: &Choice) -> Option<Library> {
         .find_map(mapped)
         .or_else(|| own(pid, maps, ""))
         .or_else(|| mapped(&Choice::Libc))
+        .or_else(|| own_never_freeing(pid, maps))
 }
 
 /// The executable, when its symbol table defines `PREFIXmalloc` and
@@ -460,6 +519,20 @@ fn own(pid: u32, maps: &[Mapping], prefix: &str) -> Option<Library> {
     };
     let image = Image::open(&lib.open_path);
     (image.defines(&lib.name("malloc")) && image.defines(&lib.name("free"))).then_some(lib)
+}
+
+/// A program with no C library mapped (a static one) whose `malloc` has no
+/// `free`: musl links its bump allocator (`__simple_malloc`, which never
+/// gives memory back) into a static program that never calls `free`. Every
+/// block it hands out lives until exit, so `malloc` alone accounts for them.
+fn own_never_freeing(pid: u32, maps: &[Mapping]) -> Option<Library> {
+    let exe = maps.iter().find(|m| m.is_file() && m.is_exec())?;
+    let lib = Library {
+        never_frees: true,
+        ..Library::new(exe.path.clone(), exe.map_file(pid))
+    };
+    let image = Image::open(&lib.open_path);
+    (image.defines("malloc") && !image.defines("free")).then_some(lib)
 }
 
 /// Allocators a program carries besides the one that serves `malloc`: a
@@ -615,6 +688,38 @@ mod tests {
         let custom = Choice::parse("/opt/libhoard.so").unwrap();
         let e = plan(&info(), &m, &custom).unwrap_err().to_string();
         assert!(e.contains("/opt/libhoard.so is not mapped into app"), "{e}");
+        // Nothing mapped: why, from the executable's facts.
+        let facts = |go, has_symbols| elf::ProgramFacts {
+            elf: true,
+            is_static: true,
+            has_symbols,
+            go,
+        };
+        let go = no_allocator("gofx", &Choice::Auto, facts(true, true));
+        assert!(
+            go.starts_with(
+                "gofx is a Go program without a C allocator: its heap is managed by the Go runtime"
+            ) && go.contains("runtime/pprof")
+                && go.contains("net/http/pprof"),
+            "{go}"
+        );
+        assert!(!go.contains("stripped"), "{go}");
+        // Stripped with -s -w: still recognised by .go.buildinfo.
+        assert!(no_allocator("g", &Choice::Auto, facts(true, false)).contains("Go runtime"));
+        let stripped = no_allocator("st", &Choice::Auto, facts(false, false));
+        assert!(
+            stripped.contains("has no symbol table (a stripped static program)"),
+            "{stripped}"
+        );
+        let plain = no_allocator("st", &Choice::Auto, facts(false, true));
+        assert!(
+            plain.contains("its executable defines no malloc"),
+            "{plain}"
+        );
+        assert_eq!(
+            no_allocator("g", &Choice::Jemalloc, facts(true, true)),
+            "no jemalloc library is mapped into g"
+        );
         // A file name is enough for a mapped file.
         let p = plan(&info(), &m, &Choice::parse("libc.so.6").unwrap()).unwrap();
         assert_eq!(p.main.path, "/usr/lib/x86_64-linux-gnu/libc.so.6");

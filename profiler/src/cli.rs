@@ -202,6 +202,15 @@ pub struct ReportArgs {
 const MIN_STACKS: u32 = 1024;
 const MAX_STACKS: u32 = 1 << 22;
 
+/// `report --top N` and `diff --top N`: at least one entry (totals alone
+/// are what `--format json` is for).
+pub fn checked_top(top: usize) -> Result<usize> {
+    if top == 0 {
+        return Err(Error::BadInput("--top must be at least 1".into()));
+    }
+    Ok(top)
+}
+
 /// `--sample-bytes` when none is given; chosen by measurement (README,
 /// "Sampling").
 pub const DEFAULT_SAMPLE_BYTES: &str = "64KiB";
@@ -247,6 +256,13 @@ impl ProfileArgs {
         }
         if self.max_snapshots == Some(0) {
             return Err(Error::BadInput("--max-snapshots must be at least 1".into()));
+        }
+        if !(1..=ebpf::MAX_LIVE_BLOCKS).contains(&self.max_live_blocks) {
+            return Err(Error::BadInput(format!(
+                "--max-live-blocks {}: expected 1 to {} (64Mi; the kernel reserves 16 bytes a block when heapbpf starts)",
+                self.max_live_blocks,
+                ebpf::MAX_LIVE_BLOCKS
+            )));
         }
         Ok(Config {
             output_dir: self.output_dir,
@@ -372,6 +388,26 @@ mod tests {
             allocator::Choice::Jemalloc
         );
         assert!(attach(&["1", "--heap-step", "0"]).is_err());
+        for n in ["0", "67108865", "1073741824", "4294967295"] {
+            let e = attach(&["1", "--max-live-blocks", n]).unwrap_err();
+            assert_eq!(e.exit_code(), 2, "{n}");
+            assert!(
+                e.to_string()
+                    .starts_with(&format!("--max-live-blocks {n}: expected 1 to 67108864")),
+                "{e}"
+            );
+        }
+        assert!(attach(&["1", "--max-live-blocks", "4294967296"]).is_err());
+        for n in ["1", "67108864"] {
+            let c = attach(&["1", "--max-live-blocks", n]).unwrap();
+            assert_eq!(c.max_live_blocks.to_string(), n);
+        }
+        assert_eq!(
+            checked_top(0).unwrap_err().to_string(),
+            "--top must be at least 1"
+        );
+        assert_eq!(checked_top(0).unwrap_err().exit_code(), 2);
+        assert_eq!(checked_top(3).unwrap(), 3);
         assert!(attach(&["1", "--interval", "soon"]).is_err());
         assert!(attach(&[]).is_err());
     }

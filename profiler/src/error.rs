@@ -10,6 +10,8 @@ pub enum Error {
     BadInput(String),
     #[error("no such process: {pid} (check the pid with `ps -p {pid}`)")]
     NoSuchProcess { pid: u32 },
+    #[error("process {pid} exited while heapbpf was attaching to it")]
+    Exited { pid: u32 },
     #[error("cannot trace pid {pid}: {why}")]
     NotTraceable { pid: u32, why: String },
     #[error("cannot write snapshots to {}: {why}", path.display())]
@@ -33,6 +35,7 @@ impl Error {
         match self {
             Error::BadInput(_)
             | Error::NoSuchProcess { .. }
+            | Error::Exited { .. }
             | Error::NotTraceable { .. }
             | Error::OutputDir { .. }
             | Error::BadSnapshot { .. } => 2,

@@ -1,7 +1,13 @@
 //! The lines of the contract on stderr (`attached`, `snapshot`, step and
 //! warning lines): user-facing output, not logging. Every such line is made
 //! here, so that their wording lives in one place.
-use std::{io::Write as _, path::PathBuf};
+//!
+//! Text a target controls (its name, the paths it maps, its symbol names, and
+//! whatever a snapshot file says) goes through [`escape`] wherever heapbpf
+//! prints it for people — these lines, error lines, `report` and `diff` —
+//! so that it can neither split a line nor drive the terminal. Data files
+//! (JSON, pprof) keep the text as it is.
+use std::{borrow::Cow, fmt::Write as _, io::Write as _, path::PathBuf};
 
 use crate::{
     model::{Totals, Trigger},
@@ -12,10 +18,36 @@ use crate::{
 /// What every line starts with.
 pub const PREFIX: &str = "heapbpf: ";
 
-/// Writes `heapbpf: LINE` to stderr.
+/// `text` with every control character written out: C0 (`\n`, `\r`, `\t`,
+/// else `\x1b` style), DEL (`\x7f`) and C1 (`\u{9b}` style). Nothing else
+/// changes, so a plain name or path reads as it is.
+pub fn escape(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x80 && c.is_control() => {
+                let _ = write!(out, "\\x{:02x}", c as u32);
+            }
+            c if c.is_control() => {
+                let _ = write!(out, "\\u{{{:x}}}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// Writes `heapbpf: LINE` to stderr, as one line whatever it contains (see
+/// [`escape`]; the lines below escape what a target controls themselves).
 pub fn say(line: &str) {
     let mut err = std::io::stderr().lock();
-    let _ = writeln!(err, "{PREFIX}{line}");
+    let _ = writeln!(err, "{PREFIX}{}", escape(line));
 }
 
 /// Once every probe of a target is live: exactly one such line per target.
@@ -26,8 +58,10 @@ pub fn attached(
     libraries: &[&str],
     sample_bytes: u64,
 ) -> String {
+    let libraries: Vec<Cow<str>> = libraries.iter().map(|l| escape(l)).collect();
     format!(
-        "attached to {pid} ({comm}): {probes} probes in {}; sampling {}; heapbpf pid {}",
+        "attached to {pid} ({}): {probes} probes in {}; sampling {}; heapbpf pid {}",
+        escape(comm),
         libraries.join(", "),
         if sample_bytes == 0 {
             "EXACT".to_string()
@@ -40,7 +74,11 @@ pub fn attached(
 
 /// An allocator library a target mapped after attach, now hooked.
 pub fn hooked_since(library: &str, pid: u32, comm: &str, probes: usize) -> String {
-    format!("hooked {library} in {pid} ({comm}), mapped since: {probes} probes")
+    format!(
+        "hooked {} in {pid} ({}), mapped since: {probes} probes",
+        escape(library),
+        escape(comm)
+    )
 }
 
 /// One snapshot written: its trigger, figures and files.
@@ -51,7 +89,10 @@ pub fn snapshot_written(
     live_allocations: u64,
     paths: &[PathBuf],
 ) -> String {
-    let paths: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+    let paths: Vec<String> = paths
+        .iter()
+        .map(|p| escape(&p.display().to_string()).into_owned())
+        .collect();
     format!(
         "snapshot {} pid={pid} live={live_bytes} allocations={live_allocations} -> {}",
         trigger.as_str(),
@@ -61,7 +102,11 @@ pub fn snapshot_written(
 
 /// One snapshot that could not be written.
 pub fn snapshot_failed(trigger: Trigger, pid: u32, why: &dyn std::fmt::Display) -> String {
-    format!("snapshot {} pid={pid} failed: {why}", trigger.as_str())
+    format!(
+        "snapshot {} pid={pid} failed: {}",
+        trigger.as_str(),
+        escape(&why.to_string())
+    )
 }
 
 /// Before a step snapshot: which threshold, and whether several were jumped
@@ -229,5 +274,36 @@ mod tests {
             w.contains("allocs_full 1 (the live-block map (ALLOCS) was full"),
             "{w}"
         );
+    }
+
+    #[test]
+    fn control_characters_are_written_out() {
+        assert!(matches!(
+            escape("redis-server /usr/lib/ü"),
+            Cow::Borrowed(_)
+        ));
+        assert_eq!(
+            escape("\x1b]0;pwn\x07a\nb\r\tc\x7f\u{9b}d\u{85}\0"),
+            "\\x1b]0;pwn\\x07a\\nb\\r\\tc\\x7f\\u{9b}d\\u{85}\\x00"
+        );
+        // Escaping escaped text changes nothing.
+        let once = escape("a\x1bb").into_owned();
+        assert_eq!(escape(&once), once);
+        // A target naming itself with escapes and a newline: still one line,
+        // the escapes visible, and read back as written.
+        let a = attached(7, "\x1b[31mX\nY", 2, &["/tmp/\x1bz/libc.so.6"], 0);
+        assert!(!a.contains(['\n', '\x1b']), "{a}");
+        assert!(
+            a.starts_with("attached to 7 (\\x1b[31mX\\nY): 2 probes in /tmp/\\x1bz/libc.so.6;"),
+            "{a}"
+        );
+        assert_eq!(
+            parse_attached(&format!("{PREFIX}{a}")),
+            Some((7, "\\x1b[31mX\\nY"))
+        );
+        let h = hooked_since("/x/\x1b.so", 7, "a\nb", 3);
+        assert!(!h.contains(['\n', '\x1b']), "{h}");
+        let f = snapshot_failed(Trigger::Stop, 7, &"disk\nfull");
+        assert!(f.ends_with("failed: disk\\nfull"), "{f}");
     }
 }

@@ -73,9 +73,11 @@ pub fn status_field<'a>(status: &'a str, key: &str) -> Option<&'a str> {
     })
 }
 
-/// `/proc/PID/status` (`self` for heapbpf itself).
+/// `/proc/PID/status` (`self` for heapbpf itself). Its `Name` is whatever
+/// bytes the process named itself with: not necessarily UTF-8.
 pub fn read_status(pid: &str) -> io::Result<String> {
-    fs::read_to_string(format!("/proc/{pid}/status"))
+    let bytes = fs::read(format!("/proc/{pid}/status"))?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 
 /// Identity of a target, read once at attach.
@@ -92,13 +94,61 @@ fn proc_err(pid: u32, e: io::Error) -> Error {
         io::ErrorKind::NotFound => Error::NoSuchProcess { pid },
         io::ErrorKind::PermissionDenied => Error::NotTraceable {
             pid,
-            why: "permission denied reading /proc (run heapbpf as root)".into(),
+            why: access_denied(pid, &read_status("self").unwrap_or_default()),
         },
         _ => Error::NotTraceable {
             pid,
             why: e.to_string(),
         },
     }
+}
+
+/// Why the kernel refused heapbpf a process's `/proc/PID/maps` (and `exe`,
+/// `map_files`): its ptrace access check (`PTRACE_MODE_READ`), which root
+/// passes through `CAP_SYS_PTRACE` unless something stronger protects the
+/// process — as pid 1 on the machine this was written on, the init of a
+/// VM: root in the same user namespace, with `CAP_SYS_PTRACE`, reads its
+/// `status` but not its `maps`, `exe` or `root` (other root processes, with
+/// or without `CAP_SYS_PTRACE`, are readable). Worded from heapbpf's own
+/// `status`.
+pub fn access_denied(pid: u32, own_status: &str) -> String {
+    const CAP_SYS_PTRACE: u32 = 19;
+    let caps = |status: &str, key: &str| {
+        status_field(status, key).and_then(|v| u64::from_str_radix(v, 16).ok())
+    };
+    let euid = |status: &str| {
+        status_field(status, "Uid").and_then(|v| v.split_whitespace().nth(1)?.parse::<u32>().ok())
+    };
+    let own = caps(own_status, "CapEff").unwrap_or(0);
+    let uid = euid(own_status);
+    if own & (1 << CAP_SYS_PTRACE) == 0 {
+        return format!(
+            "permission denied reading /proc/{pid}/maps: heapbpf (uid {}) lacks CAP_SYS_PTRACE; \
+             run it as root or grant it CAP_SYS_PTRACE",
+            uid.map_or("?".into(), |u| u.to_string())
+        );
+    }
+    let who = if uid == Some(0) {
+        "runs as root with CAP_SYS_PTRACE"
+    } else {
+        "has CAP_SYS_PTRACE"
+    };
+    let mut why = format!(
+        "the kernel refuses heapbpf its memory map (/proc/{pid}/maps: the ptrace access check) \
+         although heapbpf {who}"
+    );
+    if pid == 1 {
+        why.push_str(
+            "; pid 1 is the init of this machine or container, protected from inspection: \
+             heapbpf cannot profile it from here",
+        );
+    } else {
+        why.push_str(
+            "; a security policy (Landlock, Yama, SELinux, AppArmor) protects the process \
+             from inspection",
+        );
+    }
+    why
 }
 
 /// Checks that `pid` names a live user-space process heapbpf may trace.
@@ -129,15 +179,18 @@ pub fn process_info(pid: u32) -> Result<ProcessInfo> {
             why: "the process has exited (zombie)".into(),
         });
     }
-    let comm = fs::read_to_string(format!("/proc/{pid}/comm"))
-        .map_err(|e| proc_err(pid, e))?
-        .trim_end()
-        .to_string();
+    // The name is whatever bytes the process gave itself (PR_SET_NAME):
+    // not necessarily UTF-8, and printed only through lines::escape.
+    let comm = fs::read(format!("/proc/{pid}/comm")).map_err(|e| proc_err(pid, e))?;
+    let comm = String::from_utf8_lossy(comm.strip_suffix(b"\n").unwrap_or(&comm)).into_owned();
     let maps = read_maps(pid)?;
     if maps.is_empty() {
         return Err(Error::NotTraceable {
             pid,
-            why: format!("{comm} is a kernel thread, it has no user-space heap"),
+            why: format!(
+                "{} is a kernel thread, it has no user-space heap",
+                crate::lines::escape(&comm)
+            ),
         });
     }
     let exe_link = fs::read_link(format!("/proc/{pid}/exe")).ok();
@@ -158,8 +211,10 @@ pub fn process_info(pid: u32) -> Result<ProcessInfo> {
 }
 
 pub fn read_maps(pid: u32) -> Result<Vec<Mapping>> {
-    let text = fs::read_to_string(format!("/proc/{pid}/maps")).map_err(|e| proc_err(pid, e))?;
-    let mut maps = parse_maps(&text);
+    // Paths are bytes, not necessarily UTF-8 (files are opened through
+    // map_files, never by these paths).
+    let text = fs::read(format!("/proc/{pid}/maps")).map_err(|e| proc_err(pid, e))?;
+    let mut maps = parse_maps(&String::from_utf8_lossy(&text));
     to_target_view(&mut maps, root_of(pid).as_deref());
     Ok(maps)
 }
@@ -212,8 +267,11 @@ fn page_size() -> u64 {
 
 /// True while `/proc/PID` exists and is not a zombie.
 pub fn is_alive(pid: u32) -> bool {
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => parse_stat_state(&stat).is_some_and(|s| s != 'Z' && s != 'X'),
+    // Not read as UTF-8: the name in it is the process's own bytes.
+    match fs::read(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            parse_stat_state(&String::from_utf8_lossy(&stat)).is_some_and(|s| s != 'Z' && s != 'X')
+        }
         Err(_) => false,
     }
 }
@@ -278,6 +336,27 @@ mod tests {
         assert_eq!(status_field(status, "State"), Some("Z (zombie)"));
         assert_eq!(status_field(status, "Cap"), None);
         assert_eq!(status_field(status, "CapEff"), Some("000001ffffffffff"));
+    }
+
+    #[test]
+    fn access_denied_says_what_the_kernel_refused() {
+        let root = "Uid:\t0\t0\t0\t0\nCapEff:\t000001fffeffffff\n";
+        let why = access_denied(1, root);
+        assert!(!why.contains("run heapbpf as root"), "{why}");
+        assert!(
+            why.starts_with("the kernel refuses heapbpf its memory map (/proc/1/maps")
+                && why.contains("although heapbpf runs as root with CAP_SYS_PTRACE")
+                && why.ends_with("heapbpf cannot profile it from here"),
+            "{why}"
+        );
+        assert!(access_denied(42, root).contains("a security policy"));
+        // Without CAP_SYS_PTRACE, that is the cause.
+        let nobody = "Uid:\t65534\t65534\t65534\t65534\nCapEff:\t000000c000000000\n";
+        let why = access_denied(42, nobody);
+        assert!(
+            why.contains("(uid 65534) lacks CAP_SYS_PTRACE") && why.contains("run it as root"),
+            "{why}"
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 use serde_json::json;
 
 use crate::{
+    lines::escape,
     model::{Diff, Snapshot},
     units::{human_age_ms, human_bytes},
 };
@@ -46,6 +47,11 @@ fn cell(text: String, width: usize, style: impl Fn(&str) -> String) -> String {
     style(&format!("{text:>width$}"))
 }
 
+/// A frame as people read it, with what the target controls escaped.
+fn label(f: &crate::model::Frame) -> String {
+    escape(&f.label()).into_owned()
+}
+
 pub fn text(s: &Snapshot, top: usize, color: bool) -> String {
     let c = Style(color);
     let mut o = String::new();
@@ -57,14 +63,16 @@ pub fn text(s: &Snapshot, top: usize, color: bool) -> String {
     let _ = writeln!(
         o,
         "heapbpf snapshot of pid {} ({}) {}",
-        s.pid, s.comm, s.exe
+        s.pid,
+        escape(&s.comm),
+        escape(&s.exe)
     );
     let _ = writeln!(
         o,
         "taken {} (trigger {}), attached {}, {}",
-        s.taken_at,
+        escape(&s.taken_at),
         s.trigger.as_str(),
-        s.attached_at,
+        escape(&s.attached_at),
         sampling
     );
     let t = &s.totals;
@@ -129,7 +137,7 @@ pub fn text(s: &Snapshot, top: usize, color: bool) -> String {
         let mut frames = st.frames.iter();
         let first = frames
             .next()
-            .map(|f| f.label())
+            .map(label)
             .unwrap_or_else(|| "[unknown stack]".into());
         let _ = writeln!(
             o,
@@ -147,7 +155,7 @@ pub fn text(s: &Snapshot, top: usize, color: bool) -> String {
                 "{:>44}  {}{}",
                 "",
                 if f.inlined { "(inlined) " } else { "" },
-                f.label()
+                label(f)
             );
         }
         let rest = st.frames.len().saturating_sub(FRAMES_SHOWN);
@@ -221,12 +229,16 @@ pub fn diff_text(d: &Diff, top: usize, color: bool) -> String {
     let _ = writeln!(
         o,
         "  old: pid {} {} taken {}",
-        d.old.pid, d.old.exe, d.old.taken_at
+        d.old.pid,
+        escape(&d.old.exe),
+        escape(&d.old.taken_at)
     );
     let _ = writeln!(
         o,
         "  new: pid {} {} taken {}",
-        d.new.pid, d.new.exe, d.new.taken_at
+        d.new.pid,
+        escape(&d.new.exe),
+        escape(&d.new.taken_at)
     );
     if d.different_executables() {
         let _ = writeln!(
@@ -259,7 +271,7 @@ pub fn diff_text(d: &Diff, top: usize, color: bool) -> String {
         let mut frames = e.frames.iter();
         let first = frames
             .next()
-            .map(|f| f.label())
+            .map(label)
             .unwrap_or_else(|| "[unknown stack]".into());
         let paint = |t: &str| {
             if e.delta_bytes > 0 {
@@ -282,7 +294,7 @@ pub fn diff_text(d: &Diff, top: usize, color: bool) -> String {
             c.site(&first)
         );
         for f in frames.take(3) {
-            let _ = writeln!(o, "{:>62}  {}", "", f.label());
+            let _ = writeln!(o, "{:>62}  {}", "", label(f));
         }
     }
     o
@@ -427,6 +439,40 @@ mod tests {
         assert_eq!(v["stacks"][0]["frames"][0]["function"], "leak_malloc");
         assert_eq!(v["totals"]["live_bytes"], 3072);
         assert_eq!(v["stacks"][0]["truncated"], false);
+    }
+
+    #[test]
+    fn text_a_target_controls_is_escaped() {
+        let mut s = snap();
+        s.comm = "\x1b[2Jx\ny".into();
+        s.exe = "/tmp/\x1b]0;t\x07".into();
+        s.taken_at = "\u{9b}31m".into();
+        s.stacks[0].frames[0].function = Some("\x1b]8;;http://x\x07f\rg".into());
+        s.stacks[0].frames[1].module = Some("/x/\nm".into());
+        s.stacks[0].frames[1].file = None;
+        let no_controls = |t: &str| {
+            t.lines()
+                .all(|l| !l.chars().any(|c| c.is_control() && c != '\x1b'))
+        };
+        let r = text(&s, 10, false);
+        assert!(
+            !r.contains(['\x1b', '\r', '\u{9b}']) && no_controls(&r),
+            "{r}"
+        );
+        assert!(r.contains("(\\x1b[2Jx\\ny) /tmp/\\x1b]0;t\\x07"), "{r}");
+        assert!(r.contains("taken \\u{9b}31m"), "{r}");
+        assert!(r.contains("\\x1b]8;;http://x\\x07f\\rg (leak.c:12)"), "{r}");
+        assert!(r.contains("main (\\nm)"), "{r}");
+        // With colour, the only escapes are heapbpf's own.
+        let c = text(&s, 10, true);
+        assert!(!c.contains("\x1b]") && !c.contains("\x1b[2J"), "{c:?}");
+        let d = crate::model::diff(&snap(), &s);
+        let t = diff_text(&d, 10, false);
+        assert!(
+            !t.contains(['\x1b', '\r', '\u{9b}']) && no_controls(&t),
+            "{t}"
+        );
+        assert!(t.contains("/tmp/\\x1b]0;t\\x07 taken \\u{9b}31m"), "{t}");
     }
 
     #[test]

@@ -153,6 +153,8 @@ pub fn bootstrap() -> Result<()> {
         ("bpftrace", "bpftrace"),
         ("heaptrack", "heaptrack"),
         ("node", "nodejs"),
+        // A static musl fixture (hardening_text.rs).
+        ("musl-gcc", "musl-tools"),
     ] {
         if output(Command::new("which").arg(tool)).is_none() {
             packages.push(package);

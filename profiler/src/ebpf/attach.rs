@@ -17,7 +17,8 @@ use heapbpf_common::{
 };
 
 use super::{
-    load::load_error, map_fd, programs, sys, AttachedProbe, Floor, ProbedTarget, Profiler,
+    load::{error_chain, load_error},
+    map_fd, programs, sys, AttachedProbe, Floor, ProbedTarget, Profiler,
 };
 use crate::{
     allocator::{self, AttachPlan, EntryPoint, Library, ENTRY_POINTS},
@@ -95,10 +96,18 @@ impl Profiler {
             let (f, image) = fallback.as_ref()?;
             image.defines(&f.name(symbol)).then_some((*f, image))
         };
-        if pick("malloc").is_none() || pick("free").is_none() {
+        if pick("malloc").is_none() || (pick("free").is_none() && !lib.never_frees) {
+            // Its files are unreadable once it is gone: that is not a
+            // library without malloc.
+            if !crate::procfs::is_alive(pid) {
+                return Err(Error::Exited { pid });
+            }
             return Err(Error::NotTraceable {
                 pid,
-                why: format!("{} does not export malloc and free", lib.path),
+                why: format!(
+                    "{} does not export malloc and free",
+                    crate::lines::escape(&lib.path)
+                ),
             });
         }
         let return_program = if self.floor.is_some() {
@@ -139,7 +148,7 @@ impl Profiler {
             let cookie = allocator::probe_cookie(spec.call, target);
             match self.attach_session(program, &name, start + offset, cookie, target, pid) {
                 Ok(()) => {}
-                Err(Error::NoSuchProcess { pid }) => return Err(Error::NoSuchProcess { pid }),
+                Err(Error::Exited { pid }) => return Err(Error::Exited { pid }),
                 Err(e) => {
                     // Hooked below as a uprobe + uretprobe pair instead.
                     tracing::info!(pid, symbol = %name, error = %e, "no uprobe session; using a uprobe + uretprobe pair");
@@ -269,11 +278,12 @@ impl Profiler {
             }
             Err(e) => {
                 if !crate::procfs::is_alive(pid) {
-                    Err(Error::NoSuchProcess { pid })
+                    Err(Error::Exited { pid })
                 } else {
                     Err(load_error(format!(
-                        "cannot hook {symbol} in {}: {e}",
-                        lib.path
+                        "cannot hook {symbol} in {}: {}",
+                        lib.path,
+                        error_chain(&e)
                     )))
                 }
             }
@@ -305,7 +315,7 @@ impl Profiler {
             }
             Err(e) if !crate::procfs::is_alive(pid) => {
                 tracing::debug!(pid, error = %e, "target gone");
-                Err(Error::NoSuchProcess { pid })
+                Err(Error::Exited { pid })
             }
             Err(e) => Err(load_error(format!(
                 "cannot hook {symbol} in {} (uprobe session): {e}",

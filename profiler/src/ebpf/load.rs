@@ -64,16 +64,58 @@ pub fn preflight() -> Result<()> {
     Ok(())
 }
 
-/// The error of a failed load or attach, by what the kernel said.
-pub(super) fn load_error(e: impl std::fmt::Display + std::fmt::Debug) -> Error {
-    let text = e.to_string();
-    let lower = format!("{e:?}").to_lowercase();
+/// The error of a failed load or attach, by what the kernel said; `text`
+/// is plain words ([`error_chain`]), never a Debug dump.
+pub(super) fn load_error(text: impl std::fmt::Display) -> Error {
+    let text = text.to_string();
+    let lower = text.to_lowercase();
     if lower.contains("operation not permitted") || lower.contains("permission denied") {
         Error::Privileges(text)
     } else if lower.contains("function not implemented") {
         Error::Unsupported(format!("this kernel has no BPF support: {text}"))
     } else {
-        Error::runtime("cannot load heapbpf's eBPF programs", format!("{e:?}"))
+        Error::runtime("cannot load heapbpf's eBPF programs", text)
+    }
+}
+
+/// An error and its causes on one line (`map error: failed to create map
+/// `ALLOCS`: Argument list too long (os error 7)`): aya puts the kernel's
+/// answer in the source. A verifier log (many lines) is left to `-vv`.
+pub(super) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let more = s.to_string();
+        if !text.contains(&more) {
+            text = format!("{text}: {more}");
+        }
+        source = s.source();
+    }
+    match text.split_once('\n') {
+        Some((first, _)) => {
+            tracing::debug!("{text}");
+            format!("{} (heapbpf -vv shows the rest)", first.trim_end())
+        }
+        None => text,
+    }
+}
+
+/// A map the kernel would not create: which, why, and the flag that sizes
+/// it when there is one.
+fn map_create_error(e: aya::EbpfError, max_live_blocks: u32) -> Error {
+    use aya::maps::MapError;
+    match &e {
+        aya::EbpfError::MapError(MapError::CreateError { name, io_error }) => {
+            let flag = if name == "ALLOCS" {
+                format!(" (the live-block map, --max-live-blocks {max_live_blocks}: try fewer)")
+            } else {
+                String::new()
+            };
+            load_error(format!(
+                "the kernel would not create heapbpf's eBPF map {name}{flag}: {io_error}"
+            ))
+        }
+        _ => load_error(error_chain(&e)),
     }
 }
 
@@ -119,14 +161,14 @@ impl Profiler {
             .map_max_entries(maps::STACK_STATS, opts.max_stacks.saturating_mul(2))
             .map_max_entries(maps::UNWIND_ROWS, unwind_rows)
             .load(PROGRAM_OBJECT)
-            .map_err(load_error)?;
+            .map_err(|e| map_create_error(e, opts.max_live_blocks))?;
         for name in programs::uprobes() {
             let prog: &mut UProbe = ebpf
                 .program_mut(name)
                 .ok_or_else(|| Error::Runtime(format!("eBPF object has no program {name}")))?
                 .try_into()
                 .map_err(|e| Error::runtime(format!("program {name}"), e))?;
-            prog.load().map_err(load_error)?;
+            prog.load().map_err(|e| load_error(error_chain(&e)))?;
             if let Ok(info) = prog.info() {
                 tracing::debug!(
                     program = name,
@@ -231,5 +273,45 @@ impl Profiler {
         } else {
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn map_creation_failures_are_plain_words() {
+        let e = aya::EbpfError::MapError(aya::maps::MapError::CreateError {
+            name: "ALLOCS".into(),
+            io_error: std::io::Error::from_raw_os_error(libc::E2BIG),
+        });
+        let chain = error_chain(&e);
+        assert_eq!(
+            chain,
+            "map error: failed to create map `ALLOCS`: Argument list too long (os error 7)"
+        );
+        let msg = map_create_error(e, 1 << 30).to_string();
+        assert_eq!(
+            msg,
+            "cannot load heapbpf's eBPF programs: the kernel would not create heapbpf's eBPF map ALLOCS \
+             (the live-block map, --max-live-blocks 1073741824: try fewer): Argument list too long (os error 7)"
+        );
+        assert!(
+            !msg.contains("CreateError") && !msg.contains("Os {"),
+            "{msg}"
+        );
+        // Permission problems stay privilege errors.
+        let e = aya::EbpfError::MapError(aya::maps::MapError::CreateError {
+            name: "STACKS".into(),
+            io_error: std::io::Error::from_raw_os_error(libc::EPERM),
+        });
+        let e = map_create_error(e, 8);
+        assert!(matches!(e, Error::Privileges(_)), "{e}");
+        assert!(
+            e.to_string()
+                .contains("map STACKS: Operation not permitted"),
+            "{e}"
+        );
     }
 }

@@ -55,6 +55,12 @@ pub struct LoadOptions {
 /// `--max-stacks` when none is given.
 pub const DEFAULT_MAX_STACKS: u32 = 1 << 16;
 
+/// The most `--max-live-blocks` heapbpf accepts. The live-block map
+/// allocates its buckets when created, 16 bytes a block (rounded up to a
+/// power of two): 1 GiB here. This kernel refuses more than 2^27 (E2BIG:
+/// the bucket array would pass 4 GiB), and 2^27 took seconds to create.
+pub const MAX_LIVE_BLOCKS: u32 = 1 << 26;
+
 /// Call-frame rows the kernel can hold for all modules of all targets
 /// (12 bytes each): glibc needs about 20 k, a large C++ program a few 100 k.
 pub const UNWIND_ROWS: u32 = 1 << 20;

@@ -12,6 +12,56 @@ pub fn build_id(path: &Path) -> Option<String> {
     Some(id.iter().map(|b| format!("{b:02x}")).collect())
 }
 
+/// What an executable is, for finding its allocator when no allocator
+/// library is mapped, and for saying why there is none.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProgramFacts {
+    /// An ELF file at all (not a script).
+    pub elf: bool,
+    /// No program interpreter (`PT_INTERP`): no library is mapped to run it.
+    pub is_static: bool,
+    /// It has symbols (`.symtab` or dynamic ones): not stripped.
+    pub has_symbols: bool,
+    /// A Go program: its `.go.buildinfo` section (kept by `-ldflags=-s -w`)
+    /// or the Go runtime's symbols.
+    pub go: bool,
+}
+
+pub fn program_facts(path: &Path) -> ProgramFacts {
+    use object::{
+        read::elf::{ElfFile64, FileHeader, ProgramHeader},
+        Object, ObjectSymbol,
+    };
+    let Ok(file) = std::fs::File::open(path) else {
+        return ProgramFacts::default();
+    };
+    // SAFETY: a read-only private mapping of a program file.
+    let Ok(data) = (unsafe { memmap2::Mmap::map(&file) }) else {
+        return ProgramFacts::default();
+    };
+    let Ok(elf) = ElfFile64::<object::Endianness>::parse(&*data) else {
+        return ProgramFacts::default();
+    };
+    let endian = elf.endian();
+    let interp = elf
+        .elf_header()
+        .program_headers(endian, &*data)
+        .map(|phs| {
+            phs.iter()
+                .any(|ph| ph.p_type(endian) == object::elf::PT_INTERP)
+        })
+        .unwrap_or(false);
+    let mut symbols = elf.symbols().chain(elf.dynamic_symbols()).peekable();
+    let has_symbols = symbols.peek().is_some();
+    let go_runtime = symbols.any(|s| s.name() == Ok("runtime.mallocgc"));
+    ProgramFacts {
+        elf: true,
+        is_static: !interp,
+        has_symbols,
+        go: elf.section_by_name(".go.buildinfo").is_some() || go_runtime,
+    }
+}
+
 /// The `DT_NEEDED` libraries of an ELF file, and the directories the
 /// dynamic linker searches for them before the system ones, in its order:
 /// `DT_RPATH` (only without `DT_RUNPATH`), `LD_LIBRARY_PATH`, `DT_RUNPATH`

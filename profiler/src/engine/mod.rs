@@ -16,7 +16,7 @@ pub use config::Config;
 use crate::{
     allocator::{self, AttachPlan},
     ebpf::{self, LoadOptions, Profiler},
-    error::Result,
+    error::{Error, Result},
     lines::{self, say},
     model::{RawSnapshot, RetiredStacks, Snapshot, TargetMeta, Trigger},
     output::writer::Series,
@@ -87,9 +87,19 @@ impl Engine {
 
     /// Attaches to a running process: its allocator found in its memory map.
     pub fn attach(&mut self, info: ProcessInfo) -> Result<()> {
-        let maps = procfs::read_maps(info.pid)?;
-        let plan = allocator::plan(&info, &maps, &self.cfg.allocator)?;
-        self.attach_plan(info, &plan)
+        let pid = info.pid;
+        let result = procfs::read_maps(pid)
+            .and_then(|maps| allocator::plan(&info, &maps, &self.cfg.allocator))
+            .and_then(|plan| self.attach_plan(info, &plan));
+        // A process that exits meanwhile leaves an empty map and unreadable
+        // files: whatever failed, that is what happened.
+        result.map_err(|e| {
+            if procfs::is_alive(pid) {
+                e
+            } else {
+                Error::Exited { pid }
+            }
+        })
     }
 
     /// Hooks every library of `plan` and registers the target; prints the

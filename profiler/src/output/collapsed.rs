@@ -2,8 +2,10 @@
 //! by live bytes: the input of flamegraph.pl, inferno and speedscope.
 use crate::model::{Diff, Frame, Snapshot};
 
-/// A frame's name in folded output. `;` separates frames and the last space
-/// separates the count, so neither may appear inside a name.
+/// A frame's name in folded output. `;` separates frames and a newline
+/// stacks, so neither may appear inside a name (control characters are
+/// written out, as heapbpf prints them: `\n`, `\x1b`); the count follows
+/// the last space.
 pub fn frame_name(f: &Frame) -> String {
     let name = match &f.function {
         Some(func) => {
@@ -22,7 +24,7 @@ pub fn frame_name(f: &Frame) -> String {
             format!("[unknown] {module}@{}", f.address)
         }
     };
-    name.replace(';', ":").replace(['\n', '\r'], " ")
+    crate::lines::escape(&name).replace(';', ":")
 }
 
 fn folded_stack(frames: &[Frame]) -> String {
@@ -65,4 +67,24 @@ pub fn diff_to_string(d: &Diff) -> String {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_cannot_break_the_folded_format() {
+        let f = Frame {
+            function: Some("a;b\nc\r\x1b]0;t\x07".into()),
+            ..Default::default()
+        };
+        assert_eq!(frame_name(&f), "a:b\\nc\\r\\x1b]0:t\\x07");
+        let unresolved = Frame {
+            module: Some("/tmp/x\ny;z.so".into()),
+            ..Default::default()
+        };
+        let name = frame_name(&unresolved);
+        assert!(name.starts_with("[unknown] x\\ny:z.so@"), "{name}");
+    }
 }

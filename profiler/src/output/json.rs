@@ -16,9 +16,10 @@ pub fn to_bytes(snapshot: &Snapshot) -> Vec<u8> {
 /// Parses a snapshot, checking format and version before the fields so that
 /// the error names the real problem.
 pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<Snapshot> {
+    // Parse errors quote the file: nothing of it reaches a terminal raw.
     let bad = |why: String| Error::BadSnapshot {
         path: path.to_path_buf(),
-        why,
+        why: crate::lines::escape(&why).into_owned(),
     };
     let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
         if e.is_eof() {
@@ -40,14 +41,32 @@ pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<Snapshot> {
             )))
         }
     }
-    match value.get("version").and_then(|v| v.as_u64()) {
-        Some(v) if v == SNAPSHOT_VERSION as u64 => {}
-        Some(v) => {
+    let version = value.get("version");
+    match version.map(|v| (v, v.as_u64())) {
+        Some((_, Some(v))) if v == SNAPSHOT_VERSION as u64 => {}
+        Some((_, Some(v))) => {
             return Err(bad(format!(
                 "snapshot version {v} is not supported (this heapbpf reads version {SNAPSHOT_VERSION}); use a matching heapbpf"
             )))
         }
-        None => return Err(bad("snapshot has no version".into())),
+        Some((v, None)) => {
+            let what = match v {
+                serde_json::Value::String(_) => "a string",
+                serde_json::Value::Number(_) => "not a whole number",
+                serde_json::Value::Bool(_) => "a boolean",
+                serde_json::Value::Null => "null",
+                serde_json::Value::Array(_) => "an array",
+                serde_json::Value::Object(_) => "an object",
+            };
+            let mut shown = v.to_string();
+            if shown.len() > 40 {
+                shown = format!("{}...", shown.chars().take(40).collect::<String>());
+            }
+            return Err(bad(format!(
+                "malformed snapshot: \"version\" is {what} ({shown}), expected the number {SNAPSHOT_VERSION}"
+            )));
+        }
+        None => return Err(bad("malformed snapshot: no \"version\" field".into())),
     }
     serde_json::from_value(value).map_err(|e| bad(format!("malformed snapshot: {e}")))
 }
@@ -124,6 +143,32 @@ mod tests {
             .contains("version 9 is not supported"));
         assert!(
             err(br#"{"format":"heapbpf-snapshot","version":1,"pid":"x"}"#).contains("malformed")
+        );
+        // A version of the wrong type is said to be one.
+        let e = err(br#"{"format":"heapbpf-snapshot","version":"1"}"#);
+        assert!(
+            e.contains(r#""version" is a string ("1"), expected the number 1"#),
+            "{e}"
+        );
+        for (v, what) in [
+            ("1.5", "not a whole number"),
+            ("-1", "not a whole number"),
+            ("null", "null"),
+            ("[1]", "an array"),
+        ] {
+            let text = format!(r#"{{"format":"heapbpf-snapshot","version":{v}}}"#);
+            let e = err(text.as_bytes());
+            assert!(e.contains(&format!("is {what} ({v})")), "{e}");
+        }
+        assert!(err(br#"{"format":"heapbpf-snapshot"}"#).contains(r#"no "version" field"#));
+        // What the parser quotes of the file is escaped.
+        let mut v: serde_json::Value = serde_json::from_slice(&full).unwrap();
+        v["trigger"] = "\x1b]0;x\x07\n".into();
+        let e = err(&serde_json::to_vec(&v).unwrap());
+        assert!(e.contains("unknown variant"), "{e}");
+        assert!(
+            !e.contains(['\x1b', '\x07', '\n']) && e.contains("\\x1b]0;x\\x07\\n"),
+            "{e}"
         );
         assert_eq!(from_bytes(p, b"").unwrap_err().exit_code(), 2);
     }

@@ -3,6 +3,7 @@ use inferno::flamegraph::{self, Options};
 
 use crate::{
     error::{Error, Result},
+    lines::escape,
     model::{Diff, Snapshot},
     units::human_bytes,
 };
@@ -27,15 +28,15 @@ pub fn to_bytes(s: &Snapshot) -> Result<Vec<u8>> {
     let mut opts = Options::default();
     opts.title = format!(
         "heapbpf: {} (pid {}) live heap {} in {} allocations, {}",
-        s.comm,
+        escape(&s.comm),
         s.pid,
         human_bytes(s.totals.live_bytes as i128),
         s.totals.live_allocations,
-        s.taken_at
+        escape(&s.taken_at)
     );
     opts.subtitle = Some(format!(
         "{} — trigger {}; width = live bytes",
-        s.exe,
+        escape(&s.exe),
         s.trigger.as_str()
     ));
     opts.count_name = "bytes".into();
@@ -54,12 +55,15 @@ pub fn diff_to_bytes(d: &Diff) -> Result<Vec<u8>> {
         } else {
             human_bytes(d.totals.delta_bytes as i128)
         },
-        d.old.taken_at,
-        d.new.taken_at
+        escape(&d.old.taken_at),
+        escape(&d.new.taken_at)
     );
     opts.subtitle = Some(format!(
         "{} (pid {}) → {} (pid {}); width = live bytes in NEW, red grew, blue shrank",
-        d.old.exe, d.old.pid, d.new.exe, d.new.pid
+        escape(&d.old.exe),
+        d.old.pid,
+        escape(&d.new.exe),
+        d.new.pid
     ));
     opts.count_name = "bytes".into();
     opts.deterministic = true;
