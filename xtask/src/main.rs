@@ -11,6 +11,7 @@ use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod soak;
 
 #[derive(Parser)]
 #[command(name = "xtask")]
@@ -29,6 +30,9 @@ enum Cmd {
     Test,
     /// Measure the cost of heapbpf on allocator calls.
     Bench(bench::BenchArgs),
+    /// heapbpf for minutes on a target churning through a million call
+    /// paths: drops, memory, exactness over time.
+    Soak(soak::SoakArgs),
     /// Rewrite the golden files of the output formats (after checking the diff).
     Bless,
 }
@@ -39,6 +43,7 @@ fn main() -> Result<()> {
         Cmd::Demo => demo(),
         Cmd::Test => test(),
         Cmd::Bench(args) => bench::run(args),
+        Cmd::Soak(args) => soak::run(args),
         Cmd::Bless => run(cargo()
             .args(["test", "-p", "heapbpf", "--test", "golden"])
             .env("HEAPBPF_BLESS", "1")),
@@ -206,7 +211,7 @@ fn cargo() -> Command {
     c
 }
 
-fn require_bpf() -> Result<()> {
+pub fn require_bpf() -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("the integration tests load eBPF programs: run `cargo xtask test` as root");
