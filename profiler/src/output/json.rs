@@ -7,8 +7,11 @@ use crate::{
     model::{Snapshot, SNAPSHOT_FORMAT, SNAPSHOT_VERSION},
 };
 
+/// Compact: a snapshot is data for programs (`report`, `diff`; `jq .` to
+/// read one by eye), and indentation was 30% of a large one (207 MB pretty,
+/// 146 MB compact with 32,768 stacks of 20 frames).
 pub fn to_bytes(snapshot: &Snapshot) -> Vec<u8> {
-    let mut v = serde_json::to_vec_pretty(snapshot).unwrap_or_default();
+    let mut v = serde_json::to_vec(snapshot).unwrap_or_default();
     v.push(b'\n');
     v
 }
@@ -53,7 +56,7 @@ pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<Snapshot> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::model::{Address, Frame, Stack, Totals, Trigger};
 
