@@ -1,7 +1,10 @@
 //! The lines of the contract on stderr (`attached`, `snapshot`, step and
 //! warning lines): user-facing output, not logging. Every such line is made
 //! here, so that their wording lives in one place.
-use std::{io::Write as _, path::PathBuf};
+use std::{
+    io::Write as _,
+    path::{Path, PathBuf},
+};
 
 use crate::{
     model::Trigger,
@@ -62,6 +65,33 @@ pub fn snapshot_written(
 /// One snapshot that could not be written.
 pub fn snapshot_failed(trigger: Trigger, pid: u32, why: &dyn std::fmt::Display) -> String {
     format!("snapshot {} pid={pid} failed: {why}", trigger.as_str())
+}
+
+/// The output directory is no longer at the path it was opened by.
+pub fn output_dir_moved(opened_as: &Path, now: &Path) -> String {
+    format!(
+        "warning: the output directory {} was moved or replaced; snapshots still go to the directory opened at start, now {}",
+        opened_as.display(),
+        now.display()
+    )
+}
+
+/// Temporary files of heapbpf processes no longer running, removed at start.
+pub fn stale_temps_removed(dir: &Path, count: usize) -> String {
+    format!(
+        "removed {count} temporary file{} left in {} by heapbpf processes no longer running",
+        if count == 1 { "" } else { "s" },
+        dir.display(),
+    )
+}
+
+/// Why heapbpf exits 1 at the end: snapshots that could not be written.
+pub fn snapshots_failed(count: usize) -> String {
+    format!(
+        "{count} snapshot{} could not be written (see the failed line{} above)",
+        if count == 1 { "" } else { "s" },
+        if count == 1 { "" } else { "s" }
+    )
 }
 
 /// Before a step snapshot: which threshold, and whether several were jumped
