@@ -2,8 +2,9 @@
 //! nothing is followed through a planted symlink, the directory opened at
 //! start is the one written to however it is renamed, files are 0600, a
 //! snapshot is all of its formats or none (a full disk, a deleted
-//! directory) and makes heapbpf exit 1, and temporary files of killed
-//! heapbpf processes are cleared at start.
+//! directory) and makes heapbpf exit 1, temporary files of killed heapbpf
+//! processes are cleared at start, and a flamegraph's size follows the
+//! picture, not the target's stack count.
 use std::{
     fs,
     os::unix::fs::{symlink, MetadataExt, PermissionsExt},
@@ -449,4 +450,25 @@ fn temporary_files_of_dead_heapbpf_processes_are_removed_at_start() {
     hb.signal(libc::SIGINT);
     hb.wait_snapshot("stop", fx.pid);
     assert_eq!(hb.wait_exit().code(), Some(0));
+}
+
+#[test]
+fn the_flamegraph_of_32k_stacks_is_bounded_by_the_picture() {
+    require_root();
+    let dir = TempDir::new("svg");
+    let mut fx = Fixture::spawn("stacks");
+    let mut hb = Heapbpf::attach(&[fx.pid], dir.path(), &["--format", "svg"]);
+    // 32,768 distinct stacks of equal size: each far narrower than a pixel.
+    fx.command("spread 15 64");
+    hb.signal(libc::SIGINT);
+    let paths = hb.wait_snapshot("stop", fx.pid);
+    assert_eq!(hb.wait_exit().code(), Some(0));
+    let svg = fs::read_to_string(&paths[0]).unwrap();
+    // eb5edfa drew every frame wider than 0.1 pixel: 3 MB.
+    assert!(svg.len() < 1 << 20, "{} bytes", svg.len());
+    assert!(svg.contains("[other]"), "no [other] frame");
+    assert!(
+        svg.contains("stacks narrower than a pixel are merged into [other]"),
+        "the subtitle does not say so"
+    );
 }
