@@ -92,7 +92,8 @@ impl TempFile {
 #[derive(Debug)]
 pub struct OutputDir {
     dir: File,
-    id: FileId,
+    /// Device and inode of the directory.
+    id: (u64, u64),
     /// The path it was opened by.
     opened_as: PathBuf,
     /// Where it is now, as far as heapbpf knows: `opened_as`, unless the
@@ -126,7 +127,8 @@ impl OutputDir {
                     _ => format!("{} (pick another with -o)", plain(&e)),
                 })
             })?;
-        let id = FileId::of(&dir.metadata().map_err(|e| err(plain(&e)))?);
+        let meta = dir.metadata().map_err(|e| err(plain(&e)))?;
+        let id = (meta.dev(), meta.ino());
         let mut out = OutputDir {
             dir,
             id,
@@ -171,7 +173,7 @@ impl OutputDir {
     /// still go to the directory opened at start; returns where it is now,
     /// once per move, so the caller can say so.
     pub fn relocate(&mut self) -> Option<PathBuf> {
-        let here = fs::metadata(&self.opened_as).is_ok_and(|m| FileId::of(&m) == self.id);
+        let here = fs::metadata(&self.opened_as).is_ok_and(|m| (m.dev(), m.ino()) == self.id);
         let now = if here {
             self.opened_as.clone()
         } else {
@@ -557,6 +559,15 @@ mod tests {
         let other = s.0.join("other");
         fs::create_dir_all(&a).unwrap();
         fs::create_dir_all(&other).unwrap();
+        // Opened through a symlink, written to: still where it was.
+        let via = s.0.join("via");
+        std::os::unix::fs::symlink(&a, &via).unwrap();
+        let mut d = OutputDir::open(&via).unwrap();
+        let mut t = d.create_temp().unwrap();
+        d.link(&mut t, "first").unwrap();
+        assert_eq!(d.relocate(), None);
+        assert_eq!(d.path(), via);
+        drop(d);
         let mut d = OutputDir::open(&a).unwrap();
         assert_eq!(d.relocate(), None);
         fs::rename(&a, &moved).unwrap();
