@@ -83,7 +83,19 @@ impl TempFile {
     /// Writes all of `bytes` and flushes them to the device, so that a
     /// published snapshot is complete even after a crash.
     pub fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.file.write_all(bytes)?;
+        self.write_with(|w| w.write_all(bytes))
+    }
+
+    /// Lets `write` write the contents through a buffer, then flushes
+    /// them to the device.
+    pub fn write_with(
+        &mut self,
+        write: impl FnOnce(&mut dyn io::Write) -> io::Result<()>,
+    ) -> io::Result<()> {
+        let mut w = io::BufWriter::with_capacity(1 << 16, &mut self.file);
+        write(&mut w)?;
+        w.flush()?;
+        drop(w);
         self.file.sync_all()
     }
 }

@@ -8,7 +8,7 @@ use std::{collections::VecDeque, io, path::PathBuf};
 
 use super::{
     dir::{plain, FileId, OutputDir, TempFile},
-    Format,
+    json, Format,
 };
 use crate::{
     error::{Error, Result},
@@ -17,6 +17,25 @@ use crate::{
 
 /// How many `<seq>` numbers a snapshot tries before giving up.
 const MAX_SEQ_TRIES: u32 = 10_000;
+
+/// What one file of a snapshot is made of.
+enum Body<'a> {
+    /// Rendered before any file is written (a format that cannot be drawn
+    /// fails the snapshot before it touches the directory).
+    Bytes(Vec<u8>),
+    /// Streamed into its file: by far the largest format, never held in
+    /// memory whole.
+    Json(&'a Snapshot),
+}
+
+impl Body<'_> {
+    fn write_to(&self, w: &mut dyn io::Write) -> io::Result<()> {
+        match self {
+            Body::Bytes(b) => w.write_all(b),
+            Body::Json(s) => json::to_writer(s, w),
+        }
+    }
+}
 
 /// One file this run published.
 #[derive(Clone, Debug)]
@@ -55,7 +74,13 @@ impl Series {
     ) -> Result<Vec<PathBuf>> {
         let parts = formats
             .iter()
-            .map(|f| Ok((f.ext(), f.render(snapshot)?)))
+            .map(|&f| {
+                let body = match f {
+                    Format::Json => Body::Json(snapshot),
+                    f => Body::Bytes(f.render(snapshot)?),
+                };
+                Ok((f.ext(), body))
+            })
             .collect::<Result<Vec<_>>>()?;
         let published = self.write_parts(dir, &snapshot.taken_at, &parts)?;
         let paths = published.iter().map(|p| dir.path().join(&p.name)).collect();
@@ -79,7 +104,7 @@ impl Series {
         &mut self,
         dir: &OutputDir,
         taken_at: &str,
-        parts: &[(&str, Vec<u8>)],
+        parts: &[(&str, Body)],
     ) -> Result<Vec<Published>> {
         let mut temps = Vec::with_capacity(parts.len());
         let result = self.write_temps(dir, taken_at, parts, &mut temps);
@@ -94,13 +119,13 @@ impl Series {
         &self,
         dir: &OutputDir,
         taken_at: &str,
-        parts: &[(&str, Vec<u8>)],
+        parts: &[(&str, Body)],
         temps: &mut Vec<TempFile>,
     ) -> Result<()> {
-        for (ext, bytes) in parts {
+        for (ext, body) in parts {
             let name = file_name(self.pid, taken_at, self.seq + 1, ext);
             let mut t = dir.create_temp().map_err(|e| failure(dir, &name, &e))?;
-            let written = t.write_all(bytes);
+            let written = t.write_with(|w| body.write_to(w));
             temps.push(t);
             written.map_err(|e| failure(dir, &name, &e))?;
         }
@@ -111,7 +136,7 @@ impl Series {
         &mut self,
         dir: &OutputDir,
         taken_at: &str,
-        parts: &[(&str, Vec<u8>)],
+        parts: &[(&str, Body)],
         temps: &mut [TempFile],
     ) -> Result<Vec<Published>> {
         let unlink = |done: &[Published]| {
@@ -220,7 +245,10 @@ mod tests {
             .unwrap();
         fs::write(path.join(file_name(9, T, 2, "json")), b"theirs").unwrap();
         let mut s = Series::new(9);
-        let parts = [("json", b"one".to_vec()), ("pb.gz", b"two".to_vec())];
+        let parts = [
+            ("json", Body::Bytes(b"one".to_vec())),
+            ("pb.gz", Body::Bytes(b"two".to_vec())),
+        ];
         let a = s.write_parts(&dir, T, &parts).unwrap();
         let a: Vec<&str> = a.iter().map(|p| p.name.as_str()).collect();
         assert_eq!(a, [file_name(9, T, 3, "json"), file_name(9, T, 3, "pb.gz")]);
@@ -251,7 +279,7 @@ mod tests {
         let dir = OutputDir::open(&path).unwrap();
         let mut s = Series::new(9);
         fs::remove_dir_all(&path).unwrap();
-        let parts = [("json", b"one".to_vec())];
+        let parts = [("json", Body::Bytes(b"one".to_vec()))];
         let e = s.write_parts(&dir, T, &parts).unwrap_err().to_string();
         assert!(e.contains("was deleted") && !e.contains('\n'), "{e}");
         // A name this series cannot publish under, for a reason other than
@@ -260,7 +288,10 @@ mod tests {
         let path = scratch("fail2");
         let dir = OutputDir::open(&path).unwrap();
         let long = "x".repeat(300);
-        let parts = [("json", b"one".to_vec()), (long.as_str(), b"two".to_vec())];
+        let parts = [
+            ("json", Body::Bytes(b"one".to_vec())),
+            (long.as_str(), Body::Bytes(b"two".to_vec())),
+        ];
         let e = s.write_parts(&dir, T, &parts).unwrap_err().to_string();
         assert!(
             e.contains("cannot write") && e.contains("nothing of this snapshot was kept"),
