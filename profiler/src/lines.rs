@@ -7,7 +7,12 @@
 //! prints it for people — these lines, error lines, `report` and `diff` —
 //! so that it can neither split a line nor drive the terminal. Data files
 //! (JSON, pprof) keep the text as it is.
-use std::{borrow::Cow, fmt::Write as _, io::Write as _, path::PathBuf};
+use std::{
+    borrow::Cow,
+    fmt::Write as _,
+    io::Write as _,
+    path::{Path, PathBuf},
+};
 
 use crate::{
     model::{Totals, Trigger},
@@ -106,6 +111,33 @@ pub fn snapshot_failed(trigger: Trigger, pid: u32, why: &dyn std::fmt::Display) 
         "snapshot {} pid={pid} failed: {}",
         trigger.as_str(),
         escape(&why.to_string())
+    )
+}
+
+/// The output directory is no longer at the path it was opened by.
+pub fn output_dir_moved(opened_as: &Path, now: &Path) -> String {
+    format!(
+        "warning: the output directory {} was moved or replaced; snapshots still go to the directory opened at start, now {}",
+        opened_as.display(),
+        now.display()
+    )
+}
+
+/// Temporary files of heapbpf processes no longer running, removed at start.
+pub fn stale_temps_removed(dir: &Path, count: usize) -> String {
+    format!(
+        "removed {count} temporary file{} left in {} by heapbpf processes no longer running",
+        if count == 1 { "" } else { "s" },
+        dir.display(),
+    )
+}
+
+/// Why heapbpf exits 1 at the end: snapshots that could not be written.
+pub fn snapshots_failed(count: usize) -> String {
+    format!(
+        "{count} snapshot{} could not be written (see the failed line{} above)",
+        if count == 1 { "" } else { "s" },
+        if count == 1 { "" } else { "s" }
     )
 }
 

@@ -11,8 +11,9 @@ use crate::{
     engine::{Config, Engine},
     error::{Error, Result},
     launch::{self, LaunchEvent, Launched},
+    lines::{self, say},
     model::Trigger,
-    output::writer,
+    output::dir::OutputDir,
     procfs::{self, ProcessInfo},
 };
 
@@ -23,9 +24,29 @@ const POLL: Duration = Duration::from_millis(100);
 /// right after exec) are over.
 const MAPS_REFRESH: Duration = Duration::from_secs(2);
 
+/// Opens the output directory, held for the whole run (bad input if
+/// snapshots cannot be written there), and clears what heapbpf processes
+/// killed while writing left in it.
+fn open_output_dir(cfg: &Config) -> Result<OutputDir> {
+    let out = OutputDir::open(&cfg.output_dir)?;
+    let stale = out.remove_stale_temps();
+    if !stale.is_empty() {
+        say(&lines::stale_temps_removed(out.path(), stale.len()));
+    }
+    Ok(out)
+}
+
+/// Exit status 1 when any snapshot could not be written.
+fn check_snapshots(engine: &Engine) -> Result<()> {
+    match engine.failed_snapshots() {
+        0 => Ok(()),
+        n => Err(Error::Runtime(lines::snapshots_failed(n))),
+    }
+}
+
 /// `heapbpf attach PID...`.
 pub fn run_attach(cfg: Config, pids: &[u32]) -> Result<()> {
-    writer::check_output_dir(&cfg.output_dir)?;
+    let out = open_output_dir(&cfg)?;
     // Privileges before pids: without them, /proc of other users' processes
     // is unreadable and the pid errors would hide the real cause.
     ebpf::preflight()?;
@@ -36,25 +57,27 @@ pub fn run_attach(cfg: Config, pids: &[u32]) -> Result<()> {
     runtime()?.block_on(async {
         // Signal handlers first: a SIGINT during attach still detaches cleanly.
         let signals = Signals::new()?;
-        let mut engine = Engine::new(cfg)?;
+        let mut engine = Engine::new(cfg, out)?;
         for info in infos {
             engine.attach(info)?;
         }
-        event_loop(&mut engine, signals, None).await.map(|_| ())
+        event_loop(&mut engine, signals, None).await?;
+        check_snapshots(&engine)
     })
 }
 
 /// `heapbpf run -- CMD`: starts the command stopped, attaches, lets it run,
-/// and returns its exit status once the final snapshot is written.
+/// and returns its exit status once the final snapshot is written (1, an
+/// error, when a snapshot could not be written).
 pub fn run_command(cfg: Config, command: &[String]) -> Result<i32> {
-    writer::check_output_dir(&cfg.output_dir)?;
+    let out = open_output_dir(&cfg)?;
     ebpf::preflight()?;
     // On error, dropping `launched` kills the held command.
     let launched = launch::start(command)?;
     let exe = launch::resolve_program(&command[0]);
     runtime()?.block_on(async {
         let signals = Signals::new()?;
-        let mut engine = Engine::new(cfg)?;
+        let mut engine = Engine::new(cfg, out)?;
         let plan = allocator::plan_for_command(&exe, std::env::var("LD_PRELOAD").ok().as_deref())?;
         let exe = exe.display().to_string();
         let comm: String = crate::model::basename(&exe).chars().take(15).collect();
@@ -65,9 +88,9 @@ pub fn run_command(cfg: Config, command: &[String]) -> Result<i32> {
         };
         engine.attach_plan(info, &plan)?;
         launched.go();
-        event_loop(&mut engine, signals, Some(launched))
-            .await
-            .map(|code| code.unwrap_or(0))
+        let code = event_loop(&mut engine, signals, Some(launched)).await?;
+        check_snapshots(&engine)?;
+        Ok(code.unwrap_or(0))
     })
 }
 

@@ -7,6 +7,8 @@
 //! An [`Engine`] is driven from outside: `attach` and `run`
 //! ([`crate::commands::attach`]) call [`Engine::tick`] on a timer and
 //! [`Engine::snapshot_all`] on signals. No clap types and no event loop here.
+//! It owns the [`OutputDir`] its front end opened, and counts the snapshots
+//! that could not be written (the front end exits 1 for them).
 mod config;
 
 use std::{path::PathBuf, time::Instant};
@@ -19,7 +21,7 @@ use crate::{
     error::{Error, Result},
     lines::{self, say},
     model::{RawSnapshot, RetiredStacks, Snapshot, TargetMeta, Trigger},
-    output::writer::Series,
+    output::{dir::OutputDir, writer::Series},
     procfs::{self, ProcessInfo},
     symbolize::Symbolizer,
     trigger::StepTrigger,
@@ -44,6 +46,9 @@ struct Target {
 /// Loaded programs, the symbolizer and the targets they serve.
 pub struct Engine {
     cfg: Config,
+    out: OutputDir,
+    /// Snapshots that could not be written.
+    failed_snapshots: usize,
     profiler: Profiler,
     symbolizer: Symbolizer,
     targets: Vec<Target>,
@@ -54,8 +59,9 @@ fn now_rfc3339() -> String {
 }
 
 impl Engine {
-    /// Loads the eBPF programs for `cfg`; no target yet.
-    pub fn new(cfg: Config) -> Result<Self> {
+    /// Loads the eBPF programs for `cfg`; no target yet. Snapshots go to
+    /// `out`, opened by the front end before anything else.
+    pub fn new(cfg: Config, out: OutputDir) -> Result<Self> {
         let profiler = Profiler::load(&LoadOptions {
             max_live_blocks: cfg.max_live_blocks,
             max_stacks: cfg.max_stacks,
@@ -66,6 +72,8 @@ impl Engine {
         })?;
         Ok(Engine {
             cfg,
+            out,
+            failed_snapshots: 0,
             profiler,
             symbolizer: Symbolizer::new(),
             targets: Vec::new(),
@@ -74,6 +82,11 @@ impl Engine {
 
     pub fn config(&self) -> &Config {
         &self.cfg
+    }
+
+    /// How many snapshots could not be written so far.
+    pub fn failed_snapshots(&self) -> usize {
+        self.failed_snapshots
     }
 
     /// Whether no target is left.
@@ -329,6 +342,7 @@ impl Engine {
     fn snapshot(&mut self, i: usize, trigger: Trigger) {
         let pid = self.targets[i].info.pid;
         if let Err(e) = self.try_snapshot(i, trigger) {
+            self.failed_snapshots += 1;
             say(&lines::snapshot_failed(trigger, pid, &e));
         }
     }
@@ -379,8 +393,11 @@ impl Engine {
                 )
             ));
         }
+        if let Some(now) = self.out.relocate() {
+            say(&lines::output_dir_moved(&self.cfg.output_dir, &now));
+        }
         let paths = self.targets[i].series.write(
-            &self.cfg.output_dir,
+            &self.out,
             &self.cfg.formats,
             self.cfg.max_snapshots,
             &snapshot,

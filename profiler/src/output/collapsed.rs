@@ -27,16 +27,16 @@ pub fn frame_name(f: &Frame) -> String {
     crate::lines::escape(&name).replace(';', ":")
 }
 
-fn folded_stack(frames: &[Frame]) -> String {
+/// A stack's frame names in folded output, root first.
+pub fn folded_frames(frames: &[Frame]) -> Vec<String> {
     if frames.is_empty() {
-        return "[unknown stack]".into();
+        return vec!["[unknown stack]".into()];
     }
-    frames
-        .iter()
-        .rev()
-        .map(frame_name)
-        .collect::<Vec<_>>()
-        .join(";")
+    frames.iter().rev().map(frame_name).collect()
+}
+
+fn folded_stack(frames: &[Frame]) -> String {
+    folded_frames(frames).join(";")
 }
 
 /// One line per stack with live bytes, largest first (the snapshot's order).

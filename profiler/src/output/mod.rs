@@ -1,7 +1,8 @@
 //! Snapshot files: one module per format (plain functions over
-//! [`crate::model`] data), and [`writer`], which owns naming, safe
-//! publishing and retention.
+//! [`crate::model`] data), [`dir`], the output directory held open, and
+//! [`writer`], which owns naming, safe publishing and retention.
 pub mod collapsed;
+pub mod dir;
 pub mod json;
 pub mod pprof;
 pub mod svg;

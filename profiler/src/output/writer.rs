@@ -1,27 +1,57 @@
-//! Where snapshot files go and how: the contract's names, a write under a
-//! temporary name published with a hard link (which never replaces an
-//! existing file, so a reader never sees half a file and nothing is
-//! overwritten), and `--max-snapshots` retention of the files this run wrote.
-use std::{
-    collections::VecDeque,
-    fs,
-    io::Write,
-    path::{Path, PathBuf},
-};
+//! Where snapshot files go and how: the contract's names; a snapshot is all
+//! of its formats or none (everything rendered and written to unnamed or
+//! temporary files first, then linked into place under one `<seq>`, which
+//! never replaces an existing file, so a reader never sees half a file and
+//! nothing is overwritten); and `--max-snapshots` retention of the files
+//! this run wrote. Files go through [`OutputDir`], never through a path.
+use std::{collections::VecDeque, io, path::PathBuf};
 
-use super::Format;
+use super::{
+    dir::{plain, FileId, OutputDir, TempFile},
+    json, Format,
+};
 use crate::{
     error::{Error, Result},
     model::Snapshot,
 };
+
+/// How many `<seq>` numbers a snapshot tries before giving up.
+const MAX_SEQ_TRIES: u32 = 10_000;
+
+/// What one file of a snapshot is made of.
+enum Body<'a> {
+    /// Rendered before any file is written (a format that cannot be drawn
+    /// fails the snapshot before it touches the directory).
+    Bytes(Vec<u8>),
+    /// Streamed into its file: by far the largest format, never held in
+    /// memory whole.
+    Json(&'a Snapshot),
+}
+
+impl Body<'_> {
+    fn write_to(&self, w: &mut dyn io::Write) -> io::Result<()> {
+        match self {
+            Body::Bytes(b) => w.write_all(b),
+            Body::Json(s) => json::to_writer(s, w),
+        }
+    }
+}
+
+/// One file this run published.
+#[derive(Clone, Debug)]
+struct Published {
+    name: String,
+    id: FileId,
+}
 
 /// The snapshots of one target in this run: their numbering and the files
 /// written, oldest first.
 #[derive(Debug, Default)]
 pub struct Series {
     pid: u32,
+    /// The `<seq>` of the last snapshot written.
     seq: u32,
-    written: VecDeque<Vec<PathBuf>>,
+    written: VecDeque<Vec<Published>>,
 }
 
 impl Series {
@@ -32,43 +62,133 @@ impl Series {
         }
     }
 
-    /// Writes `snapshot` in every format of `formats` into `dir`, then
-    /// deletes this series' oldest snapshots beyond `max_snapshots`.
-    /// Returns the paths written, one per format.
+    /// Writes `snapshot` in every format of `formats` into `dir`, all or
+    /// none, then deletes this series' oldest snapshots beyond
+    /// `max_snapshots`. Returns the paths written, one per format.
     pub fn write(
         &mut self,
-        dir: &Path,
+        dir: &OutputDir,
         formats: &[Format],
         max_snapshots: Option<usize>,
         snapshot: &Snapshot,
     ) -> Result<Vec<PathBuf>> {
-        let pid = self.pid;
-        let taken_at = &snapshot.taken_at;
-        self.seq += 1;
-        let mut paths = Vec::new();
-        for format in formats {
-            let bytes = format.render(snapshot)?;
-            let ext = format.ext();
-            let seq = &mut self.seq;
-            let name = file_name(pid, taken_at, *seq, ext);
-            let path = publish(dir, name, &bytes, || {
-                *seq += 1;
-                file_name(pid, taken_at, *seq, ext)
-            })?;
-            paths.push(path);
-        }
-        self.written.push_back(paths.clone());
+        let parts = formats
+            .iter()
+            .map(|&f| {
+                let body = match f {
+                    Format::Json => Body::Json(snapshot),
+                    f => Body::Bytes(f.render(snapshot)?),
+                };
+                Ok((f.ext(), body))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let published = self.write_parts(dir, &snapshot.taken_at, &parts)?;
+        let paths = published.iter().map(|p| dir.path().join(&p.name)).collect();
+        self.written.push_back(published);
         if let Some(max) = max_snapshots {
             while self.written.len() > max {
                 for p in self.written.pop_front().unwrap_or_default() {
-                    if let Err(e) = fs::remove_file(&p) {
-                        tracing::warn!(path = %p.display(), error = %e, "cannot delete old snapshot");
+                    if let Err(e) = dir.remove_own(&p.name, p.id) {
+                        tracing::warn!(path = %dir.path().join(&p.name).display(), error = %e, "cannot delete old snapshot");
                     }
                 }
             }
         }
         Ok(paths)
     }
+
+    /// Writes every part to a file of its own, then publishes them all
+    /// under the first `<seq>` free for every one of them. On failure
+    /// nothing of this snapshot is left in the directory.
+    fn write_parts(
+        &mut self,
+        dir: &OutputDir,
+        taken_at: &str,
+        parts: &[(&str, Body)],
+    ) -> Result<Vec<Published>> {
+        let mut temps = Vec::with_capacity(parts.len());
+        let result = self.write_temps(dir, taken_at, parts, &mut temps);
+        let result = result.and_then(|()| self.link_all(dir, taken_at, parts, &mut temps));
+        for t in temps {
+            dir.discard(t);
+        }
+        result
+    }
+
+    fn write_temps(
+        &self,
+        dir: &OutputDir,
+        taken_at: &str,
+        parts: &[(&str, Body)],
+        temps: &mut Vec<TempFile>,
+    ) -> Result<()> {
+        for (ext, body) in parts {
+            let name = file_name(self.pid, taken_at, self.seq + 1, ext);
+            let mut t = dir.create_temp().map_err(|e| failure(dir, &name, &e))?;
+            let written = t.write_with(|w| body.write_to(w));
+            temps.push(t);
+            written.map_err(|e| failure(dir, &name, &e))?;
+        }
+        Ok(())
+    }
+
+    fn link_all(
+        &mut self,
+        dir: &OutputDir,
+        taken_at: &str,
+        parts: &[(&str, Body)],
+        temps: &mut [TempFile],
+    ) -> Result<Vec<Published>> {
+        let unlink = |done: &[Published]| {
+            for p in done {
+                let _ = dir.remove_own(&p.name, p.id);
+            }
+        };
+        let first = self.seq + 1;
+        for seq in first..first.saturating_add(MAX_SEQ_TRIES) {
+            let mut done = Vec::with_capacity(parts.len());
+            let mut taken = false;
+            for ((ext, _), t) in parts.iter().zip(temps.iter_mut()) {
+                let name = file_name(self.pid, taken_at, seq, ext);
+                match dir.link(t, &name).and_then(|()| t.id()) {
+                    Ok(id) => done.push(Published { name, id }),
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                        taken = true;
+                        break;
+                    }
+                    Err(e) => {
+                        unlink(&done);
+                        return Err(failure(dir, &name, &e));
+                    }
+                }
+            }
+            if !taken {
+                self.seq = seq;
+                return Ok(done);
+            }
+            // A set shares its <seq>: the next one free for every format.
+            unlink(&done);
+        }
+        Err(Error::Runtime(format!(
+            "no free snapshot name in {} (tried {MAX_SEQ_TRIES} numbers); nothing of this snapshot was kept",
+            dir.path().display()
+        )))
+    }
+}
+
+/// The one-line reason a snapshot file could not be written.
+fn failure(dir: &OutputDir, name: &str, e: &io::Error) -> Error {
+    if dir.is_deleted() {
+        return Error::Runtime(format!(
+            "the output directory {} was deleted (no snapshot can be written to it any more)",
+            dir.path().display()
+        ));
+    }
+    Error::Runtime(format!(
+        "cannot write {}: {}; nothing of this snapshot was kept",
+        dir.path().join(name).display(),
+        plain(e)
+    ))
 }
 
 /// `heapbpf-<pid>-<UTC yyyymmddThhmmssZ>-<seq>.<ext>`
@@ -80,82 +200,10 @@ pub fn file_name(pid: u32, taken_at_rfc3339: &str, seq: u32, ext: &str) -> Strin
     format!("heapbpf-{pid}-{compact}-{seq:04}.{ext}")
 }
 
-/// Checks, before attaching, that snapshots can be written to `dir`.
-pub fn check_output_dir(dir: &Path) -> Result<()> {
-    let err = |why: String| Error::OutputDir {
-        path: dir.to_path_buf(),
-        why,
-    };
-    let meta = fs::metadata(dir).map_err(|e| {
-        err(match e.kind() {
-            std::io::ErrorKind::NotFound => {
-                "no such directory (create it or pick another with -o)".into()
-            }
-            _ => e.to_string(),
-        })
-    })?;
-    if !meta.is_dir() {
-        return Err(err("not a directory".into()));
-    }
-    // Root passes every permission check; only a real write tells.
-    let probe = dir.join(format!(".heapbpf-write-check-{}", std::process::id()));
-    match fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&probe)
-    {
-        Ok(_) => {
-            let _ = fs::remove_file(&probe);
-            Ok(())
-        }
-        Err(e) => Err(err(format!("{e} (pick a writable directory with -o)"))),
-    }
-}
-
-/// Writes `bytes` to `dir/name` atomically; if the name is taken, calls
-/// `next_name` for another. Returns the path written.
-pub fn publish(
-    dir: &Path,
-    mut name: String,
-    bytes: &[u8],
-    mut next_name: impl FnMut() -> String,
-) -> Result<PathBuf> {
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    let write = || -> std::io::Result<()> {
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()
-    };
-    if let Err(e) = write() {
-        let _ = fs::remove_file(&tmp);
-        return Err(Error::runtime(format!("cannot write {}", tmp.display()), e));
-    }
-    for _ in 0..10_000 {
-        let path = dir.join(&name);
-        match fs::hard_link(&tmp, &path) {
-            Ok(()) => {
-                let _ = fs::remove_file(&tmp);
-                return Ok(path);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => name = next_name(),
-            Err(e) => {
-                let _ = fs::remove_file(&tmp);
-                return Err(Error::runtime(
-                    format!("cannot publish {}", path.display()),
-                    e,
-                ));
-            }
-        }
-    }
-    let _ = fs::remove_file(&tmp);
-    Err(Error::Runtime(format!(
-        "no free snapshot name in {}",
-        dir.display()
-    )))
-}
-
 #[cfg(test)]
 mod tests {
+    use std::{fs, path::Path};
+
     use super::*;
 
     #[test]
@@ -170,29 +218,110 @@ mod tests {
         );
     }
 
-    #[test]
-    fn publish_never_overwrites() {
-        let dir = std::env::temp_dir().join(format!("heapbpf-publish-{}", std::process::id()));
+    fn scratch(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("heapbpf-writer-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
-        let mut n = 1;
-        let mut next = || {
-            n += 1;
-            format!("f-{n}")
-        };
-        let a = publish(&dir, "f-1".into(), b"one", &mut next).unwrap();
-        let b = publish(&dir, "f-1".into(), b"two", &mut next).unwrap();
-        assert_ne!(a, b);
-        assert_eq!(fs::read(&a).unwrap(), b"one");
-        assert_eq!(fs::read(&b).unwrap(), b"two");
-        let leftovers: Vec<_> = fs::read_dir(&dir)
+        dir
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(dir)
             .unwrap()
-            .filter_map(|e| e.ok())
-            .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
-        assert!(leftovers.is_empty());
-        assert!(check_output_dir(&dir).is_ok());
-        assert!(check_output_dir(&dir.join("missing")).is_err());
-        assert!(check_output_dir(&a).is_err());
-        fs::remove_dir_all(&dir).unwrap();
+        v.sort();
+        v
+    }
+
+    const T: &str = "2026-11-24T19:00:00Z";
+
+    #[test]
+    fn a_set_shares_one_free_seq_and_never_overwrites() {
+        let path = scratch("seq");
+        let dir = OutputDir::open(&path).unwrap();
+        // Someone holds the pb.gz of 0001 (a link) and the json of 0002.
+        std::os::unix::fs::symlink("/etc/hostname", path.join(file_name(9, T, 1, "pb.gz")))
+            .unwrap();
+        fs::write(path.join(file_name(9, T, 2, "json")), b"theirs").unwrap();
+        let mut s = Series::new(9);
+        let parts = [
+            ("json", Body::Bytes(b"one".to_vec())),
+            ("pb.gz", Body::Bytes(b"two".to_vec())),
+        ];
+        let a = s.write_parts(&dir, T, &parts).unwrap();
+        let a: Vec<&str> = a.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(a, [file_name(9, T, 3, "json"), file_name(9, T, 3, "pb.gz")]);
+        assert_eq!(fs::read(path.join(a[0])).unwrap(), b"one");
+        assert_eq!(fs::read(path.join(a[1])).unwrap(), b"two");
+        assert_eq!(
+            fs::read(path.join(file_name(9, T, 2, "json"))).unwrap(),
+            b"theirs"
+        );
+        // What the tries linked and took back is gone; no temporary left.
+        assert_eq!(
+            names(&path),
+            [
+                file_name(9, T, 1, "pb.gz"),
+                file_name(9, T, 2, "json"),
+                a[0].to_string(),
+                a[1].to_string()
+            ]
+        );
+        let b = s.write_parts(&dir, T, &parts).unwrap();
+        assert_eq!(b[0].name, file_name(9, T, 4, "json"));
+        fs::remove_dir_all(&path).unwrap();
+    }
+
+    #[test]
+    fn a_failed_snapshot_leaves_nothing() {
+        let path = scratch("fail");
+        let dir = OutputDir::open(&path).unwrap();
+        let mut s = Series::new(9);
+        fs::remove_dir_all(&path).unwrap();
+        let parts = [("json", Body::Bytes(b"one".to_vec()))];
+        let e = s.write_parts(&dir, T, &parts).unwrap_err().to_string();
+        assert!(e.contains("was deleted") && !e.contains('\n'), "{e}");
+        // A name this series cannot publish under, for a reason other than
+        // the name being taken: a directory that is not empty at 0001 is
+        // EEXIST too, so take a name too long for the file system instead.
+        let path = scratch("fail2");
+        let dir = OutputDir::open(&path).unwrap();
+        let long = "x".repeat(300);
+        let parts = [
+            ("json", Body::Bytes(b"one".to_vec())),
+            (long.as_str(), Body::Bytes(b"two".to_vec())),
+        ];
+        let e = s.write_parts(&dir, T, &parts).unwrap_err().to_string();
+        assert!(
+            e.contains("cannot write") && e.contains("nothing of this snapshot was kept"),
+            "{e}"
+        );
+        assert!(names(&path).is_empty(), "{:?}", names(&path));
+        // The next snapshot still works, with the number the failed one
+        // did not take.
+        let ok = s.write_parts(&dir, T, &parts[..1]).unwrap();
+        assert_eq!(ok[0].name, file_name(9, T, 1, "json"));
+        fs::remove_dir_all(&path).unwrap();
+    }
+
+    #[test]
+    fn retention_deletes_only_this_runs_files() {
+        let path = scratch("keep");
+        let dir = OutputDir::open(&path).unwrap();
+        let snapshot = crate::output::json::tests::sample();
+        let mut s = Series::new(snapshot.pid);
+        let mut all = Vec::new();
+        for _ in 0..3 {
+            all.push(s.write(&dir, &[Format::Json], Some(2), &snapshot).unwrap());
+        }
+        assert!(!all[0][0].exists());
+        assert!(all[1][0].exists() && all[2][0].exists());
+        // A file someone else put at an old name of ours survives.
+        fs::remove_file(&all[1][0]).unwrap();
+        fs::write(&all[1][0], b"theirs").unwrap();
+        s.write(&dir, &[Format::Json], Some(2), &snapshot).unwrap();
+        assert_eq!(fs::read(&all[1][0]).unwrap(), b"theirs");
+        fs::remove_dir_all(&path).unwrap();
     }
 }
