@@ -1,13 +1,14 @@
 //! The target lifecycle, one piece that every front end reuses: attach (an
 //! allocator plan from [`crate::allocator`], applied by [`crate::ebpf`]),
 //! keep up with the target (maps refreshed, allocators mapped later hooked,
-//! thresholds, OOM kills, exits), and snapshot (kernel data → model →
-//! symbolized snapshot → files), until detach.
+//! thresholds, OOM kills, exits, execs: see [`exec`]), and snapshot (kernel
+//! data → model → symbolized snapshot → files), until detach.
 //!
 //! An [`Engine`] is driven from outside: `attach` and `run`
 //! ([`crate::commands::attach`]) call [`Engine::tick`] on a timer and
 //! [`Engine::snapshot_all`] on signals. No clap types and no event loop here.
 mod config;
+mod exec;
 
 use std::{path::PathBuf, time::Instant};
 
@@ -37,6 +38,10 @@ struct Target {
     oom_written: bool,
     /// Allocator libraries hooked ([`allocator::Library::identity`]).
     hooked: Vec<String>,
+    /// What the `attached` line said: probes, and the libraries they are in.
+    probes: (usize, Vec<String>),
+    /// [`exec::Image`]: what tells an exec of the target.
+    image: exec::Image,
 }
 
 /// Loaded programs, the symbolizer and the targets they serve.
@@ -60,6 +65,7 @@ impl Engine {
             sample_bytes: cfg.sample_bytes,
             unwind: cfg.unwind,
             sessions: cfg.sessions,
+            exec_tracepoint: cfg.exec_tracepoint,
         })?;
         Ok(Engine {
             cfg,
@@ -119,18 +125,13 @@ impl Engine {
                 p.library
             );
         }
-        let mut libraries: Vec<&str> = Vec::new();
-        for p in &probes {
-            if !libraries.contains(&p.library.as_str()) {
-                libraries.push(&p.library);
-            }
-        }
+        let probes = exec::summary(&probes);
         let rss = procfs::rss_bytes(pid).unwrap_or(0);
         say(&lines::attached(
             pid,
             &info.comm,
-            probes.len(),
-            &libraries,
+            probes.0,
+            &probes.1.iter().map(String::as_str).collect::<Vec<_>>(),
             self.cfg.sample_bytes,
         ));
         self.targets.push(Target {
@@ -141,6 +142,8 @@ impl Engine {
             heap_step: self.cfg.heap_step.map(|s| StepTrigger::new(0, s)),
             oom_written: false,
             hooked: plan.libraries().map(allocator::Library::identity).collect(),
+            probes,
+            image: exec::Image::new(pid),
             info,
         });
         Ok(())
@@ -150,6 +153,7 @@ impl Engine {
     /// they are about to vanish), then exits — but of `held`, a launched
     /// command whose exit its front end reports.
     pub fn tick(&mut self, held: Option<u32>) {
+        self.check_execs();
         self.check_oom();
         self.reap_exited(held);
     }
@@ -157,6 +161,8 @@ impl Engine {
     /// Re-reads every target's maps (new modules for symbolization and the
     /// stack walk) and hooks allocator libraries mapped since attach.
     pub fn refresh_all(&mut self) {
+        // An image that exec'd keeps its modules for its last snapshot.
+        self.check_execs();
         let pids: Vec<u32> = self.targets.iter().map(|t| t.info.pid).collect();
         for pid in pids {
             self.refresh_maps(pid);
@@ -188,12 +194,17 @@ impl Engine {
                 }
                 t.hooked.push(id);
                 match self.profiler.attach_more(pid, &lib) {
-                    Ok(probes) => say(&lines::hooked_since(
-                        &lib.path,
-                        pid,
-                        &t.info.comm,
-                        probes.len(),
-                    )),
+                    Ok(probes) => {
+                        say(&lines::hooked_since(
+                            &lib.path,
+                            pid,
+                            &t.info.comm,
+                            probes.len(),
+                        ));
+                        let (n, libraries) = exec::summary(&probes);
+                        t.probes.0 += n;
+                        t.probes.1.extend(libraries);
+                    }
                     Err(e) => {
                         tracing::warn!(pid, library = %lib.path, "cannot hook an allocator mapped since: {e}")
                     }
@@ -204,6 +215,7 @@ impl Engine {
 
     /// A snapshot of every target.
     pub fn snapshot_all(&mut self, trigger: Trigger) {
+        self.check_execs();
         for i in 0..self.targets.len() {
             self.snapshot(i, trigger);
         }
@@ -212,6 +224,7 @@ impl Engine {
     /// A launched command held at the start of its exit (its map is still
     /// there): its final snapshot, then detach.
     pub fn target_exiting(&mut self, pid: u32) {
+        self.check_execs();
         if let Some(i) = self.index(pid) {
             self.refresh_maps(pid);
             self.check_oom();
@@ -304,18 +317,24 @@ impl Engine {
     fn try_snapshot(&mut self, i: usize, trigger: Trigger) -> Result<Vec<PathBuf>> {
         let pid = self.targets[i].info.pid;
         let started = Instant::now();
-        if procfs::is_alive(pid) {
+        // The last snapshot of an image that exec'd: its own blocks and
+        // figures, as of the exec, with the modules it had.
+        let exec = self.targets[i].image.exec;
+        if procfs::is_alive(pid) && exec.is_none() {
             self.refresh_maps(pid);
             if let Some(rss) = procfs::rss_bytes(pid) {
                 self.targets[i].rss_bytes = rss;
             }
         }
-        let data = self.profiler.drain(pid)?;
+        let data = match &exec {
+            Some(exec) => self.profiler.drain_before_exec(pid, exec)?,
+            None => self.profiler.drain(pid)?,
+        };
         let addresses = self.profiler.stacks(pid, &data.stack_ids())?;
         let raw = RawSnapshot::from_kernel(
             data,
             &addresses,
-            ebpf::monotonic_ns(),
+            exec.map_or_else(ebpf::monotonic_ns, |e| e.at_ns),
             self.cfg.min_age.as_millis() as u64,
             self.cfg.sample_bytes,
         );
