@@ -1,10 +1,20 @@
 //! Compiles the C fixture programs with the system's gcc: with frame
 //! pointers and debug info, unoptimized, so each call site is its own
 //! `noinline` function with known figures; `deep` is optimized and without
-//! frame pointers, for the stack walk.
+//! frame pointers, for the stack walk; `exec_b_musl` is linked against musl
+//! (musl-gcc), `exec_b_stripped` static and stripped.
 use std::{env, path::PathBuf, process::Command};
 
-const FIXTURES: &[&str] = &["allocs", "grow", "startleak", "plugin", "paths", "stacks"];
+const FIXTURES: &[&str] = &[
+    "allocs",
+    "grow",
+    "startleak",
+    "plugin",
+    "paths",
+    "stacks",
+    "exec_a",
+    "exec_b",
+];
 
 /// Fixtures linked against another allocator (not preloaded): the program
 /// needs the library (`DT_NEEDED`), as a program built with `-ltcmalloc`.
@@ -162,6 +172,26 @@ fn main() {
         .expect("run gcc");
     assert!(status.success(), "gcc -static failed on fixtures/allocs.c");
     hardening_fixtures(&out);
+    // The program exec_a execs, linked against musl: another C library
+    // than the one heapbpf hooked before the exec.
+    let status = Command::new("musl-gcc")
+        .args(["-O0", "-g", "-fno-omit-frame-pointer", "-Wall", "-o"])
+        .arg(out.join("exec_b_musl"))
+        .arg("fixtures/exec_b.c")
+        .status()
+        .expect("run musl-gcc (install it: apt-get install musl-tools, or cargo xtask bootstrap)");
+    assert!(status.success(), "musl-gcc failed on fixtures/exec_b.c");
+    // ... and static and stripped: nothing heapbpf can hook.
+    let status = Command::new("gcc")
+        .args(["-static", "-s", "-O0", "-Wall", "-o"])
+        .arg(out.join("exec_b_stripped"))
+        .arg("fixtures/exec_b.c")
+        .status()
+        .expect("run gcc");
+    assert!(
+        status.success(),
+        "gcc -static -s failed on fixtures/exec_b.c"
+    );
     println!("cargo:rustc-env=FIXTURE_DIR={}", out.display());
 }
 

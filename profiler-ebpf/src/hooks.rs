@@ -18,8 +18,8 @@ use aya_ebpf::{
     EbpfContext,
 };
 use heapbpf_common::{
-    drop_reason, info_counter, kind, probe_cookie, unwind_mode, AllocInfo, AllocKey, Pending,
-    TargetState,
+    alloc_slot, drop_reason, info_counter, kind, probe_cookie, unwind_mode, AllocInfo, AllocKey,
+    Pending, TargetState,
 };
 
 use crate::{
@@ -160,15 +160,20 @@ pub(crate) fn enter(call: Call, session: bool) -> Return {
     if kind == kind::REALLOC && old_ptr != 0 {
         let key = AllocKey {
             tgid,
-            _pad: 0,
+            slot: alloc_slot::LIVE,
             addr: old_ptr,
         };
         // SAFETY: `ALLOCS` is not preallocated: an entry removed meanwhile is
         // not reused while this program runs; the value is copied out at once.
         if let Some(info) = unsafe { ALLOCS.get(key) } {
-            pending.old_info = *info;
-            pending.has_old = 1;
-            let _ = ALLOCS.remove(key);
+            // A block of the image before an exec is not this image's to
+            // resize: it stays for the old image's last snapshot.
+            // SAFETY: valid map value.
+            if info.timestamp_ns >= unsafe { (*state).image_ns } {
+                pending.old_info = *info;
+                pending.has_old = 1;
+                let _ = ALLOCS.remove(key);
+            }
         }
     }
     if PENDING.insert(pid_tgid, pending, 0).is_err() {
@@ -176,7 +181,7 @@ pub(crate) fn enter(call: Call, session: bool) -> Return {
         if pending.has_old == 1 {
             let key = AllocKey {
                 tgid,
-                _pad: 0,
+                slot: alloc_slot::LIVE,
                 addr: old_ptr,
             };
             let _ = ALLOCS.insert(key, pending.old_info, 0);
@@ -278,7 +283,7 @@ pub fn free_enter(ctx: ProbeContext) -> u32 {
     let tgid = (pid_tgid >> 32) as u32;
     let key = AllocKey {
         tgid,
-        _pad: 0,
+        slot: alloc_slot::LIVE,
         addr: ptr,
     };
     // SAFETY: `ALLOCS` is not preallocated: an entry removed meanwhile is
@@ -306,6 +311,15 @@ pub fn free_enter(ctx: ProbeContext) -> u32 {
         );
         return 0;
     };
+    // SAFETY: valid map value.
+    if info.timestamp_ns < unsafe { (*state).image_ns } {
+        // A block of the image before an exec (the new one got the same
+        // address without heapbpf recording it: from an allocator not
+        // hooked yet, or in a call sampling skipped): it stays for the old
+        // image's last snapshot.
+        count(state, info_counter::UNTRACKED_FREES);
+        return 0;
+    }
     if ALLOCS.remove(key).is_err() {
         // Another thread retired it first (a double free in the target).
         return 0;
@@ -367,7 +381,7 @@ pub(crate) fn alloc_exit(ctx: &RetProbeContext) -> u32 {
                     // A failed realloc leaves the old block as it was.
                     let key = AllocKey {
                         tgid,
-                        _pad: 0,
+                        slot: alloc_slot::LIVE,
                         addr: call.old_ptr,
                     };
                     if ALLOCS.insert(key, call.old_info, 0).is_err() {

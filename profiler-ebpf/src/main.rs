@@ -24,8 +24,9 @@
 //! - `hooks`: the allocator's entry, return and free, as plain uprobes and
 //!   a uretprobe; the return starts the walk.
 //! - `session`: the same entry and return as uprobe-session programs.
-//! - `oom` (the OOM killer's tracepoint) and `floor` (empty programs for
-//!   the benchmark's floors) stand apart.
+//! - `oom` (the OOM killer's tracepoint), `exec` (a traced process's
+//!   `exec`: the old image's figures set aside, the state started afresh)
+//!   and `floor` (empty programs for the benchmark's floors) stand apart.
 //!
 //! A program's name is its function's; user space names them by
 //! `heapbpf_common::names::programs` (`profiler-ebpf/common/tests/names.rs`
@@ -36,6 +37,7 @@
 #![allow(internal_features)]
 #![feature(core_intrinsics)]
 
+mod exec;
 mod floor;
 mod hooks;
 mod maps;

@@ -10,7 +10,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, ProgramArray},
 };
 use heapbpf_common::{
-    config, AllocInfo, AllocKey, ModuleTable, Pending, StackKey, StackStats, StackTrace,
+    config, AllocInfo, AllocKey, ExecEvent, ModuleTable, Pending, StackKey, StackStats, StackTrace,
     TargetState, UnwindRow, UnwindState, WalkCacheSlot, SAMPLE_TABLE_LEN, WALK_CACHE_SLOTS,
 };
 
@@ -43,6 +43,11 @@ pub static SCRATCH: PerCpuArray<StackTrace> = PerCpuArray::with_max_entries(1, 0
 /// Traced processes the OOM killer picked, with the time it did.
 #[map]
 pub static OOM_VICTIMS: HashMap<u32, u64> = HashMap::with_max_entries(1024, 0);
+
+/// Traced processes that called `exec` since user space last looked (see
+/// `heapbpf_common::ExecEvent`).
+#[map]
+pub static EXECS: HashMap<u32, ExecEvent> = HashMap::with_max_entries(1024, 0);
 
 /// Settings written by user space before attaching (see `heapbpf_common::config`).
 #[map]

@@ -11,8 +11,8 @@ use aya_ebpf::{
     EbpfContext,
 };
 use heapbpf_common::{
-    drop_reason, info_counter, AllocInfo, AllocKey, StackKey, StackStats, StackTrace, TargetState,
-    MAX_STACK_DEPTH, NO_STACK, STACK_LEN_MASK,
+    alloc_slot, drop_reason, info_counter, AllocInfo, AllocKey, StackKey, StackStats, StackTrace,
+    TargetState, MAX_STACK_DEPTH, NO_STACK, STACK_LEN_MASK,
 };
 
 use crate::{
@@ -112,7 +112,7 @@ pub(crate) fn record_with_stack(
 ) {
     let key = AllocKey {
         tgid,
-        _pad: 0,
+        slot: alloc_slot::LIVE,
         addr,
     };
     let info = AllocInfo {
@@ -130,8 +130,22 @@ pub(crate) fn record_with_stack(
             // SAFETY: `ALLOCS` is not preallocated: an entry removed meanwhile is
             // not reused while this program runs; the value is copied out at once.
             if let Some(stale) = (unsafe { ALLOCS.get(key) }).copied() {
-                account_free(state, &stale);
-                count(state, info_counter::STALE_REPLACED);
+                // SAFETY: valid map value.
+                if stale.timestamp_ns < unsafe { (*state).image_ns } {
+                    // The image before an exec had a block here (the
+                    // address space was not randomized): set it aside for
+                    // that image's last snapshot.
+                    let aside = AllocKey {
+                        slot: alloc_slot::ASIDE,
+                        ..key
+                    };
+                    if ALLOCS.insert(aside, stale, 0).is_err() {
+                        count(state, drop_reason::ALLOCS_FULL);
+                    }
+                } else {
+                    account_free(state, &stale);
+                    count(state, info_counter::STALE_REPLACED);
+                }
             }
             if ALLOCS.insert(key, info, 0).is_err() {
                 count(state, drop_reason::ALLOCS_FULL);
@@ -150,7 +164,7 @@ pub(crate) fn record_with_stack(
     add(&mut s.allocations, units);
     let skey = StackKey {
         tgid,
-        _pad: 0,
+        generation: s.generation as u32,
         stack_id,
     };
     let stats = match STACK_STATS.get_ptr_mut(skey) {

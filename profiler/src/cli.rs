@@ -148,6 +148,10 @@ pub struct ProfileArgs {
     /// where the kernel has uprobe sessions (for comparison).
     #[arg(long, hide = true)]
     pub no_uprobe_sessions: bool,
+    /// Notice execs by the executable changing, as without the exec
+    /// tracepoint (for the tests of that fallback).
+    #[arg(long, hide = true)]
+    pub no_exec_tracepoint: bool,
     /// More on stderr: where each probe went, per-snapshot statistics.
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -287,6 +291,7 @@ impl ProfileArgs {
             }),
             allocator,
             sessions: !self.no_uprobe_sessions,
+            exec_tracepoint: !self.no_exec_tracepoint,
         })
     }
 }

@@ -7,11 +7,16 @@
 //! waits for the session to attach, then lets it run. ptrace serves two
 //! purposes. `PTRACE_EVENT_EXIT`: a stop at the start of the command's exit,
 //! with its memory map intact, held until the session has written the final
-//! snapshot. And one stop at the program's entry point after `exec` (a
+//! snapshot. And one stop at the program's entry point after each `exec` (a
 //! breakpoint at `AT_ENTRY`, removed at once), when the dynamic linker has
 //! mapped its libraries: the session reads the new memory map there, so the
-//! stack walk knows the program's modules before `main` runs. Every other
-//! stop is a signal for the command, passed on.
+//! stack walk knows the program's modules before `main` runs — and, when
+//! the command execs another program, hooks that program's allocator before
+//! its `main`. Every other stop is a signal for the command, passed on.
+//!
+//! Only the leader thread is traced. When another thread execs, the leader
+//! stops at its exit first: that is not held (the exec waits for it), and
+//! the process, now untraced, goes on as an attached one would.
 use std::{
     ffi::CString,
     path::{Path, PathBuf},
@@ -154,12 +159,24 @@ pub fn start(command: &[String]) -> Result<Launched> {
             }
             let event = (status >> 16) & 0xff;
             let pass = match event {
+                libc::PTRACE_EVENT_EXIT if thread_in_exec(pid) => {
+                    // Not an exit: another thread execs, and the leader
+                    // goes first. That thread, untraced, carries on as the
+                    // process (the session sees the exec and handles it
+                    // as for an attached process, and its exit as heapbpf
+                    // reaps it); holding the leader would only hold the
+                    // exec.
+                    0
+                }
                 libc::PTRACE_EVENT_EXIT => {
                     let _ = events_tx.send(LaunchEvent::Exiting);
                     let _ = ack_rx.recv();
                     0
                 }
                 libc::PTRACE_EVENT_EXEC => {
+                    // Each exec (the command's own, and any later one)
+                    // holds the new image at its entry point: a breakpoint
+                    // of an image the exec replaced is gone with it.
                     breakpoint = set_entry_breakpoint(pid);
                     0
                 }
@@ -189,6 +206,41 @@ pub fn start(command: &[String]) -> Result<Launched> {
         Ok(Err(e)) => Err(Error::Runtime(e)),
         Err(_) => Err(Error::Runtime("the command watcher died".into())),
     }
+}
+
+/// Whether a thread of `pid` other than the leader is inside `execve`: the
+/// leader's exit stop is then the exec taking the process over, not its
+/// end. A thread on a CPU shows no system call; asked again a few times.
+fn thread_in_exec(pid: i32) -> bool {
+    for _ in 0..20 {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return false;
+        };
+        let mut running = false;
+        for task in tasks.flatten() {
+            if task.file_name().to_str() == Some(&pid.to_string()) {
+                continue;
+            }
+            let Ok(text) = std::fs::read_to_string(task.path().join("syscall")) else {
+                continue;
+            };
+            match text.split_whitespace().next() {
+                Some("running") => running = true,
+                Some(nr) => {
+                    let nr: libc::c_long = nr.parse().unwrap_or(-1);
+                    if nr == libc::SYS_execve || nr == libc::SYS_execveat {
+                        return true;
+                    }
+                }
+                None => {}
+            }
+        }
+        if !running {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    false
 }
 
 /// A breakpoint heapbpf placed: its address and the word it replaced.

@@ -86,6 +86,13 @@ pub fn hooked_since(library: &str, pid: u32, comm: &str, probes: usize) -> Strin
     )
 }
 
+/// A target exec'd a program heapbpf cannot hook: it is no longer profiled.
+pub fn exec_unhooked(pid: u32, comm: &str, exe: &str, why: &dyn std::fmt::Display) -> String {
+    format!(
+        "{pid} ({comm}) exec'd {exe}, which heapbpf cannot hook ({why}); no longer profiling {pid}"
+    )
+}
+
 /// One snapshot written: its trigger, figures and files.
 pub fn snapshot_written(
     trigger: Trigger,

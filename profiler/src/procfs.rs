@@ -210,6 +210,14 @@ pub fn process_info(pid: u32) -> Result<ProcessInfo> {
     Ok(ProcessInfo { pid, comm, exe })
 }
 
+/// (device, inode) of the file a process runs: changes when it execs
+/// another program. `None` once it is gone.
+pub fn exe_id(pid: u32) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = fs::metadata(format!("/proc/{pid}/exe")).ok()?;
+    Some((m.dev(), m.ino()))
+}
+
 pub fn read_maps(pid: u32) -> Result<Vec<Mapping>> {
     // Paths are bytes, not necessarily UTF-8 (files are opened through
     // map_files, never by these paths).

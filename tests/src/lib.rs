@@ -169,11 +169,13 @@ impl Drop for Fixture {
     }
 }
 
-/// A running `heapbpf attach`.
+/// A running `heapbpf attach` (or `heapbpf run`).
 pub struct Heapbpf {
     pub child: Child,
     err: Receiver<String>,
     pub stderr: Vec<String>,
+    /// `run`: the launched command's stdin.
+    stdin: Option<ChildStdin>,
 }
 
 impl Heapbpf {
@@ -199,6 +201,7 @@ impl Heapbpf {
             child,
             err,
             stderr: Vec::new(),
+            stdin: None,
         };
         for &pid in pids {
             h.wait_for(&format!("attached line of {pid}"), |l| {
@@ -206,6 +209,38 @@ impl Heapbpf {
             });
         }
         h
+    }
+
+    /// `heapbpf run [extra] -- command...`, exact unless `extra` says
+    /// otherwise; the command's stdin is [`Heapbpf::send`]'s, its stdout is
+    /// discarded.
+    pub fn run(out_dir: &Path, extra: &[&str], command: &[&str]) -> Heapbpf {
+        let mut cmd = Command::new(heapbpf_bin());
+        cmd.arg("run").arg("-o").arg(out_dir).args(extra);
+        if !extra.contains(&"--sample-bytes") {
+            cmd.args(["--sample-bytes", "0"]);
+        }
+        cmd.arg("--").args(command);
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let err = lines_of(child.stderr.take().unwrap());
+        Heapbpf {
+            stdin: child.stdin.take(),
+            child,
+            err,
+            stderr: Vec::new(),
+        }
+    }
+
+    /// `run`: a line to the launched command.
+    pub fn send(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("heapbpf run's stdin");
+        writeln!(stdin, "{line}").unwrap();
+        stdin.flush().unwrap();
     }
 
     pub fn wait_for(&mut self, what: &str, pred: impl Fn(&str) -> bool) -> String {

@@ -148,6 +148,10 @@ pub fn bootstrap() -> Result<()> {
     if output(Command::new("g++").arg("--version")).is_none() {
         packages.push("g++");
     }
+    // musl-gcc builds the fixture a test execs into another C library.
+    if output(Command::new("which").arg("musl-gcc")).is_none() {
+        packages.push("musl-tools");
+    }
     if output(Command::new("go").arg("version")).is_none() {
         packages.push("golang-go");
     }
@@ -198,7 +202,7 @@ pub fn bootstrap() -> Result<()> {
             .status();
     }
     eprintln!(
-        "xtask: toolchain ready (nightly rust-src, bpf-linker {BPF_LINKER_VERSION}, gcc, go, redis, bpftrace, heaptrack)"
+        "xtask: toolchain ready (nightly rust-src, bpf-linker {BPF_LINKER_VERSION}, gcc, musl-gcc, go, redis, bpftrace, heaptrack)"
     );
     Ok(())
 }

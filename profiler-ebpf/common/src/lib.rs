@@ -85,10 +85,21 @@ pub mod info_counter {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct AllocKey {
     pub tgid: u32,
-    pub _pad: u32,
+    /// [`alloc_slot::LIVE`], or [`alloc_slot::ASIDE`].
+    pub slot: u32,
     pub addr: u64,
 }
 const _: () = assert!(core::mem::size_of::<AllocKey>() == 16);
+
+/// Values of [`AllocKey::slot`].
+pub mod alloc_slot {
+    /// A block of the process as it runs: frees and reallocs find it here.
+    pub const LIVE: u32 = 0;
+    /// A block of the image before an `exec`, moved out of the way of a
+    /// block the new image got at the same address: kept, never freed, for
+    /// the old image's last snapshot (user space drops it then).
+    pub const ASIDE: u32 = 1;
+}
 
 /// A live block: its requested size, where it was allocated and when.
 #[repr(C)]
@@ -106,7 +117,9 @@ const _: () = assert!(core::mem::size_of::<AllocInfo>() == 24);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct StackKey {
     pub tgid: u32,
-    pub _pad: u32,
+    /// The process's [`TargetState::generation`] (its low 32 bits) when the
+    /// figures were counted: each image an `exec` starts has its own.
+    pub generation: u32,
     pub stack_id: u64,
 }
 const _: () = assert!(core::mem::size_of::<StackKey>() == 16);
@@ -168,9 +181,40 @@ pub struct TargetState {
     pub counters: [u64; info_counter::COUNT],
     /// How stacks are taken for this process: [`unwind_mode`].
     pub unwind: u64,
-    pub _reserved: [u64; 6],
+    /// `bpf_ktime_get_ns` of the `exec` that started the image the process
+    /// runs now (0: none seen). A block recorded before it is the old
+    /// image's: the new one cannot free it.
+    pub image_ns: u64,
+    /// Bumped at each `exec`: per-stack figures are kept per generation
+    /// ([`StackKey::generation`]).
+    pub generation: u64,
+    pub _reserved: [u64; 4],
 }
 const _: () = assert!(core::mem::size_of::<TargetState>() == 8 * (4 + 9 + 7));
+
+/// The `exec`s of a traced process that user space has not taken yet (the
+/// `EXECS` map), written by the `sched_process_exec` tracepoint. At an
+/// `exec` the process's [`TargetState`] starts afresh for the new image;
+/// what the old image had is kept here.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ExecEvent {
+    /// `bpf_ktime_get_ns` of the first of them.
+    pub first_ns: u64,
+    /// ... and of the last.
+    pub last_ns: u64,
+    /// How many.
+    pub count: u64,
+    /// 1 when a thread other than the leader exec'd: it took the process's
+    /// id, and the leader thread, which probes scoped to the process are
+    /// bound to, is gone (those probes no longer fire).
+    pub leader_replaced: u64,
+    /// The process's state just before the first: the old image's totals,
+    /// counters and generation.
+    pub before: TargetState,
+}
+const _: () =
+    assert!(core::mem::size_of::<ExecEvent>() == 32 + core::mem::size_of::<TargetState>());
 
 /// Values of [`TargetState::unwind`].
 pub mod unwind_mode {
@@ -329,6 +373,8 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for TargetState {}
     // SAFETY: as above.
+    unsafe impl aya::Pod for ExecEvent {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for UnwindRow {}
     // SAFETY: as above.
     unsafe impl aya::Pod for ModuleEntry {}
@@ -359,6 +405,7 @@ pub mod names {
         pub const PENDING: &str = "PENDING";
         pub const SCRATCH: &str = "SCRATCH";
         pub const OOM_VICTIMS: &str = "OOM_VICTIMS";
+        pub const EXECS: &str = "EXECS";
         pub const CONFIG: &str = "CONFIG";
         pub const SAMPLE_P: &str = "SAMPLE_P";
         pub const UNWIND_ROWS: &str = "UNWIND_ROWS";
@@ -375,6 +422,7 @@ pub mod names {
             PENDING,
             SCRATCH,
             OOM_VICTIMS,
+            EXECS,
             CONFIG,
             SAMPLE_P,
             UNWIND_ROWS,
@@ -420,6 +468,8 @@ pub mod names {
         pub const NOOP_SESSION_RETURN: &str = "noop_session_return";
         /// The OOM killer's tracepoint (`oom:mark_victim`).
         pub const OOM_MARK_VICTIM: &str = "oom_mark_victim";
+        /// A traced process's `exec` (raw tracepoint `sched_process_exec`).
+        pub const SCHED_PROCESS_EXEC: &str = "sched_process_exec";
         /// All of the above.
         pub const ALL: &[&str] = &[
             MALLOC_ENTER,
@@ -445,6 +495,7 @@ pub mod names {
             NOOP_SESSION_ENTRY,
             NOOP_SESSION_RETURN,
             OOM_MARK_VICTIM,
+            SCHED_PROCESS_EXEC,
         ];
     }
 }

@@ -86,7 +86,7 @@ pub fn run_command(cfg: Config, command: &[String]) -> Result<i32> {
             comm,
             exe,
         };
-        engine.attach_plan(info, &plan)?;
+        engine.attach_launched(info, &plan)?;
         launched.go();
         let code = event_loop(&mut engine, signals, Some(launched)).await?;
         check_snapshots(&engine)?;
@@ -211,7 +211,12 @@ fn launched_events(engine: &mut Engine, launched: &Launched) -> Option<i32> {
                 engine.target_exiting(launched.pid);
                 let _ = launched.ack.send(());
             }
-            Ok(LaunchEvent::Exited(code)) => return Some(code),
+            Ok(LaunchEvent::Exited(code)) => {
+                // Not held at its exit (a thread other than the leader
+                // exec'd): its final snapshot now, from what was kept.
+                engine.tick(None);
+                return Some(code);
+            }
             Err(std::sync::mpsc::TryRecvError::Empty) => return None,
             Err(std::sync::mpsc::TryRecvError::Disconnected) => return Some(1),
         }

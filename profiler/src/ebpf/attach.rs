@@ -1,7 +1,8 @@
 //! Applying an [`AttachPlan`]: one probe per allocator function of a target
 //! (a uprobe session where the kernel has them, else a uprobe and, for
 //! allocating functions, a uretprobe), placed where [`placement`] says;
-//! detaching, and forgetting a target's data in the kernel maps.
+//! detaching, and forgetting a target's data in the kernel maps (all of it,
+//! or an old image's after an `exec`).
 use std::{collections::HashSet, num::NonZeroU32};
 
 use aya::{
@@ -13,12 +14,13 @@ use aya::{
 };
 use heapbpf_common::names::maps;
 use heapbpf_common::{
-    unwind_mode, AllocInfo, AllocKey, ModuleTable, Pending, StackKey, StackStats, TargetState,
+    unwind_mode, AllocInfo, AllocKey, ExecEvent, ModuleTable, Pending, StackKey, StackStats,
+    TargetState,
 };
 
 use super::{
     load::{error_chain, load_error},
-    map_fd, programs, sys, AttachedProbe, Floor, ProbedTarget, Profiler,
+    map_fd, programs, sys, AttachedProbe, Exec, Floor, ProbedTarget, Profiler,
 };
 use crate::{
     allocator::{self, AttachPlan, EntryPoint, Library, ENTRY_POINTS},
@@ -376,28 +378,101 @@ impl Profiler {
 
     /// Forgets everything the kernel maps hold of `pid`.
     fn purge(&mut self, pid: u32) {
-        self.remove_where::<AllocKey, AllocInfo>(maps::ALLOCS, |k| k.tgid == pid);
-        self.remove_where::<StackKey, StackStats>(maps::STACK_STATS, |k| k.tgid == pid);
-        self.remove_where::<u64, Pending>(maps::PENDING, |k| (k >> 32) as u32 == pid);
+        self.remove_where::<AllocKey, AllocInfo>(maps::ALLOCS, |k, _| k.tgid == pid);
+        self.remove_where::<StackKey, StackStats>(maps::STACK_STATS, |k, _| k.tgid == pid);
+        self.remove_where::<u64, Pending>(maps::PENDING, |k, _| (k >> 32) as u32 == pid);
         if let Ok(map) = self.map_mut(maps::MODULES) {
             if let Ok(mut modules) = BpfHashMap::<_, u32, ModuleTable>::try_from(map) {
                 let _ = modules.remove(&pid);
+            }
+        }
+        if let Ok(map) = self.map_mut(maps::EXECS) {
+            if let Ok(mut execs) = BpfHashMap::<_, u32, ExecEvent>::try_from(map) {
+                let _ = execs.remove(&pid);
             }
         }
         self.written_modules.remove(&pid);
         self.stacks.forget(pid);
     }
 
-    /// Removes the entries of hash map `name` whose key matches. The keys are
+    /// Forgets what the image of `pid` before `exec` left in the kernel
+    /// maps (its blocks and per-stack counters, and those of any image
+    /// between it and the last exec), after its last snapshot. Without the
+    /// exec tracepoint, everything of `pid`, and its state starts afresh.
+    pub fn forget_before_exec(&mut self, pid: u32, exec: &Exec) {
+        let Some(before) = exec.before else {
+            self.purge(pid);
+            let Some(old) = self.target_state(pid) else {
+                return;
+            };
+            let fresh = TargetState {
+                unwind: old.unwind,
+                image_ns: exec.at_ns,
+                generation: old.generation + 1,
+                ..Default::default()
+            };
+            if let Ok(mut m) = self.targets_map() {
+                // The new image's increments since it started are lost
+                // here: that is what "coarse" means.
+                let _ = m.insert(pid, fresh, 0);
+            }
+            return;
+        };
+        let last_ns = exec.last_ns;
+        // An address read as the old image's may be the new image's by the
+        // time it is removed (a block it got there set the old one aside):
+        // each is looked at again first.
+        self.remove_matching::<AllocKey, AllocInfo>(
+            maps::ALLOCS,
+            |k, v| k.tgid == pid && v.timestamp_ns < last_ns,
+            true,
+        );
+        let (first, count) = (before.generation as u32, exec.count as u32);
+        self.remove_where::<StackKey, StackStats>(maps::STACK_STATS, |k, _| {
+            k.tgid == pid && k.generation.wrapping_sub(first) < count
+        });
+        self.stacks.forget(pid);
+    }
+
+    /// Replaces the probes of `pid` by those of `plan` (the allocator of the
+    /// image it exec'd), keeping what the kernel maps hold of it. On error,
+    /// the target is detached.
+    pub fn rehook(&mut self, pid: u32, plan: &AttachPlan) -> Result<Vec<AttachedProbe>> {
+        if let Some(t) = self.targets.get_mut(&pid) {
+            let links = std::mem::take(&mut t.links);
+            // Closing a session link detaches it.
+            t.session_links.clear();
+            t.hooked.clear();
+            self.detach_links(pid, links);
+        }
+        self.attach(pid, plan)
+    }
+
+    /// Removes the entries of hash map `name` that match. The entries are
     /// read in batches ([`sys::lookup_all`]): a `get_next_key` walk of a map
     /// that other targets change all the time can restart or end early.
-    fn remove_where<K: aya::Pod, V: aya::Pod>(&mut self, name: &str, matches: impl Fn(&K) -> bool) {
+    fn remove_where<K: aya::Pod, V: aya::Pod>(
+        &mut self,
+        name: &str,
+        matches: impl Fn(&K, &V) -> bool,
+    ) {
+        self.remove_matching(name, matches, false);
+    }
+
+    /// [`Profiler::remove_where`]; with `recheck`, each entry is read again
+    /// just before its removal and kept if it no longer matches.
+    fn remove_matching<K: aya::Pod, V: aya::Pod>(
+        &mut self,
+        name: &str,
+        matches: impl Fn(&K, &V) -> bool,
+        recheck: bool,
+    ) {
         let keys: Vec<K> = match self.map(name).and_then(map_fd) {
             Ok(fd) => match sys::lookup_all::<K, V>(fd) {
                 Ok(entries) => entries
                     .into_iter()
+                    .filter(|(k, v)| matches(k, v))
                     .map(|(k, _)| k)
-                    .filter(|k| matches(k))
                     .collect(),
                 Err(e) => {
                     tracing::debug!(map = name, error = %e, "cannot read map to purge it");
@@ -411,6 +486,9 @@ impl Profiler {
             return;
         };
         for k in keys {
+            if recheck && hash.get(&k, 0).is_ok_and(|v| !matches(&k, &v)) {
+                continue;
+            }
             let _ = hash.remove(&k);
         }
     }

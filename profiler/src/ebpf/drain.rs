@@ -10,14 +10,14 @@ use heapbpf_common::{
     NO_STACK, STACK_COMPLETE, STACK_LEN_MASK, STACK_TRUNCATED,
 };
 
-use super::{map_fd, sys, Profiler};
+use super::{map_fd, sys, Exec, Profiler};
 use crate::{
     error::{Error, Result},
     model::{KernelData, LiveBlock, StackAddrs, StackCounters},
 };
 
 impl Profiler {
-    fn target_state(&self, pid: u32) -> Option<TargetState> {
+    pub(super) fn target_state(&self, pid: u32) -> Option<TargetState> {
         let targets =
             BpfHashMap::<_, u32, TargetState>::try_from(self.map(maps::TARGETS).ok()?).ok()?;
         targets.get(&pid, 0).ok()
@@ -29,33 +29,47 @@ impl Profiler {
         Some(s.allocated_bytes.saturating_sub(s.freed_bytes))
     }
 
-    /// Reads the live blocks, per-stack counters and totals of `pid`.
+    /// Reads the live blocks, per-stack counters and totals of `pid`: of the
+    /// image it runs now (an `exec` not yet handled leaves the old image's
+    /// out).
     pub fn drain(&self, pid: u32) -> Result<KernelData> {
         let state = self.target_state(pid).unwrap_or_default();
-        let blocks: Vec<LiveBlock> =
+        self.read_image(pid, &state, state.image_ns, u64::MAX)
+    }
+
+    /// Reads what the image of `pid` before `exec` left: the blocks it
+    /// allocated, its per-stack counters and its totals as the kernel kept
+    /// them at the exec. Without the exec tracepoint ([`Exec::noticed`]),
+    /// everything the kernel holds of `pid`.
+    pub fn drain_before_exec(&self, pid: u32, exec: &Exec) -> Result<KernelData> {
+        match &exec.before {
+            Some(before) => self.read_image(pid, before, before.image_ns, exec.at_ns),
+            None => self.drain(pid),
+        }
+    }
+
+    /// The blocks of `pid` allocated in `[from_ns, until_ns)`, the
+    /// per-stack counters of `state`'s generation, and `state`'s totals.
+    fn read_image(
+        &self,
+        pid: u32,
+        state: &TargetState,
+        from_ns: u64,
+        until_ns: u64,
+    ) -> Result<KernelData> {
+        let blocks = blocks_between(
             sys::lookup_all::<AllocKey, AllocInfo>(map_fd(self.map(maps::ALLOCS)?)?)
-                .map_err(|e| Error::runtime("cannot read the ALLOCS map", e))?
-                .into_iter()
-                .filter(|(k, _)| k.tgid == pid)
-                .map(|(_, v)| LiveBlock {
-                    stack_id: v.stack_id,
-                    size_bytes: v.size,
-                    allocated_ns: v.timestamp_ns,
-                })
-                .collect();
-        let counters: HashMap<u64, StackCounters> =
+                .map_err(|e| Error::runtime("cannot read the ALLOCS map", e))?,
+            pid,
+            from_ns,
+            until_ns,
+        );
+        let counters = counters_of(
             sys::lookup_all::<StackKey, StackStats>(map_fd(self.map(maps::STACK_STATS)?)?)
-                .map_err(|e| Error::runtime("cannot read the STACK_STATS map", e))?
-                .into_iter()
-                .filter(|(k, _)| k.tgid == pid)
-                .map(|(k, v)| {
-                    let c = StackCounters {
-                        allocated_bytes: v.allocated_bytes,
-                        allocations: units(v.allocations),
-                    };
-                    (k.stack_id, c)
-                })
-                .collect();
+                .map_err(|e| Error::runtime("cannot read the STACK_STATS map", e))?,
+            pid,
+            state.generation,
+        );
         tracing::debug!(
             pid,
             nested = state.counters[info_counter::NESTED],
@@ -105,6 +119,44 @@ const DROP_REASONS: [(usize, &str); drop_reason::COUNT] = [
     (drop_reason::STATS_FULL, "stats_full"),
     (drop_reason::READ_ERROR, "read_error"),
 ];
+/// The blocks of `pid` allocated in `[from_ns, until_ns)`: one image's
+/// (an `exec` starts a new image at a known time; blocks of the old one may
+/// still be in the map, live or set aside).
+fn blocks_between(
+    entries: Vec<(AllocKey, AllocInfo)>,
+    pid: u32,
+    from_ns: u64,
+    until_ns: u64,
+) -> Vec<LiveBlock> {
+    entries
+        .into_iter()
+        .filter(|(k, v)| k.tgid == pid && (from_ns..until_ns).contains(&v.timestamp_ns))
+        .map(|(_, v)| LiveBlock {
+            stack_id: v.stack_id,
+            size_bytes: v.size,
+            allocated_ns: v.timestamp_ns,
+        })
+        .collect()
+}
+
+/// The per-stack counters of `pid` counted in `generation` (one image's).
+fn counters_of(
+    entries: Vec<(StackKey, StackStats)>,
+    pid: u32,
+    generation: u64,
+) -> HashMap<u64, StackCounters> {
+    entries
+        .into_iter()
+        .filter(|(k, _)| k.tgid == pid && k.generation == generation as u32)
+        .map(|(k, v)| {
+            let c = StackCounters {
+                allocated_bytes: v.allocated_bytes,
+                allocations: units(v.allocations),
+            };
+            (k.stack_id, c)
+        })
+        .collect()
+}
 
 /// A stack as the kernel keeps it → its addresses and the walk's verdict.
 pub(super) fn addresses(t: &StackTrace) -> StackAddrs {
@@ -186,6 +238,81 @@ mod tests {
             ips: vec![ip],
             truncated: Some(false),
         }
+    }
+
+    fn block(tgid: u32, slot: u32, addr: u64, at_ns: u64) -> (AllocKey, AllocInfo) {
+        let k = AllocKey { tgid, slot, addr };
+        let v = AllocInfo {
+            size: addr,
+            stack_id: addr,
+            timestamp_ns: at_ns,
+        };
+        (k, v)
+    }
+
+    #[test]
+    fn an_exec_splits_the_blocks_of_a_process_by_time() {
+        use heapbpf_common::alloc_slot::{ASIDE, LIVE};
+        let exec_ns = 1_000;
+        let entries = vec![
+            block(7, LIVE, 0x10, 10),
+            block(7, LIVE, 0x20, exec_ns - 1),
+            // The new image got 0x20 too: the old block was set aside.
+            block(7, ASIDE, 0x20, 20),
+            block(7, LIVE, 0x30, exec_ns),
+            block(7, LIVE, 0x40, exec_ns + 5),
+            block(8, LIVE, 0x50, 10),
+        ];
+        let sizes = |blocks: Vec<LiveBlock>| {
+            let mut v: Vec<(u64, u64)> = blocks
+                .iter()
+                .map(|b| (b.size_bytes, b.allocated_ns))
+                .collect();
+            v.sort_unstable();
+            v
+        };
+        assert_eq!(
+            sizes(blocks_between(entries.clone(), 7, 0, exec_ns)),
+            vec![(0x10, 10), (0x20, 20), (0x20, exec_ns - 1)],
+            "the old image: everything before the exec, set aside or not"
+        );
+        assert_eq!(
+            sizes(blocks_between(entries.clone(), 7, exec_ns, u64::MAX)),
+            vec![(0x30, exec_ns), (0x40, exec_ns + 5)],
+            "the new image: from the exec on"
+        );
+        assert_eq!(
+            sizes(blocks_between(entries, 8, 0, u64::MAX)),
+            vec![(0x50, 10)]
+        );
+    }
+
+    #[test]
+    fn per_stack_counters_are_read_per_generation() {
+        let stats = |allocated_bytes| StackStats {
+            allocated_bytes,
+            allocations: 2 * heapbpf_common::COUNT_UNIT,
+        };
+        let key = |tgid, generation, stack_id| StackKey {
+            tgid,
+            generation,
+            stack_id,
+        };
+        let entries = vec![
+            (key(7, 0, 1), stats(100)),
+            (key(7, 1, 1), stats(200)),
+            (key(7, 1, 2), stats(300)),
+            (key(8, 1, 3), stats(400)),
+        ];
+        let old = counters_of(entries.clone(), 7, 0);
+        assert_eq!(old.len(), 1);
+        assert_eq!(old[&1].allocated_bytes, 100);
+        assert_eq!(old[&1].allocations, 2);
+        let new = counters_of(entries.clone(), 7, 1);
+        assert_eq!(new.len(), 2);
+        assert_eq!(new[&1].allocated_bytes, 200);
+        // Generations are kept in 32 bits in the key.
+        assert_eq!(counters_of(entries, 7, (1 << 32) | 1).len(), 2);
     }
 
     #[test]

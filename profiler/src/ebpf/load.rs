@@ -1,18 +1,19 @@
 //! Loading: what heapbpf needs from the kernel and its credentials, the
-//! object's programs and maps, sampling settings, the OOM tracepoint, and the
-//! stack walk's program slots.
+//! object's programs and maps, sampling settings, the OOM and exec
+//! tracepoints, and the stack walk's program slots.
 use std::{collections::HashMap, path::Path};
 
 use aya::{
     maps::HashMap as BpfHashMap,
-    programs::{TracePoint, UProbe},
+    programs::{RawTracePoint, TracePoint, UProbe},
     Ebpf, EbpfLoader,
 };
 
 use heapbpf_common::names::maps;
 
 use super::{
-    programs, uprobe_session::Sessions, LoadOptions, Profiler, PROGRAM_OBJECT, UNWIND_ROWS,
+    map_fd, programs, sys, uprobe_session::Sessions, Exec, LoadOptions, Profiler, PROGRAM_OBJECT,
+    UNWIND_ROWS,
 };
 use crate::{
     error::{Error, Result},
@@ -209,9 +210,15 @@ impl Profiler {
             walk_epoch: 0,
             max_stacks: opts.max_stacks,
             retire: super::retire::RetireState::new(),
+            exec_watched: false,
         };
         profiler.configure_sampling()?;
         profiler.watch_oom();
+        if opts.exec_tracepoint {
+            profiler.watch_exec();
+        } else {
+            tracing::info!("exec tracepoint not used: an exec is noticed when the target's executable changes, coarsely");
+        }
         Ok(profiler)
     }
 
@@ -272,6 +279,57 @@ impl Profiler {
             true
         } else {
             false
+        }
+    }
+
+    /// Hooks `sched_process_exec` (a raw tracepoint: no tracefs needed);
+    /// without it, user space notices an exec by the target's executable
+    /// changing, coarsely.
+    fn watch_exec(&mut self) {
+        let result = (|| -> Result<(), String> {
+            let prog: &mut RawTracePoint = self
+                .ebpf
+                .program_mut(programs::SCHED_PROCESS_EXEC)
+                .ok_or("no sched_process_exec program")?
+                .try_into()
+                .map_err(|e| format!("{e}"))?;
+            prog.load().map_err(|e| format!("{e}"))?;
+            prog.attach("sched_process_exec")
+                .map_err(|e| format!("{e}"))?;
+            Ok(())
+        })();
+        match result {
+            Ok(()) => self.exec_watched = true,
+            Err(e) => tracing::warn!(
+                "cannot watch exec (sched_process_exec): {e}; an exec is noticed when the \
+                 target's executable changes, coarsely: its old image's last snapshot may hold \
+                 the new image's first blocks"
+            ),
+        }
+    }
+
+    /// Whether execs are seen by the kernel as they happen
+    /// ([`Profiler::take_exec`]); else the caller notices them itself.
+    pub fn watches_exec(&self) -> bool {
+        self.exec_watched
+    }
+
+    /// Takes the execs of `pid` since the last call, if any.
+    pub fn take_exec(&mut self, pid: u32) -> Option<Exec> {
+        let fd = self.map(maps::EXECS).and_then(map_fd).ok()?;
+        match sys::take::<u32, heapbpf_common::ExecEvent>(fd, &pid) {
+            Ok(Some(e)) => Some(Exec {
+                at_ns: e.first_ns,
+                last_ns: e.last_ns,
+                count: e.count,
+                leader_replaced: e.leader_replaced != 0,
+                before: Some(e.before),
+            }),
+            Ok(None) => None,
+            Err(e) => {
+                tracing::debug!(pid, error = %e, "cannot read the EXECS map");
+                None
+            }
         }
     }
 }

@@ -20,7 +20,7 @@ use std::{
 };
 
 use aya::{programs::uprobe::UProbeLinkId, Ebpf};
-use heapbpf_common::ModuleTable;
+use heapbpf_common::{ModuleTable, TargetState};
 
 pub use drain::monotonic_ns;
 pub use load::preflight;
@@ -50,6 +50,8 @@ pub struct LoadOptions {
     /// Hook allocating functions with uprobe sessions where the kernel has
     /// them (entry and return in one program; the return only when needed).
     pub sessions: bool,
+    /// Watch execs with the `sched_process_exec` tracepoint.
+    pub exec_tracepoint: bool,
 }
 
 /// `--max-stacks` when none is given.
@@ -74,6 +76,7 @@ impl Default for LoadOptions {
             sample_bytes: 0,
             unwind: unwind::Mode::Auto,
             sessions: true,
+            exec_tracepoint: true,
         }
     }
 }
@@ -97,6 +100,47 @@ pub struct AttachedProbe {
     pub session: bool,
     /// The library the probe sits in, as the target sees it.
     pub library: String,
+}
+
+/// A traced process's `exec` (one, or several since the last look): when,
+/// and what its old image left in the kernel.
+#[derive(Clone, Copy, Debug)]
+pub struct Exec {
+    /// `CLOCK_MONOTONIC` nanoseconds of the (first) exec: the old image's
+    /// blocks are older.
+    pub at_ns: u64,
+    /// ... of the last, when the process exec'd again before heapbpf
+    /// looked: the images in between are lost.
+    pub last_ns: u64,
+    /// How many execs.
+    pub count: u64,
+    /// A thread other than the leader exec'd (or heapbpf cannot tell): the
+    /// probes scoped to the process went with the old leader thread.
+    pub leader_replaced: bool,
+    /// The old image's totals, counters and generation as the `exec`
+    /// tracepoint kept them; `None` when user space noticed the exec itself
+    /// (no tracepoint): then all it can tell is that the exec happened
+    /// before now.
+    before: Option<TargetState>,
+}
+
+impl Exec {
+    /// An exec noticed by user space at `now_ns`, without the tracepoint.
+    pub fn noticed(now_ns: u64) -> Self {
+        Exec {
+            at_ns: now_ns,
+            last_ns: now_ns,
+            count: 1,
+            leader_replaced: true,
+            before: None,
+        }
+    }
+
+    /// Whether the kernel saw it as it happened (the old image's figures are
+    /// exactly its own).
+    pub fn is_precise(&self) -> bool {
+        self.before.is_some()
+    }
 }
 
 /// A probed function: (device, inode) of its file, its address there, and
@@ -136,6 +180,8 @@ pub struct Profiler {
     /// Capacity of the stack map, and when idle stacks were last retired.
     max_stacks: u32,
     retire: retire::RetireState,
+    /// The `exec` tracepoint is attached: [`Profiler::take_exec`] tells.
+    exec_watched: bool,
 }
 
 impl Profiler {

@@ -1,5 +1,5 @@
 //! The one door to `bpf(2)` for what aya 0.14 cannot do: reading whole
-//! hash maps in batches, and loading and linking uprobe-session programs
+//! hash maps in batches, taking an entry out in one step, and loading and linking uprobe-session programs
 //! (see [`super::uprobe_session`]). Each command's `union bpf_attr` prefix is
 //! a `#[repr(C)]` struct here; nothing else in heapbpf calls the syscall.
 //!
@@ -20,6 +20,7 @@ const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_MAP_TYPE_PROG_ARRAY: u32 = 3;
 const BPF_LINK_CREATE: libc::c_long = 28;
@@ -157,6 +158,27 @@ pub fn delete<K: aya::Pod>(map: BorrowedFd<'_>, key: &K) -> io::Result<bool> {
     match call(BPF_MAP_DELETE_ELEM, &mut attr) {
         Ok(_) => Ok(true),
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Takes the value at `key` out of a hash map in one step, so that an
+/// update the programs make meanwhile is either in it or still in the map.
+pub fn take<K: aya::Pod, V: Copy + aya::Pod>(
+    map: BorrowedFd<'_>,
+    key: &K,
+) -> io::Result<Option<V>> {
+    // SAFETY: V is Pod: all-zero bytes are a valid value.
+    let mut value: V = unsafe { std::mem::zeroed() };
+    let mut attr = MapUpdateAttr {
+        map_fd: map.as_raw_fd() as u32,
+        key: key as *const K as u64,
+        value: &mut value as *mut V as u64,
+        ..Default::default()
+    };
+    match call(BPF_MAP_LOOKUP_AND_DELETE_ELEM, &mut attr) {
+        Ok(_) => Ok(Some(value)),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
         Err(e) => Err(e),
     }
 }

@@ -27,4 +27,7 @@ pub struct Config {
     pub unwind: unwind::Mode,
     /// Uprobe sessions where the kernel has them.
     pub sessions: bool,
+    /// Execs seen by the `sched_process_exec` tracepoint where the kernel
+    /// has it (else noticed by the executable changing).
+    pub exec_tracepoint: bool,
 }

@@ -1,8 +1,8 @@
 //! The target lifecycle, one piece that every front end reuses: attach (an
 //! allocator plan from [`crate::allocator`], applied by [`crate::ebpf`]),
 //! keep up with the target (maps refreshed, allocators mapped later hooked,
-//! thresholds, OOM kills, exits), and snapshot (kernel data → model →
-//! symbolized snapshot → files), until detach.
+//! thresholds, OOM kills, exits, execs: see [`exec`]), and snapshot (kernel
+//! data → model → symbolized snapshot → files), until detach.
 //!
 //! An [`Engine`] is driven from outside: `attach` and `run`
 //! ([`crate::commands::attach`]) call [`Engine::tick`] on a timer and
@@ -10,6 +10,7 @@
 //! It owns the [`OutputDir`] its front end opened, and counts the snapshots
 //! that could not be written (the front end exits 1 for them).
 mod config;
+mod exec;
 
 use std::{path::PathBuf, time::Instant};
 
@@ -41,6 +42,10 @@ struct Target {
     hooked: Vec<String>,
     /// Stacks retired from the kernel, with what they allocated.
     retired: RetiredStacks,
+    /// What the `attached` line said: probes, and the libraries they are in.
+    probes: (usize, Vec<String>),
+    /// [`exec::Image`]: what tells an exec of the target.
+    image: exec::Image,
 }
 
 /// Loaded programs, the symbolizer and the targets they serve.
@@ -69,6 +74,7 @@ impl Engine {
             sample_bytes: cfg.sample_bytes,
             unwind: cfg.unwind,
             sessions: cfg.sessions,
+            exec_tracepoint: cfg.exec_tracepoint,
         })?;
         Ok(Engine {
             cfg,
@@ -145,18 +151,13 @@ impl Engine {
                 p.library
             );
         }
-        let mut libraries: Vec<&str> = Vec::new();
-        for p in &probes {
-            if !libraries.contains(&p.library.as_str()) {
-                libraries.push(&p.library);
-            }
-        }
+        let probes = exec::summary(&probes);
         let rss = procfs::rss_bytes(pid).unwrap_or(0);
         say(&lines::attached(
             pid,
             &info.comm,
-            probes.len(),
-            &libraries,
+            probes.0,
+            &probes.1.iter().map(String::as_str).collect::<Vec<_>>(),
             self.cfg.sample_bytes,
         ));
         self.targets.push(Target {
@@ -168,6 +169,8 @@ impl Engine {
             oom_written: false,
             hooked: plan.libraries().map(allocator::Library::identity).collect(),
             retired: RetiredStacks::default(),
+            probes,
+            image: exec::Image::new(pid),
             info,
         });
         Ok(())
@@ -177,6 +180,7 @@ impl Engine {
     /// they are about to vanish), then exits — but of `held`, a launched
     /// command whose exit its front end reports.
     pub fn tick(&mut self, held: Option<u32>) {
+        self.check_execs();
         self.check_oom();
         self.reap_exited(held);
         self.maintain_stacks(false);
@@ -203,6 +207,8 @@ impl Engine {
     /// Re-reads every target's maps (new modules for symbolization and the
     /// stack walk) and hooks allocator libraries mapped since attach.
     pub fn refresh_all(&mut self) {
+        // An image that exec'd keeps its modules for its last snapshot.
+        self.check_execs();
         let pids: Vec<u32> = self.targets.iter().map(|t| t.info.pid).collect();
         for pid in pids {
             self.refresh_maps(pid);
@@ -234,12 +240,17 @@ impl Engine {
                 }
                 t.hooked.push(id);
                 match self.profiler.attach_more(pid, &lib) {
-                    Ok(probes) => say(&lines::hooked_since(
-                        &lib.path,
-                        pid,
-                        &t.info.comm,
-                        probes.len(),
-                    )),
+                    Ok(probes) => {
+                        say(&lines::hooked_since(
+                            &lib.path,
+                            pid,
+                            &t.info.comm,
+                            probes.len(),
+                        ));
+                        let (n, libraries) = exec::summary(&probes);
+                        t.probes.0 += n;
+                        t.probes.1.extend(libraries);
+                    }
                     Err(e) => {
                         tracing::warn!(pid, library = %lib.path, "cannot hook an allocator mapped since: {e}")
                     }
@@ -250,6 +261,7 @@ impl Engine {
 
     /// A snapshot of every target.
     pub fn snapshot_all(&mut self, trigger: Trigger) {
+        self.check_execs();
         for i in 0..self.targets.len() {
             self.snapshot(i, trigger);
         }
@@ -258,6 +270,7 @@ impl Engine {
     /// A launched command held at the start of its exit (its map is still
     /// there): its final snapshot, then detach.
     pub fn target_exiting(&mut self, pid: u32) {
+        self.check_execs();
         if let Some(i) = self.index(pid) {
             self.refresh_maps(pid);
             self.check_oom();
@@ -351,14 +364,20 @@ impl Engine {
     fn try_snapshot(&mut self, i: usize, trigger: Trigger) -> Result<Vec<PathBuf>> {
         let pid = self.targets[i].info.pid;
         let started = Instant::now();
-        if procfs::is_alive(pid) {
+        // The last snapshot of an image that exec'd: its own blocks and
+        // figures, as of the exec, with the modules it had.
+        let exec = self.targets[i].image.exec;
+        if procfs::is_alive(pid) && exec.is_none() {
             self.refresh_maps(pid);
             if let Some(rss) = procfs::rss_bytes(pid) {
                 self.targets[i].rss_bytes = rss;
             }
         }
         self.maintain_stacks(true);
-        let mut data = self.profiler.drain(pid)?;
+        let mut data = match &exec {
+            Some(exec) => self.profiler.drain_before_exec(pid, exec)?,
+            None => self.profiler.drain(pid)?,
+        };
         let retired = &self.targets[i].retired;
         retired.merge_counters(&mut data);
         let mut addresses = self.profiler.stacks(pid, &data.stack_ids())?;
@@ -366,7 +385,7 @@ impl Engine {
         let raw = RawSnapshot::from_kernel(
             data,
             &addresses,
-            ebpf::monotonic_ns(),
+            exec.map_or_else(ebpf::monotonic_ns, |e| e.at_ns),
             self.cfg.min_age.as_millis() as u64,
             self.cfg.sample_bytes,
         );

@@ -20,6 +20,8 @@ pub enum Trigger {
     Duration,
     Stop,
     Exit,
+    /// The last snapshot of an image that called `exec()`.
+    Exec,
     Request,
 }
 
@@ -34,6 +36,7 @@ impl Trigger {
             Trigger::Duration => "duration",
             Trigger::Stop => "stop",
             Trigger::Exit => "exit",
+            Trigger::Exec => "exec",
             Trigger::Request => "request",
         }
     }
@@ -296,6 +299,27 @@ impl Frame {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn triggers_are_written_as_the_contract_names_them() {
+        for t in [
+            Trigger::Signal,
+            Trigger::Interval,
+            Trigger::RssStep,
+            Trigger::HeapStep,
+            Trigger::Oom,
+            Trigger::Duration,
+            Trigger::Stop,
+            Trigger::Exit,
+            Trigger::Exec,
+            Trigger::Request,
+        ] {
+            let json = serde_json::to_string(&t).unwrap();
+            assert_eq!(json, format!("\"{}\"", t.as_str()));
+            assert_eq!(serde_json::from_str::<Trigger>(&json).unwrap(), t);
+        }
+        assert_eq!(Trigger::Exec.as_str(), "exec");
+    }
 
     fn f(name: &str) -> Frame {
         Frame {
