@@ -177,7 +177,7 @@ fn read_head(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
 }
 
 /// What a file that is not a regular file is, in words.
-pub(crate) fn file_kind(t: &std::fs::FileType) -> &'static str {
+pub fn file_kind(t: &std::fs::FileType) -> &'static str {
     if t.is_dir() {
         "a directory"
     } else if t.is_fifo() {
