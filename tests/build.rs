@@ -4,7 +4,7 @@
 //! frame pointers, for the stack walk.
 use std::{env, path::PathBuf, process::Command};
 
-const FIXTURES: &[&str] = &["allocs", "grow", "startleak", "plugin"];
+const FIXTURES: &[&str] = &["allocs", "grow", "startleak", "plugin", "jit"];
 
 /// Fixtures linked against another allocator (not preloaded): the program
 /// needs the library (`DT_NEEDED`), as a program built with `-ltcmalloc`.
