@@ -493,4 +493,20 @@ mod tests {
             .contains("stacks[0].allocations is 18446744073709551615"));
         assert_eq!(check_figures(&golden()), Ok(()));
     }
+
+    #[test]
+    fn times_beyond_what_pprof_holds_never_wrap_around() {
+        // Found by the snapshot_pprof fuzz target: nanoseconds past 2262
+        // do not fit pprof's int64.
+        let mut s = golden();
+        s.attached_at = "2262-04-12T00:00:00Z".into();
+        s.taken_at = "2262-04-11T23:00:00Z".into();
+        let p = pprof::to_profile(&s);
+        assert_eq!(
+            (p.time_nanos, p.duration_nanos),
+            (9_223_369_200_000_000_000, 0)
+        );
+        let back = pprof::from_bytes(Path::new("x"), &pprof::to_bytes(&s)).unwrap();
+        assert_eq!(back.attached_at, s.attached_at);
+    }
 }

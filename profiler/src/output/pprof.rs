@@ -189,7 +189,7 @@ impl Strings {
 
 fn nanos(rfc3339: &str) -> Option<i64> {
     let t = humantime::parse_rfc3339(rfc3339).ok()?;
-    Some(t.duration_since(SystemTime::UNIX_EPOCH).ok()?.as_nanos() as i64)
+    i64::try_from(t.duration_since(SystemTime::UNIX_EPOCH).ok()?.as_nanos()).ok()
 }
 
 /// The profile of a snapshot.
@@ -360,7 +360,8 @@ pub fn to_profile(s: &Snapshot) -> Profile {
     ))];
 
     let time_nanos = nanos(&s.taken_at).unwrap_or(0);
-    let duration_nanos = nanos(&s.attached_at).map_or(0, |a| (time_nanos - a).max(0));
+    // Times come from a snapshot file too: never wrap around.
+    let duration_nanos = nanos(&s.attached_at).map_or(0, |a| time_nanos.saturating_sub(a).max(0));
     let period_type = Some(vt(&mut st, "space", "bytes"));
     let default_sample_type = st.get("inuse_space");
     Profile {
