@@ -46,7 +46,7 @@ pub fn from_reader<R: Read>(
         }
         Err(e) => {
             let head = serde_json::from_reader::<_, Head>(open().map_err(cannot_read)?);
-            Err(bad(explain(e, head)))
+            Err(bad(one_line(&explain(e, head))))
         }
     }
 }
@@ -86,6 +86,20 @@ fn check_version(version: &serde_json::Value) -> Result<(), String> {
             short(other)
         )),
     }
+}
+
+/// A message on one line, without control characters: serde's messages
+/// quote the file's own text (an unknown field's name, say).
+fn one_line(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 /// A JSON value as it may appear in a one-line message.
@@ -216,6 +230,9 @@ mod tests {
             .unwrap()
             .replace("\"version\": 1", "\"version\": 2");
         assert!(err(v2.as_bytes()).contains("version 2 is not supported"));
+        // The file's own text, quoted in a message, stays on one line.
+        let e = err(b"{\"format\":\"heapbpf-snapshot\",\"version\":1,\"a\\n\\u001b]0;x\":1}");
+        assert!(e.contains(r"unknown field `a\n\u{1b}]0;x`"), "{e}");
         assert_eq!(from_bytes(p, b"").unwrap_err().exit_code(), 2);
     }
 
