@@ -11,6 +11,7 @@ use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod fuzz;
 
 #[derive(Parser)]
 #[command(name = "xtask")]
@@ -31,6 +32,8 @@ enum Cmd {
     Bench(bench::BenchArgs),
     /// Rewrite the golden files of the output formats (after checking the diff).
     Bless,
+    /// Fuzz the readers of untrusted text for a bounded time (cargo-fuzz, nightly).
+    Fuzz(fuzz::FuzzArgs),
 }
 
 fn main() -> Result<()> {
@@ -42,6 +45,7 @@ fn main() -> Result<()> {
         Cmd::Bless => run(cargo()
             .args(["test", "-p", "heapbpf", "--test", "golden"])
             .env("HEAPBPF_BLESS", "1")),
+        Cmd::Fuzz(args) => fuzz::run_fuzz(args),
     }
 }
 
@@ -242,6 +246,7 @@ fn test() -> Result<()> {
         "-p",
         "xtask",
     ]))?;
+    fuzz::run_fuzz(fuzz::FuzzArgs::short())?;
     require_bpf()?;
     run(cargo().args(["build", "-p", "heapbpf"]))?;
     run(cargo()
