@@ -597,4 +597,40 @@ mod tests {
         assert_eq!(kind(&at("magic")).raw_os_error(), Some(libc::ELOOP));
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    #[test]
+    fn a_perf_map_is_read_again_only_when_it_changed() {
+        // This test process is the target: its perf map is in /tmp.
+        let me = std::process::id();
+        let path = format!("/tmp/perf-{me}.map");
+        let write = |text: &str| std::fs::write(&path, text).unwrap();
+        let mut t = TargetModules::new(me);
+        assert!(!t.refresh_perf_map(), "no map yet");
+        write("100 10 first\n");
+        assert!(t.refresh_perf_map());
+        assert_eq!(t.perf_symbol(0x100), Some("first"));
+        assert_eq!(t.perf_map_path.as_deref(), Some(&*path));
+        assert!(!t.refresh_perf_map(), "unchanged: not read again");
+        // Appended to: only the new lines are read (the old ones are not
+        // read again: their text here changed, their symbols did not).
+        write("100 10 FIRST\n200 10 second\n");
+        assert!(t.refresh_perf_map());
+        assert_eq!(t.perf_symbol(0x100), Some("first"));
+        assert_eq!(t.perf_symbol(0x200), Some("second"));
+        // Replaced by a shorter file: read anew.
+        std::fs::remove_file(&path).unwrap();
+        write("300 10 third\n");
+        assert!(t.refresh_perf_map());
+        assert_eq!(
+            (t.perf_symbol(0x100), t.perf_symbol(0x300)),
+            (None, Some("third"))
+        );
+        // Not a regular file: left alone, with one warning.
+        std::fs::remove_file(&path).unwrap();
+        std::fs::create_dir(&path).unwrap();
+        assert!(!t.refresh_perf_map());
+        assert!(t.perf_map_warned);
+        assert_eq!(t.perf_symbol(0x300), Some("third"));
+        std::fs::remove_dir(&path).unwrap();
+    }
 }
