@@ -413,8 +413,13 @@ pub fn from_reader(path: &Path, r: impl BufRead, limits: &Limits) -> Result<Snap
         .starts_with(&[0x1f, 0x8b]);
     let mut budget = Budget::new(limits.pprof_memory_bytes);
     let p = if gzipped {
-        decode_profile(GzDecoder::new(r), limits.pprof_bytes, &mut budget)
-            .map_err(|e| bad(e.message("truncated or corrupt gzip data")))?
+        // Buffered: the field keys and lengths are read a byte at a time.
+        decode_profile(
+            std::io::BufReader::new(GzDecoder::new(r)),
+            limits.pprof_bytes,
+            &mut budget,
+        )
+        .map_err(|e| bad(e.message("truncated or corrupt gzip data")))?
     } else {
         // Bounded by the size of the file.
         decode_profile(r, u64::MAX, &mut budget).map_err(|e| bad(e.message("cannot read")))?
