@@ -14,6 +14,7 @@ const FIXTURES: &[&str] = &[
     "stacks",
     "exec_a",
     "exec_b",
+    "jit",
 ];
 
 /// Fixtures linked against another allocator (not preloaded): the program

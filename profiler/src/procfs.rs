@@ -234,6 +234,67 @@ pub fn root_of(pid: u32) -> Option<String> {
         .map(|p| p.to_string_lossy().into_owned())
 }
 
+/// `struct open_how` of openat2(2) (libc's is `non_exhaustive`).
+#[repr(C)]
+struct OpenHow {
+    flags: u64,
+    mode: u64,
+    resolve: u64,
+}
+
+/// Opens a regular file at `path` as the process `pid` sees it, for
+/// reading. The path is resolved inside the target's root
+/// (`openat2(RESOLVE_IN_ROOT)` on `/proc/PID/root`): an absolute symlink or
+/// `..` in it stays in the target's tree, and no `/proc` magic link is
+/// followed, so a target can never make heapbpf read one of heapbpf's own
+/// files. The file is opened `O_PATH` first and reopened for reading only
+/// when it is a regular file: no device is ever opened, no FIFO waited on.
+/// A file that is not regular is an `InvalidInput` error saying what it is.
+pub fn open_in_root(pid: u32, path: &str) -> io::Result<fs::File> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::fs::OpenOptionsExt;
+
+    let root = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+        .open(format!("/proc/{pid}/root"))?;
+    let c_path = std::ffi::CString::new(path)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a path with a NUL byte"))?;
+    let how = OpenHow {
+        flags: (libc::O_PATH | libc::O_CLOEXEC) as u64,
+        mode: 0,
+        resolve: libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS,
+    };
+    // SAFETY: openat2(2) with a directory fd we hold, a NUL-terminated path
+    // and an `open_how` of the size passed; it only reads them.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            root.as_raw_fd(),
+            c_path.as_ptr(),
+            &how as *const OpenHow,
+            std::mem::size_of::<OpenHow>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: openat2 returned a new descriptor, owned by nobody else.
+    let found = fs::File::from(unsafe { OwnedFd::from_raw_fd(fd as i32) });
+    let kind = found.metadata()?.file_type();
+    if !kind.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("not a regular file ({})", crate::output::file_kind(&kind)),
+        ));
+    }
+    // The very inode found, now for reading (its magic link is heapbpf's own).
+    fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(format!("/proc/self/fd/{}", found.as_raw_fd()))
+}
+
 /// `/proc/PID/maps` shows paths as seen from the reader's root; rewrites
 /// them as the target sees them when it lives under another root (chroot).
 pub fn to_target_view(maps: &mut [Mapping], root: Option<&str>) {

@@ -98,12 +98,11 @@ pub fn text(s: &Snapshot, top: usize, color: bool) -> String {
         let _ = writeln!(o, "{}", c.warn(&warning));
     }
     if t.truncated_stacks > 0 {
-        let bytes: u64 = s
+        let bytes = s
             .stacks
             .iter()
             .filter(|st| st.truncated)
-            .map(|st| st.live_bytes)
-            .sum();
+            .fold(0u64, |sum, st| sum.saturating_add(st.live_bytes));
         let _ = writeln!(
             o,
             "{} of {} stacks are truncated ({} live): the walk stopped before the program's or thread's start",

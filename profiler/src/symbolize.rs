@@ -7,7 +7,13 @@
 //! handles through `/proc/self/fd/N`, so a target that has exited is still
 //! fully symbolized. Misses are data (a frame without a function), never
 //! errors.
-use std::{collections::HashMap, fs::File, os::fd::AsRawFd, path::PathBuf};
+use std::{
+    collections::HashMap,
+    fs::File,
+    io::{BufRead, BufReader, Read, Seek, SeekFrom},
+    os::{fd::AsRawFd, unix::fs::MetadataExt},
+    path::PathBuf,
+};
 
 use blazesym::symbolize::{self, source::Elf, source::Source, Input, Symbolized};
 
@@ -26,12 +32,36 @@ pub struct TargetModules {
     /// The map as last read, to tell whether it changed.
     last_read: Vec<Mapping>,
     /// JIT symbols from `/tmp/perf-PID.map` (node --perf-basic-prof, ...),
-    /// kept while the target lives: (start, end, name), sorted.
-    perf_map: Vec<(u64, u64, String)>,
-    /// The perf map's path as the target sees it, and its size when read.
+    /// kept while the target lives.
+    perf_map: PerfMap,
+    /// The perf map's path as the target sees it, once read.
     perf_map_path: Option<String>,
-    perf_map_len: u64,
+    /// What was read of it: which file, how far, and how it looked then.
+    perf_map_read: Option<PerfMapRead>,
+    /// A warning about the perf map was given (once per target).
+    perf_map_warned: bool,
 }
+
+/// Which perf map file was read, up to where, and its state then.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct PerfMapRead {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+    /// Bytes of it parsed: up to the last complete line.
+    consumed: u64,
+}
+
+/// How much of a perf map is read. node writes ~100 bytes a symbol, so
+/// this is ~600,000 JIT symbols; beyond it heapbpf says so once and names
+/// what it read.
+pub const PERF_MAP_MAX_BYTES: u64 = 64 << 20;
+/// The longest perf map line read (a symbol name of a few KiB at most).
+const PERF_MAP_MAX_LINE: u64 = 64 << 10;
+/// How many symbols a perf map may give (each costs memory however short
+/// its line).
+pub const PERF_MAP_MAX_SYMBOLS: usize = 1 << 20;
 
 impl TargetModules {
     pub fn new(pid: u32) -> Self {
@@ -78,37 +108,91 @@ impl TargetModules {
         true
     }
 
-    /// Re-reads the target's perf map when it grew. It is named after the
-    /// pid the target sees (its namespace's) and read through its root.
+    /// Reads what is new in the target's perf map: only when its file,
+    /// size or mtime changed, only what was appended when it grew, and at
+    /// most [`PERF_MAP_MAX_BYTES`]. It is named after the pid the target
+    /// sees (its namespace's) and resolved inside its root, so that a link
+    /// planted there cannot make heapbpf read one of its own files.
     fn refresh_perf_map(&mut self) -> bool {
         let status = procfs::read_status(&self.pid.to_string()).unwrap_or_default();
         let ns_pid = procfs::status_field(&status, "NSpid")
             .and_then(|v| v.split_whitespace().last().map(str::to_string))
             .unwrap_or_else(|| self.pid.to_string());
         let seen_as = format!("/tmp/perf-{ns_pid}.map");
-        let host = format!("/proc/{}/root{seen_as}", self.pid);
-        let Ok(meta) = std::fs::metadata(&host) else {
+        let file = match procfs::open_in_root(self.pid, &seen_as) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return false,
+            Err(e) => {
+                self.warn_perf_map(&seen_as, &format!("{e}; its JIT frames stay unnamed"));
+                return false;
+            }
+        };
+        let Ok(meta) = file.metadata() else {
             return false;
         };
-        if meta.len() == self.perf_map_len {
-            return false;
+        let mut now = PerfMapRead {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            len: meta.len(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            consumed: 0,
+        };
+        let from = match self.perf_map_read {
+            Some(was) if PerfMapRead { consumed: 0, ..was } == now => return false,
+            // The same file, grown: node appends to it, so only the new
+            // lines are read. Anything else is read anew.
+            Some(was) if (was.dev, was.ino) == (now.dev, now.ino) && now.len > was.len => {
+                was.consumed
+            }
+            _ => 0,
+        };
+        if from == 0 {
+            self.perf_map = PerfMap::default();
         }
-        let Ok(text) = std::fs::read_to_string(&host) else {
-            return false;
-        };
-        self.perf_map = parse_perf_map(&text);
-        self.perf_map_len = meta.len();
+        now.consumed = from;
+        let room = PERF_MAP_MAX_BYTES.saturating_sub(from);
+        if now.len > PERF_MAP_MAX_BYTES {
+            self.warn_perf_map(
+                &seen_as,
+                &format!(
+                    "it is {}, over the {} heapbpf reads; JIT code named after that stays unnamed",
+                    crate::units::human_bytes(now.len as i128),
+                    crate::units::size_label(PERF_MAP_MAX_BYTES)
+                ),
+            );
+        }
+        let before = self.perf_map.len();
+        if room > 0 && now.len > from {
+            let mut file = file;
+            if file.seek(SeekFrom::Start(from)).is_err() {
+                return false;
+            }
+            let read = self
+                .perf_map
+                .extend_from(BufReader::new(file.take(room)), PERF_MAP_MAX_SYMBOLS);
+            now.consumed = from + read;
+            if self.perf_map.len() >= PERF_MAP_MAX_SYMBOLS {
+                self.warn_perf_map(
+                    &seen_as,
+                    &format!("it names over {PERF_MAP_MAX_SYMBOLS} symbols; the rest stay unnamed"),
+                );
+            }
+        }
+        self.perf_map_read = Some(now);
         self.perf_map_path = Some(seen_as);
-        true
+        from == 0 || self.perf_map.len() != before
+    }
+
+    fn warn_perf_map(&mut self, path: &str, why: &str) {
+        if !self.perf_map_warned {
+            self.perf_map_warned = true;
+            tracing::warn!(pid = self.pid, "perf map {path} of pid {}: {why}", self.pid);
+        }
     }
 
     /// The JIT symbol at `addr`, from the perf map.
     pub fn perf_symbol(&self, addr: u64) -> Option<&str> {
-        let i = self
-            .perf_map
-            .partition_point(|(start, _, _)| *start <= addr);
-        let (start, end, name) = self.perf_map.get(i.checked_sub(1)?)?;
-        (*start <= addr && addr < *end).then_some(name.as_str())
+        self.perf_map.symbol(addr)
     }
 
     pub fn mapping(&self, addr: u64) -> Option<&Mapping> {
@@ -151,23 +235,117 @@ impl TargetModules {
     }
 }
 
-/// Parses a perf map (`START SIZE NAME` per line, hex), sorted by start.
-/// Later entries for the same start win (code gets recompiled in place).
-pub fn parse_perf_map(text: &str) -> Vec<(u64, u64, String)> {
-    let mut out: Vec<(u64, u64, String)> = text
-        .lines()
-        .filter_map(|l| {
-            let mut it = l.splitn(3, ' ');
-            let start = u64::from_str_radix(it.next()?.trim_start_matches("0x"), 16).ok()?;
-            let size = u64::from_str_radix(it.next()?.trim_start_matches("0x"), 16).ok()?;
-            let name = it.next()?.trim().to_string();
-            Some((start, start.checked_add(size)?, name))
+/// JIT symbols of a perf map (`START SIZE NAME` per line, hex), sorted by
+/// start; later entries for the same start win (code gets recompiled in
+/// place). Names live in one string, so a symbol costs 24 bytes and its
+/// name.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PerfMap {
+    /// (start, end, offset and length of the name in `names`).
+    symbols: Vec<(u64, u64, u32, u32)>,
+    names: String,
+}
+
+impl PerfMap {
+    pub fn len(&self) -> usize {
+        self.symbols.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.symbols.is_empty()
+    }
+
+    /// The symbol at `addr`.
+    pub fn symbol(&self, addr: u64) -> Option<&str> {
+        let i = self.symbols.partition_point(|s| s.0 <= addr);
+        let &(start, end, off, len) = self.symbols.get(i.checked_sub(1)?)?;
+        let name = self.names.get(off as usize..off as usize + len as usize)?;
+        (start <= addr && addr < end).then_some(name)
+    }
+
+    /// The symbols in order: (start, end, name).
+    pub fn iter(&self) -> impl Iterator<Item = (u64, u64, &str)> {
+        self.symbols.iter().map(|&(start, end, off, len)| {
+            (
+                start,
+                end,
+                &self.names[off as usize..off as usize + len as usize],
+            )
         })
-        .collect();
-    out.reverse();
-    out.sort_by_key(|e| e.0);
-    out.dedup_by_key(|e| e.0);
-    out
+    }
+
+    /// Adds the complete lines of `r` (newer than those read before) while
+    /// the map has fewer than `max_symbols`; returns the bytes consumed, up
+    /// to the end of the last complete line. Malformed lines are skipped.
+    pub fn extend_from(&mut self, mut r: impl BufRead, max_symbols: usize) -> u64 {
+        let mut consumed = 0u64;
+        let mut line = Vec::new();
+        let mut added = false;
+        while self.symbols.len() < max_symbols {
+            line.clear();
+            match (&mut r)
+                .take(PERF_MAP_MAX_LINE)
+                .read_until(b'\n', &mut line)
+            {
+                Ok(n) if line.ends_with(b"\n") => consumed += n as u64,
+                // No symbol has a line this long: skip it, never hold it.
+                Ok(n) if n as u64 == PERF_MAP_MAX_LINE => {
+                    consumed += n as u64;
+                    match r.skip_until(b'\n') {
+                        Ok(k) => consumed += k as u64,
+                        Err(_) => break,
+                    }
+                    continue;
+                }
+                // EOF, a line still being written, or a read error.
+                _ => break,
+            }
+            let text = String::from_utf8_lossy(&line);
+            let Some((start, end, name)) = parse_perf_map_line(&text) else {
+                continue;
+            };
+            // Offsets are u32: far more than the bytes a map is read for.
+            if u32::try_from(self.names.len() + name.len()).is_err() {
+                break;
+            }
+            let (off, len) = (self.names.len() as u32, name.len() as u32);
+            self.names.push_str(name);
+            self.symbols.push((start, end, off, len));
+            added = true;
+        }
+        if added {
+            // Stable: of entries with the same start, the last read wins.
+            self.symbols.sort_by_key(|s| s.0);
+            let mut kept: Vec<(u64, u64, u32, u32)> = Vec::with_capacity(self.symbols.len());
+            for s in self.symbols.drain(..) {
+                match kept.last_mut() {
+                    Some(last) if last.0 == s.0 => *last = s,
+                    _ => kept.push(s),
+                }
+            }
+            self.symbols = kept;
+        }
+        consumed
+    }
+}
+
+fn parse_perf_map_line(line: &str) -> Option<(u64, u64, &str)> {
+    let mut it = line.splitn(3, ' ');
+    let start = u64::from_str_radix(it.next()?.trim_start_matches("0x"), 16).ok()?;
+    let size = u64::from_str_radix(it.next()?.trim_start_matches("0x"), 16).ok()?;
+    let name = it.next()?.trim();
+    Some((start, start.checked_add(size)?, name))
+}
+
+/// Parses the text of a perf map (every line, complete or not).
+pub fn parse_perf_map(text: &str) -> PerfMap {
+    let mut map = PerfMap::default();
+    let mut text = text.to_string();
+    if !text.ends_with('\n') {
+        text.push('\n');
+    }
+    map.extend_from(text.as_bytes(), PERF_MAP_MAX_SYMBOLS);
+    map
 }
 
 /// Symbolizes the stacks of all targets of a session.
@@ -355,5 +533,104 @@ mod tests {
         );
         assert_eq!(t.perf_symbol(0x18c4300), None);
         assert_eq!(t.perf_symbol(0x10), None);
+        assert_eq!(
+            parse_perf_map("10 10 a\nffffffffffffffff 10 overflow\nzz 1 b\n1 1\n20 4 last")
+                .iter()
+                .collect::<Vec<_>>(),
+            vec![(0x10, 0x20, "a"), (0x20, 0x24, "last")]
+        );
+    }
+
+    #[test]
+    fn perf_maps_are_read_by_appended_lines_and_bounded() {
+        let mut map = PerfMap::default();
+        // A line still being written is left for the next read.
+        let first = "100 10 old\n200 10 two\n300 1";
+        assert_eq!(
+            map.extend_from(first.as_bytes(), 10),
+            "100 10 old\n200 10 two\n".len() as u64
+        );
+        assert_eq!(map.len(), 2);
+        map.extend_from("300 10 three\n100 20 recompiled\n".as_bytes(), 10);
+        assert_eq!(map.symbol(0x105), Some("recompiled"), "newer lines win");
+        assert_eq!(map.symbol(0x115), Some("recompiled"));
+        assert_eq!(map.symbol(0x305), Some("three"));
+        // At most `max_symbols`, however short the lines.
+        let many: String = (0..100).map(|i| format!("{i:x}0 1 s\n")).collect();
+        let mut small = PerfMap::default();
+        let used = small.extend_from(many.as_bytes(), 7);
+        assert_eq!((small.len(), used), (7, 7 * "00 1 s\n".len() as u64));
+        // A line far too long is skipped whole, never held.
+        let long = format!("1 1 {}\n2 1 after\n", "x".repeat(1 << 20));
+        let mut m = PerfMap::default();
+        assert_eq!(m.extend_from(long.as_bytes(), 10), long.len() as u64);
+        assert_eq!(m.iter().collect::<Vec<_>>(), vec![(2, 3, "after")]);
+    }
+
+    #[test]
+    fn files_in_a_target_are_opened_inside_its_root_and_only_if_regular() {
+        let me = std::process::id();
+        let dir = std::env::temp_dir().join(format!("heapbpf-inroot-{me}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let at = |name: &str| format!("{}/{name}", dir.display());
+        std::fs::write(at("map"), "1 1 x\n").unwrap();
+        let mut text = String::new();
+        procfs::open_in_root(me, &at("map"))
+            .unwrap()
+            .read_to_string(&mut text)
+            .unwrap();
+        assert_eq!(text, "1 1 x\n");
+        let kind = |path: &str| procfs::open_in_root(me, path).unwrap_err();
+        assert_eq!(kind(&at("absent")).kind(), std::io::ErrorKind::NotFound);
+        let e = kind("/dev/zero");
+        assert!(
+            e.to_string()
+                .contains("not a regular file (a character device)"),
+            "{e}"
+        );
+        assert!(kind(&dir.to_string_lossy())
+            .to_string()
+            .contains("a directory"));
+        // A magic link of /proc leads anywhere: never followed.
+        std::os::unix::fs::symlink("/proc/self/root/etc/hostname", at("magic")).unwrap();
+        assert_eq!(kind(&at("magic")).raw_os_error(), Some(libc::ELOOP));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_perf_map_is_read_again_only_when_it_changed() {
+        // This test process is the target: its perf map is in /tmp.
+        let me = std::process::id();
+        let path = format!("/tmp/perf-{me}.map");
+        let write = |text: &str| std::fs::write(&path, text).unwrap();
+        let mut t = TargetModules::new(me);
+        assert!(!t.refresh_perf_map(), "no map yet");
+        write("100 10 first\n");
+        assert!(t.refresh_perf_map());
+        assert_eq!(t.perf_symbol(0x100), Some("first"));
+        assert_eq!(t.perf_map_path.as_deref(), Some(&*path));
+        assert!(!t.refresh_perf_map(), "unchanged: not read again");
+        // Appended to: only the new lines are read (the old ones are not
+        // read again: their text here changed, their symbols did not).
+        write("100 10 FIRST\n200 10 second\n");
+        assert!(t.refresh_perf_map());
+        assert_eq!(t.perf_symbol(0x100), Some("first"));
+        assert_eq!(t.perf_symbol(0x200), Some("second"));
+        // Replaced by a shorter file: read anew.
+        std::fs::remove_file(&path).unwrap();
+        write("300 10 third\n");
+        assert!(t.refresh_perf_map());
+        assert_eq!(
+            (t.perf_symbol(0x100), t.perf_symbol(0x300)),
+            (None, Some("third"))
+        );
+        // Not a regular file: left alone, with one warning.
+        std::fs::remove_file(&path).unwrap();
+        std::fs::create_dir(&path).unwrap();
+        assert!(!t.refresh_perf_map());
+        assert!(t.perf_map_warned);
+        assert_eq!(t.perf_symbol(0x300), Some("third"));
+        std::fs::remove_dir(&path).unwrap();
     }
 }

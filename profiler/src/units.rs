@@ -41,7 +41,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 pub fn human_bytes(bytes: i128) -> String {
     let sign = if bytes < 0 { "-" } else { "" };
     let b = bytes.unsigned_abs() as f64;
-    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
     if b < 1024.0 {
         return format!("{sign}{} B", bytes.unsigned_abs());
     }
@@ -116,6 +116,7 @@ mod tests {
         assert_eq!(human_bytes(7_475_200), "7.1 MiB");
         assert_eq!(human_bytes(-2048), "-2.0 KiB");
         assert_eq!(human_bytes(3 << 30), "3.0 GiB");
+        assert_eq!(human_bytes(u64::MAX.into()), "16.0 EiB");
         assert_eq!(size_label(128 << 10), "128KiB");
         assert_eq!(size_label(1 << 20), "1MiB");
         assert_eq!(size_label(1000), "1000");

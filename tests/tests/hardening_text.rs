@@ -507,7 +507,7 @@ fn a_version_of_the_wrong_type_is_said_to_be() {
     let (code, _, err) = run_heapbpf(&["report", p.to_str().unwrap()]);
     assert_eq!(code, 2, "{err}");
     assert!(
-        err.contains(r#""version" is a string ("1"), expected the number 1"#),
+        err.contains(r#"snapshot version is "1", expected the number 1"#),
         "{err}"
     );
     assert!(!err.contains("has no version"), "{err}");

@@ -11,6 +11,7 @@ use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod fuzz;
 mod soak;
 
 #[derive(Parser)]
@@ -35,6 +36,8 @@ enum Cmd {
     Soak(soak::SoakArgs),
     /// Rewrite the golden files of the output formats (after checking the diff).
     Bless,
+    /// Fuzz the readers of untrusted text for a bounded time (cargo-fuzz, nightly).
+    Fuzz(fuzz::FuzzArgs),
 }
 
 fn main() -> Result<()> {
@@ -47,6 +50,7 @@ fn main() -> Result<()> {
         Cmd::Bless => run(cargo()
             .args(["test", "-p", "heapbpf", "--test", "golden"])
             .env("HEAPBPF_BLESS", "1")),
+        Cmd::Fuzz(args) => fuzz::run_fuzz(args),
     }
 }
 
@@ -253,6 +257,7 @@ fn test() -> Result<()> {
         "-p",
         "xtask",
     ]))?;
+    fuzz::run_fuzz(fuzz::FuzzArgs::short())?;
     require_bpf()?;
     run(cargo().args(["build", "-p", "heapbpf"]))?;
     run(cargo()

@@ -101,10 +101,20 @@ fn by_key(s: &Snapshot) -> HashMap<Vec<String>, Acc> {
         if acc.frames.is_empty() {
             acc.frames = frames.into_owned();
         }
-        acc.live_bytes += st.live_bytes;
-        acc.live_allocations += st.live_allocations;
+        // Saturating: a snapshot read from a file has been checked to add
+        // up (output::read_snapshot), so this never clips one.
+        acc.live_bytes = acc.live_bytes.saturating_add(st.live_bytes);
+        acc.live_allocations = acc.live_allocations.saturating_add(st.live_allocations);
     }
     m
+}
+
+/// `new - old` without wrapping around. Figures of snapshots read from files
+/// are at most 2^63-1 (output::read_snapshot refuses others), so their
+/// differences always fit; anything else is clipped to the nearest `i64`.
+fn delta(new: u64, old: u64) -> i64 {
+    let d = i128::from(new) - i128::from(old);
+    d.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64
 }
 
 pub fn diff(old: &Snapshot, new: &Snapshot) -> Diff {
@@ -117,7 +127,7 @@ pub fn diff(old: &Snapshot, new: &Snapshot) -> Diff {
             .as_ref()
             .map(|o| (o.live_bytes, o.live_allocations))
             .unwrap_or((0, 0));
-        let delta_bytes = n.live_bytes as i64 - old_bytes as i64;
+        let delta_bytes = delta(n.live_bytes, old_bytes);
         let status = match (o.is_some(), delta_bytes.signum()) {
             (false, _) => Status::New,
             (true, 1) => Status::Grew,
@@ -129,7 +139,7 @@ pub fn diff(old: &Snapshot, new: &Snapshot) -> Diff {
             old_bytes,
             new_bytes: n.live_bytes,
             delta_bytes,
-            delta_allocations: n.live_allocations as i64 - old_allocs as i64,
+            delta_allocations: delta(n.live_allocations, old_allocs),
             status,
         });
     }
@@ -138,8 +148,8 @@ pub fn diff(old: &Snapshot, new: &Snapshot) -> Diff {
             frames: o.frames,
             old_bytes: o.live_bytes,
             new_bytes: 0,
-            delta_bytes: -(o.live_bytes as i64),
-            delta_allocations: -(o.live_allocations as i64),
+            delta_bytes: delta(0, o.live_bytes),
+            delta_allocations: delta(0, o.live_allocations),
             status: Status::Gone,
         });
     }
@@ -165,9 +175,8 @@ pub fn diff(old: &Snapshot, new: &Snapshot) -> Diff {
         old: side(old),
         new: side(new),
         totals: DiffTotals {
-            delta_bytes: new.totals.live_bytes as i64 - old.totals.live_bytes as i64,
-            delta_allocations: new.totals.live_allocations as i64
-                - old.totals.live_allocations as i64,
+            delta_bytes: delta(new.totals.live_bytes, old.totals.live_bytes),
+            delta_allocations: delta(new.totals.live_allocations, old.totals.live_allocations),
         },
         entries,
     }
@@ -212,8 +221,12 @@ mod tests {
             trigger: Trigger::Signal,
             sample_bytes: 0,
             totals: Totals {
-                live_bytes: stacks.iter().map(|s| s.live_bytes).sum(),
-                live_allocations: stacks.iter().map(|s| s.live_allocations).sum(),
+                live_bytes: stacks
+                    .iter()
+                    .fold(0u64, |a, s| a.saturating_add(s.live_bytes)),
+                live_allocations: stacks
+                    .iter()
+                    .fold(0u64, |a, s| a.saturating_add(s.live_allocations)),
                 ..Default::default()
             },
             stacks,
@@ -283,6 +296,30 @@ mod tests {
         );
         assert!(!d.different_executables());
         assert!(diff(&old, &snap("/usr/bin/other", vec![])).different_executables());
+    }
+
+    #[test]
+    fn huge_figures_never_wrap_around() {
+        let max = u64::MAX;
+        let a = snap(
+            "/x",
+            vec![
+                stack(max, max, vec![frame(Some("f"), "0x1", "/x")]),
+                stack(max, 1, vec![frame(Some("f"), "0x2", "/x")]),
+            ],
+        );
+        let b = snap("/x", vec![stack(1, 1, vec![frame(Some("g"), "0x1", "/x")])]);
+        let d = diff(&a, &b);
+        let f = d.entries.iter().find(|e| e.status == Status::Gone).unwrap();
+        assert_eq!((f.old_bytes, f.delta_bytes), (max, i64::MIN));
+        let g = d.entries.iter().find(|e| e.status == Status::New).unwrap();
+        assert_eq!(g.delta_bytes, 1);
+        let d = diff(&b, &a);
+        let f = d.entries.iter().find(|e| e.status == Status::New).unwrap();
+        assert_eq!((f.new_bytes, f.delta_bytes), (max, i64::MAX));
+        assert_eq!(delta(i64::MAX as u64, 0), i64::MAX);
+        assert_eq!(delta(0, i64::MAX as u64), -i64::MAX);
+        assert_eq!(delta(5, 7), -2);
     }
 
     #[test]

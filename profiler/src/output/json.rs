@@ -1,6 +1,9 @@
 //! The canonical JSON snapshot: written by `attach`, read by `report` (and
 //! `diff`), with errors that say what is wrong with a file.
-use std::path::Path;
+use std::{
+    io::{self, Read},
+    path::Path,
+};
 
 use crate::{
     error::{Error, Result},
@@ -28,59 +31,123 @@ pub fn to_writer(
 /// Parses a snapshot, checking format and version before the fields so that
 /// the error names the real problem.
 pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<Snapshot> {
-    // Parse errors quote the file: nothing of it reaches a terminal raw.
+    from_reader(path, || Ok(bytes))
+}
+
+/// Parses a snapshot as a stream from what `open` gives (the figures are
+/// built as they are read, never a document tree of the whole file). When
+/// that fails, `open` is called once more to say what is wrong: a file that
+/// is not a heapbpf snapshot, or of another version, is said to be so
+/// before any complaint about its fields.
+pub fn from_reader<R: Read>(
+    path: &Path,
+    mut open: impl FnMut() -> io::Result<R>,
+) -> Result<Snapshot> {
     let bad = |why: String| Error::BadSnapshot {
         path: path.to_path_buf(),
         why: crate::lines::escape(&why).into_owned(),
     };
-    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
-        if e.is_eof() {
-            bad(format!("truncated JSON ({e}); the file is incomplete"))
-        } else {
-            bad(format!("not a heapbpf snapshot: invalid JSON ({e})"))
+    let cannot_read = |e: io::Error| bad(format!("cannot read: {e}"));
+    match serde_json::from_reader::<_, Snapshot>(open().map_err(cannot_read)?) {
+        Ok(s) => {
+            check_format(&serde_json::Value::from(s.format.clone()))
+                .and_then(|()| check_version(&serde_json::Value::from(s.version)))
+                .and_then(|()| super::check_figures(&s))
+                .map_err(bad)?;
+            Ok(s)
         }
-    })?;
-    match value.get("format").and_then(|f| f.as_str()) {
-        Some(SNAPSHOT_FORMAT) => {}
-        Some(other) => {
-            return Err(bad(format!(
-                "not a heapbpf snapshot: format is {other:?}, expected {SNAPSHOT_FORMAT:?}"
-            )))
-        }
-        None => {
-            return Err(bad(format!(
-                "not a heapbpf snapshot: no \"format\": {SNAPSHOT_FORMAT:?} field"
-            )))
+        Err(e) => {
+            let head = serde_json::from_reader::<_, Head>(open().map_err(cannot_read)?);
+            Err(bad(one_line(&explain(e, head))))
         }
     }
-    let version = value.get("version");
-    match version.map(|v| (v, v.as_u64())) {
-        Some((_, Some(v))) if v == SNAPSHOT_VERSION as u64 => {}
-        Some((_, Some(v))) => {
-            return Err(bad(format!(
-                "snapshot version {v} is not supported (this heapbpf reads version {SNAPSHOT_VERSION}); use a matching heapbpf"
-            )))
-        }
-        Some((v, None)) => {
-            let what = match v {
-                serde_json::Value::String(_) => "a string",
-                serde_json::Value::Number(_) => "not a whole number",
-                serde_json::Value::Bool(_) => "a boolean",
-                serde_json::Value::Null => "null",
-                serde_json::Value::Array(_) => "an array",
-                serde_json::Value::Object(_) => "an object",
-            };
-            let mut shown = v.to_string();
-            if shown.len() > 40 {
-                shown = format!("{}...", shown.chars().take(40).collect::<String>());
+}
+
+/// What is read first of a snapshot that does not parse: its format and
+/// version, whatever else it holds.
+#[derive(serde::Deserialize)]
+struct Head {
+    #[serde(default)]
+    format: Option<serde_json::Value>,
+    #[serde(default)]
+    version: Option<serde_json::Value>,
+}
+
+fn check_format(format: &serde_json::Value) -> Result<(), String> {
+    match format {
+        serde_json::Value::String(f) if f == SNAPSHOT_FORMAT => Ok(()),
+        serde_json::Value::Null => Err(format!(
+            "not a heapbpf snapshot: no \"format\": {SNAPSHOT_FORMAT:?} field"
+        )),
+        other => Err(format!(
+            "not a heapbpf snapshot: format is {}, expected {SNAPSHOT_FORMAT:?}",
+            short(other)
+        )),
+    }
+}
+
+fn check_version(version: &serde_json::Value) -> Result<(), String> {
+    match version {
+        serde_json::Value::Number(n) if n.as_u64() == Some(u64::from(SNAPSHOT_VERSION)) => Ok(()),
+        serde_json::Value::Number(n) => Err(format!(
+            "snapshot version {n} is not supported (this heapbpf reads version {SNAPSHOT_VERSION}); use a matching heapbpf"
+        )),
+        serde_json::Value::Null => Err("snapshot has no \"version\" field".into()),
+        other => Err(format!(
+            "snapshot version is {}, expected the number {SNAPSHOT_VERSION}",
+            short(other)
+        )),
+    }
+}
+
+/// A message on one line, without control characters: serde's messages
+/// quote the file's own text (an unknown field's name, say).
+fn one_line(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
             }
-            return Err(bad(format!(
-                "malformed snapshot: \"version\" is {what} ({shown}), expected the number {SNAPSHOT_VERSION}"
-            )));
-        }
-        None => return Err(bad("malformed snapshot: no \"version\" field".into())),
+        })
+        .collect()
+}
+
+/// A JSON value as it may appear in a one-line message.
+fn short(v: &serde_json::Value) -> String {
+    let text = v.to_string();
+    match text.char_indices().nth(40) {
+        Some((cut, _)) => format!("{}...", &text[..cut]),
+        None => text,
     }
-    serde_json::from_value(value).map_err(|e| bad(format!("malformed snapshot: {e}")))
+}
+
+/// Why a snapshot did not parse (`full`), told with what its head says.
+fn explain(full: serde_json::Error, head: serde_json::Result<Head>) -> String {
+    use serde_json::error::Category;
+    let syntax = |e: &serde_json::Error| match e.classify() {
+        Category::Io => Some(format!("cannot read: {e}")),
+        Category::Eof => Some(format!("truncated JSON ({e}); the file is incomplete")),
+        Category::Syntax => Some(format!("not a heapbpf snapshot: invalid JSON ({e})")),
+        Category::Data => None,
+    };
+    match head {
+        Ok(head) => {
+            let format = head.format.unwrap_or_default();
+            let version = head.version.unwrap_or_default();
+            if let Err(why) = check_format(&format).and_then(|()| check_version(&version)) {
+                return why;
+            }
+            syntax(&full).unwrap_or_else(|| format!("malformed snapshot: {full}"))
+        }
+        // The document itself is broken: say how, as it was first seen.
+        Err(e) => syntax(&full)
+            .or_else(|| syntax(&e))
+            .unwrap_or_else(|| {
+                format!("not a heapbpf snapshot: expected a JSON object with \"format\": {SNAPSHOT_FORMAT:?}")
+            }),
+    }
 }
 
 #[cfg(test)]
@@ -156,32 +223,29 @@ pub(crate) mod tests {
         assert!(
             err(br#"{"format":"heapbpf-snapshot","version":1,"pid":"x"}"#).contains("malformed")
         );
-        // A version of the wrong type is said to be one.
-        let e = err(br#"{"format":"heapbpf-snapshot","version":"1"}"#);
+        assert!(err(br#"{"format":"heapbpf-snapshot","version":"1"}"#)
+            .contains(r#"snapshot version is "1", expected the number 1"#));
+        assert!(err(br#"{"format":"heapbpf-snapshot"}"#).contains("no \"version\" field"));
+        assert!(err(b"[]").contains("no \"format\""));
+        assert!(err(b"5").contains("expected a JSON object"));
+        assert!(err(br#"{"format":7}"#).contains("format is 7,"));
+        let long = format!(r#"{{"format":"{}"}}"#, "x".repeat(1000));
         assert!(
-            e.contains(r#""version" is a string ("1"), expected the number 1"#),
-            "{e}"
+            err(long.as_bytes()).len() < 200,
+            "a long format is cut short"
         );
-        for (v, what) in [
-            ("1.5", "not a whole number"),
-            ("-1", "not a whole number"),
-            ("null", "null"),
-            ("[1]", "an array"),
-        ] {
-            let text = format!(r#"{{"format":"heapbpf-snapshot","version":{v}}}"#);
-            let e = err(text.as_bytes());
-            assert!(e.contains(&format!("is {what} ({v})")), "{e}");
-        }
-        assert!(err(br#"{"format":"heapbpf-snapshot"}"#).contains(r#"no "version" field"#));
-        // What the parser quotes of the file is escaped.
-        let mut v: serde_json::Value = serde_json::from_slice(&full).unwrap();
-        v["trigger"] = "\x1b]0;x\x07\n".into();
-        let e = err(&serde_json::to_vec(&v).unwrap());
-        assert!(e.contains("unknown variant"), "{e}");
-        assert!(
-            !e.contains(['\x1b', '\x07', '\n']) && e.contains("\\x1b]0;x\\x07\\n"),
-            "{e}"
-        );
+        // Fields that parse but are not this format: the format is named.
+        let other = String::from_utf8(full.clone())
+            .unwrap()
+            .replace("heapbpf-snapshot", "other");
+        assert!(err(other.as_bytes()).contains("format is \"other\""));
+        let v2 = String::from_utf8(full.clone())
+            .unwrap()
+            .replace("\"version\":1", "\"version\":2");
+        assert!(err(v2.as_bytes()).contains("version 2 is not supported"));
+        // The file's own text, quoted in a message, stays on one line.
+        let e = err(b"{\"format\":\"heapbpf-snapshot\",\"version\":1,\"a\\n\\u001b]0;x\":1}");
+        assert!(e.contains(r"unknown field `a\n\u{1b}]0;x`"), "{e}");
         assert_eq!(from_bytes(p, b"").unwrap_err().exit_code(), 2);
     }
 

@@ -4,12 +4,18 @@
 //! `inuse_space` (the default). An unreferenced string carries heapbpf's
 //! snapshot header,
 //! so `report` and `diff` read these files back into the same snapshot.
-use std::{collections::HashMap, io::Read, io::Write, path::Path, time::SystemTime};
+use std::{
+    collections::HashMap,
+    io::{BufRead, Read, Write},
+    path::Path,
+    time::SystemTime,
+};
 
 use flate2::{read::GzDecoder, write::GzEncoder, Compression};
 use prost::Message;
 use serde::{Deserialize, Serialize};
 
+use super::Limits;
 use crate::{
     error::{Error, Result},
     model::{
@@ -183,7 +189,7 @@ impl Strings {
 
 fn nanos(rfc3339: &str) -> Option<i64> {
     let t = humantime::parse_rfc3339(rfc3339).ok()?;
-    Some(t.duration_since(SystemTime::UNIX_EPOCH).ok()?.as_nanos() as i64)
+    i64::try_from(t.duration_since(SystemTime::UNIX_EPOCH).ok()?.as_nanos()).ok()
 }
 
 /// The profile of a snapshot.
@@ -354,7 +360,8 @@ pub fn to_profile(s: &Snapshot) -> Profile {
     ))];
 
     let time_nanos = nanos(&s.taken_at).unwrap_or(0);
-    let duration_nanos = nanos(&s.attached_at).map_or(0, |a| (time_nanos - a).max(0));
+    // Times come from a snapshot file too: never wrap around.
+    let duration_nanos = nanos(&s.attached_at).map_or(0, |a| time_nanos.saturating_sub(a).max(0));
     let period_type = Some(vt(&mut st, "space", "bytes"));
     let default_sample_type = st.get("inuse_space");
     Profile {
@@ -387,20 +394,262 @@ pub fn looks_like_pprof(bytes: &[u8]) -> bool {
 
 /// Reads a pprof profile written by heapbpf back into a snapshot.
 pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<Snapshot> {
+    from_reader(path, bytes, &Limits::DEFAULT)
+}
+
+/// Reads a pprof profile, gzipped or not, as a stream: one top-level field
+/// at a time, so neither the decompressed profile nor a gzip bomb is ever
+/// held whole, and garbage is refused at its first field. Decompressed size
+/// and decoded memory are bounded by `limits`.
+pub fn from_reader(path: &Path, r: impl BufRead, limits: &Limits) -> Result<Snapshot> {
     let bad = |why: String| Error::BadSnapshot {
         path: path.to_path_buf(),
         why,
     };
-    let raw = if bytes.starts_with(&[0x1f, 0x8b]) {
-        let mut out = Vec::new();
-        GzDecoder::new(bytes)
-            .read_to_end(&mut out)
-            .map_err(|e| bad(format!("truncated or corrupt gzip data ({e})")))?;
-        out
+    let mut r = r;
+    let gzipped = r
+        .fill_buf()
+        .map_err(|e| bad(format!("cannot read: {e}")))?
+        .starts_with(&[0x1f, 0x8b]);
+    let mut budget = Budget::new(limits.pprof_memory_bytes);
+    let p = if gzipped {
+        // Buffered: the field keys and lengths are read a byte at a time.
+        decode_profile(
+            std::io::BufReader::new(GzDecoder::new(r)),
+            limits.pprof_bytes,
+            &mut budget,
+        )
+        .map_err(|e| bad(e.message("truncated or corrupt gzip data")))?
     } else {
-        bytes.to_vec()
+        // Bounded by the size of the file.
+        decode_profile(r, u64::MAX, &mut budget).map_err(|e| bad(e.message("cannot read")))?
     };
-    let p = Profile::decode(&*raw).map_err(|e| bad(format!("not a pprof profile ({e})")))?;
+    to_snapshot(&p, &mut budget).map_err(bad)
+}
+
+/// A reader that counts what it gave.
+struct Counted<R> {
+    inner: R,
+    bytes: u64,
+}
+
+impl<R: Read> Counted<R> {
+    fn new(inner: R) -> Self {
+        Counted { inner, bytes: 0 }
+    }
+}
+
+impl<R: Read> Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.bytes += n as u64;
+        Ok(n)
+    }
+}
+
+/// Memory a decoded profile may still take, charged as it is built.
+struct Budget {
+    left: u64,
+    limit: u64,
+}
+
+impl Budget {
+    fn new(limit: u64) -> Self {
+        Budget { left: limit, limit }
+    }
+    fn charge(&mut self, bytes: u64) -> Result<(), String> {
+        match self.left.checked_sub(bytes) {
+            Some(left) => {
+                self.left = left;
+                Ok(())
+            }
+            None => Err(format!(
+                "reading this profile would take more than {} of memory, the most heapbpf gives a snapshot; no heapbpf snapshot is that large",
+                crate::units::size_label(self.limit)
+            )),
+        }
+    }
+}
+
+/// Why decoding stopped.
+enum DecodeError {
+    /// The reader failed (gzip says so for corrupt data).
+    Io(std::io::Error),
+    /// The data ended inside a field.
+    Truncated,
+    /// More than the limit of decompressed data.
+    TooBig(u64),
+    /// Not protobuf, or not a `Profile`.
+    Invalid(String),
+    /// Over the memory budget.
+    Memory(String),
+}
+
+impl DecodeError {
+    fn message(self, io_context: &str) -> String {
+        match self {
+            DecodeError::Io(e) => format!("{io_context} ({e})"),
+            DecodeError::Truncated => "truncated pprof profile; the file is incomplete".into(),
+            DecodeError::TooBig(limit) => format!(
+                "a gzip stream that expands to more than {}, over what heapbpf reads as a snapshot; no snapshot is that large (a gzip bomb?)",
+                crate::units::size_label(limit)
+            ),
+            DecodeError::Invalid(why) => format!("not a pprof profile ({why})"),
+            DecodeError::Memory(why) => why,
+        }
+    }
+}
+
+/// Reads a protobuf varint; `None` at a clean end of the data.
+fn read_varint(r: &mut impl Read) -> Result<Option<u64>, DecodeError> {
+    let mut value = 0u64;
+    for i in 0..10 {
+        let mut b = [0u8];
+        loop {
+            match r.read(&mut b) {
+                Ok(0) if i == 0 => return Ok(None),
+                Ok(0) => return Err(DecodeError::Truncated),
+                Ok(_) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(DecodeError::Io(e)),
+            }
+        }
+        value |= u64::from(b[0] & 0x7f) << (7 * i);
+        if b[0] & 0x80 == 0 {
+            return Ok(Some(value));
+        }
+    }
+    Err(DecodeError::Invalid("a varint longer than 10 bytes".into()))
+}
+
+fn push_varint(buf: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        buf.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    buf.push(v as u8);
+}
+
+/// Reads exactly `n` bytes into `buf` (appended), growing it only as data
+/// arrives, so that a length that lies costs nothing.
+fn read_exact_into(r: &mut impl Read, n: u64, buf: &mut Vec<u8>) -> Result<(), DecodeError> {
+    let got = r.take(n).read_to_end(buf).map_err(DecodeError::Io)? as u64;
+    if got < n {
+        return Err(DecodeError::Truncated);
+    }
+    Ok(())
+}
+
+/// Memory a top-level field of `len` bytes may take once decoded: its
+/// struct, and at most 16 bytes for each byte of nested data (a 2-byte
+/// label becomes a 32-byte struct, a 1-byte id an 8-byte one).
+fn field_cost(field: u64, len: u64) -> u64 {
+    let nested = len.saturating_mul(16);
+    match field {
+        // sample
+        2 => 72u64.saturating_add(nested),
+        // location (its lines)
+        4 => 48u64.saturating_add(nested),
+        // sample_type, mapping, function, period_type
+        1 | 3 | 5 | 11 => 96,
+        // string_table
+        6 => 24u64.saturating_add(len),
+        // comment, packed or not
+        13 => 8u64.saturating_add(len.saturating_mul(8)),
+        _ => 0,
+    }
+}
+
+/// The fields of `Profile` that heapbpf reads; others are skipped unread.
+const PROFILE_FIELDS: &[u64] = &[1, 2, 3, 4, 5, 6, 9, 10, 11, 12, 13, 14];
+
+/// Decodes a `Profile` one top-level field at a time from `r`, which may
+/// give at most `max_bytes`.
+fn decode_profile(
+    r: impl Read,
+    max_bytes: u64,
+    budget: &mut Budget,
+) -> Result<Profile, DecodeError> {
+    let mut p = Profile::default();
+    let mut field_buf = Vec::new();
+    // Read at most one byte past the limit, to tell "at" from "over" it.
+    let mut r = Counted::new(r.take(max_bytes.saturating_add(1)));
+    let over = |r: &Counted<_>| r.bytes > max_bytes;
+    let checked = |r: &Counted<_>, e: DecodeError| {
+        if over(r) {
+            DecodeError::TooBig(max_bytes)
+        } else {
+            e
+        }
+    };
+    loop {
+        let key = match read_varint(&mut r) {
+            Ok(Some(k)) => k,
+            Ok(None) => break,
+            Err(e) => return Err(checked(&r, e)),
+        };
+        let (field, wire) = (key >> 3, key & 7);
+        if field == 0 {
+            return Err(DecodeError::Invalid(
+                "field number 0: not protobuf data".into(),
+            ));
+        }
+        field_buf.clear();
+        push_varint(&mut field_buf, key);
+        let known = PROFILE_FIELDS.contains(&field);
+        let len = match wire {
+            0 => {
+                let v = read_varint(&mut r)
+                    .and_then(|v| v.ok_or(DecodeError::Truncated))
+                    .map_err(|e| checked(&r, e))?;
+                push_varint(&mut field_buf, v);
+                0
+            }
+            1 | 5 => {
+                let n = if wire == 1 { 8 } else { 4 };
+                read_exact_into(&mut r, n, &mut field_buf).map_err(|e| checked(&r, e))?;
+                0
+            }
+            2 => {
+                let len = read_varint(&mut r)
+                    .and_then(|v| v.ok_or(DecodeError::Truncated))
+                    .map_err(|e| checked(&r, e))?;
+                if known {
+                    push_varint(&mut field_buf, len);
+                    read_exact_into(&mut r, len, &mut field_buf).map_err(|e| checked(&r, e))?;
+                } else {
+                    let skipped = std::io::copy(&mut (&mut r).take(len), &mut std::io::sink())
+                        .map_err(|e| checked(&r, DecodeError::Io(e)))?;
+                    if skipped < len {
+                        return Err(checked(&r, DecodeError::Truncated));
+                    }
+                }
+                len
+            }
+            other => {
+                return Err(DecodeError::Invalid(format!(
+                    "wire type {other} of field {field}"
+                )))
+            }
+        };
+        if over(&r) {
+            return Err(DecodeError::TooBig(max_bytes));
+        }
+        if !known {
+            continue;
+        }
+        budget
+            .charge(field_cost(field, len))
+            .map_err(DecodeError::Memory)?;
+        p.merge(&*field_buf)
+            .map_err(|e| DecodeError::Invalid(e.to_string()))?;
+    }
+    Ok(p)
+}
+
+/// The snapshot of a profile heapbpf wrote (its header and samples).
+fn to_snapshot(p: &Profile, budget: &mut Budget) -> Result<Snapshot, String> {
+    let bad = |why: String| why;
     let s = |i: i64| p.string_table.get(i as usize).cloned().unwrap_or_default();
     let header: Header = p
         .string_table
@@ -448,23 +697,36 @@ pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<Snapshot> {
                 .get(&loc.mapping_id)
                 .and_then(|m| opt(s(m.filename)));
             let address = Address(loc.address);
+            // Each frame is its own copy of its names: pprof's ids let a
+            // small profile stand for a great many of them.
+            let frame_cost = |f: &Frame| {
+                (std::mem::size_of::<Frame>()
+                    + [&f.function, &f.file, &f.module]
+                        .iter()
+                        .map(|t| t.as_ref().map_or(0, String::len))
+                        .sum::<usize>()) as u64
+            };
             if loc.line.is_empty() {
-                frames.push(Frame {
+                let frame = Frame {
                     address,
                     module: module.clone(),
                     ..Default::default()
-                });
+                };
+                budget.charge(frame_cost(&frame))?;
+                frames.push(frame);
             }
             for (k, line) in loc.line.iter().enumerate() {
                 let f = functions.get(&line.function_id);
-                frames.push(Frame {
+                let frame = Frame {
                     address,
                     function: f.and_then(|f| opt(s(f.name))),
                     file: f.and_then(|f| opt(s(f.filename))),
-                    line: (line.line > 0).then_some(line.line as u32),
+                    line: u32::try_from(line.line).ok().filter(|&l| l > 0),
                     module: module.clone(),
                     inlined: k + 1 < loc.line.len(),
-                });
+                };
+                budget.charge(frame_cost(&frame))?;
+                frames.push(frame);
             }
         }
         let oldest_age_ms = sample
@@ -476,6 +738,7 @@ pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<Snapshot> {
         if truncated {
             frames.pop();
         }
+        budget.charge(std::mem::size_of::<Stack>() as u64)?;
         stacks.push(Stack {
             truncated,
             live_bytes: v(isp),
@@ -488,7 +751,12 @@ pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<Snapshot> {
     }
     let mut mapping_list: Vec<&Mapping> = p.mapping.iter().collect();
     mapping_list.sort_by_key(|m| m.id);
-    Ok(Snapshot {
+    for m in &mapping_list {
+        budget.charge(
+            (std::mem::size_of::<MappingInfo>() + s(m.filename).len() + s(m.build_id).len()) as u64,
+        )?;
+    }
+    let snapshot = Snapshot {
         format: SNAPSHOT_FORMAT.into(),
         version: header.version,
         pid: header.pid,
@@ -510,5 +778,7 @@ pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<Snapshot> {
                 build_id: opt(s(m.build_id)),
             })
             .collect(),
-    })
+    };
+    super::check_figures(&snapshot)?;
+    Ok(snapshot)
 }
