@@ -258,13 +258,7 @@ impl Engine {
         };
         self.profiler.refresh_unwind(pid);
         let rss = procfs::rss_bytes(pid).unwrap_or(0);
-        say(&lines::attached(
-            pid,
-            &info.comm,
-            probes.0,
-            &probes.1.iter().map(String::as_str).collect::<Vec<_>>(),
-            self.cfg.sample_bytes,
-        ));
+        self.say_attached(&info, &probes);
         let t = &mut self.targets[i];
         t.hooked = hooked;
         t.probes = probes;

@@ -153,13 +153,7 @@ impl Engine {
         }
         let probes = exec::summary(&probes);
         let rss = procfs::rss_bytes(pid).unwrap_or(0);
-        say(&lines::attached(
-            pid,
-            &info.comm,
-            probes.0,
-            &probes.1.iter().map(String::as_str).collect::<Vec<_>>(),
-            self.cfg.sample_bytes,
-        ));
+        self.say_attached(&info, &probes);
         self.targets.push(Target {
             attached_at: now_rfc3339(),
             series: Series::new(pid),
@@ -174,6 +168,17 @@ impl Engine {
             info,
         });
         Ok(())
+    }
+
+    /// The contract's `attached` line: `probes` is (count, libraries).
+    fn say_attached(&self, info: &ProcessInfo, probes: &(usize, Vec<String>)) {
+        say(&lines::attached(
+            info.pid,
+            &info.comm,
+            probes.0,
+            &probes.1.iter().map(String::as_str).collect::<Vec<_>>(),
+            self.cfg.sample_bytes,
+        ));
     }
 
     /// OOM victims first (their snapshot is the one users need most, and
