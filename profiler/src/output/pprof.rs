@@ -387,9 +387,19 @@ pub fn to_bytes(s: &Snapshot) -> Vec<u8> {
     gz.finish().unwrap_or_default()
 }
 
-/// Whether `bytes` look like a gzipped (or raw) pprof profile rather than JSON.
+/// Whether `bytes` (a file's first bytes) look like a gzipped (or raw)
+/// pprof profile rather than JSON. A raw profile starts with field 1 (byte
+/// 0x0a, a newline); JSON may start with a newline too, but then, past its
+/// white space, comes `{` or `[`.
 pub fn looks_like_pprof(bytes: &[u8]) -> bool {
-    bytes.starts_with(&[0x1f, 0x8b]) || (!bytes.is_empty() && bytes[0] == 0x0a)
+    if bytes.starts_with(&[0x1f, 0x8b]) {
+        return true;
+    }
+    bytes.first() == Some(&0x0a)
+        && !matches!(
+            bytes.iter().find(|b| !b" \t\r\n".contains(b)),
+            Some(b'{' | b'[')
+        )
 }
 
 /// Reads a pprof profile written by heapbpf back into a snapshot.
@@ -781,4 +791,21 @@ fn to_snapshot(p: &Profile, budget: &mut Budget) -> Result<Snapshot, String> {
     };
     super::check_figures(&snapshot)?;
     Ok(snapshot)
+}
+
+#[cfg(test)]
+mod sniff_tests {
+    use super::looks_like_pprof;
+
+    #[test]
+    fn json_that_starts_with_a_newline_is_not_pprof() {
+        assert!(!looks_like_pprof(b"\n{\"format\": 1}"));
+        assert!(!looks_like_pprof(b"\n \r\n\t[1]"));
+        assert!(!looks_like_pprof(b"{}"));
+        assert!(looks_like_pprof(&[0x1f, 0x8b, 0x08]));
+        // Raw profiles: field 1, a length, then the sample type's fields
+        // (a length that happens to be a white-space byte included).
+        assert!(looks_like_pprof(&[0x0a, 0x04, 0x08, 0x01, 0x10, 0x02]));
+        assert!(looks_like_pprof(&[0x0a, 0x0a, 0x08, 0x01, 0x10, 0x02]));
+    }
 }
