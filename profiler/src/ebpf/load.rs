@@ -103,14 +103,24 @@ pub(super) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 
 /// A map the kernel would not create: which, why, and the flag that sizes
 /// it when there is one.
-fn map_create_error(e: aya::EbpfError, max_live_blocks: u32) -> Error {
+fn map_create_error(e: aya::EbpfError, opts: &LoadOptions) -> Error {
     use aya::maps::MapError;
     match &e {
         aya::EbpfError::MapError(MapError::CreateError { name, io_error }) => {
-            let flag = if name == "ALLOCS" {
-                format!(" (the live-block map, --max-live-blocks {max_live_blocks}: try fewer)")
-            } else {
-                String::new()
+            // A map too large for the kernel names the flag that sizes it; a
+            // refusal for want of privileges does not.
+            let denied = io_error.kind() == std::io::ErrorKind::PermissionDenied;
+            let flag = match name.as_str() {
+                _ if denied => String::new(),
+                maps::ALLOCS => format!(
+                    " (the live-block map, --max-live-blocks {}: try fewer)",
+                    opts.max_live_blocks
+                ),
+                maps::STACKS | maps::STACK_STATS => format!(
+                    " (a stack map, --max-stacks {}: try fewer)",
+                    opts.max_stacks
+                ),
+                _ => String::new(),
             };
             load_error(format!(
                 "the kernel would not create heapbpf's eBPF map {name}{flag}: {io_error}"
@@ -162,7 +172,7 @@ impl Profiler {
             .map_max_entries(maps::STACK_STATS, opts.max_stacks.saturating_mul(2))
             .map_max_entries(maps::UNWIND_ROWS, unwind_rows)
             .load(PROGRAM_OBJECT)
-            .map_err(|e| map_create_error(e, opts.max_live_blocks))?;
+            .map_err(|e| map_create_error(e, opts))?;
         for name in programs::uprobes() {
             let prog: &mut UProbe = ebpf
                 .program_mut(name)
@@ -349,7 +359,11 @@ mod tests {
             chain,
             "map error: failed to create map `ALLOCS`: Argument list too long (os error 7)"
         );
-        let msg = map_create_error(e, 1 << 30).to_string();
+        let opts = LoadOptions {
+            max_live_blocks: 1 << 30,
+            ..Default::default()
+        };
+        let msg = map_create_error(e, &opts).to_string();
         assert_eq!(
             msg,
             "cannot load heapbpf's eBPF programs: the kernel would not create heapbpf's eBPF map ALLOCS \
@@ -364,8 +378,15 @@ mod tests {
             name: "STACKS".into(),
             io_error: std::io::Error::from_raw_os_error(libc::EPERM),
         });
-        let e = map_create_error(e, 8);
+        let e = map_create_error(e, &LoadOptions::default());
         assert!(matches!(e, Error::Privileges(_)), "{e}");
+        let big = aya::EbpfError::MapError(aya::maps::MapError::CreateError {
+            name: "STACKS".into(),
+            io_error: std::io::Error::from_raw_os_error(libc::E2BIG),
+        });
+        assert!(map_create_error(big, &LoadOptions::default())
+            .to_string()
+            .contains("--max-stacks 65536: try fewer"));
         assert!(
             e.to_string()
                 .contains("map STACKS: Operation not permitted"),
