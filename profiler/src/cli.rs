@@ -32,6 +32,152 @@ pub enum Command {
     Report(ReportArgs),
     /// What grew between two snapshots.
     Diff(DiffArgs),
+    /// Node agent: profile the selected processes continuously, serve them over HTTP.
+    Agent(AgentArgs),
+}
+
+/// `heapbpf agent`.
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// Which processes: pid=N, comm=REGEX, exe=GLOB, cgroup=GLOB, container=ID, k8s (repeatable; any rule selects).
+    #[arg(long = "select", value_name = "RULE", required = true)]
+    pub select: Vec<String>,
+    /// How often new processes are looked for.
+    #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "5s")]
+    pub discover_every: Duration,
+    /// Address of the HTTP API; a non-loopback one needs --token-file.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7077")]
+    pub listen: String,
+    /// A file holding the bearer token every endpoint but /healthz requires.
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// A snapshot per target every DUR.
+    #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "60s")]
+    pub interval: Duration,
+    /// CPU time the probes may add to a target, as a share of its own (2%, 0.5%).
+    #[arg(long, value_name = "PCT", default_value = "2%")]
+    pub max_overhead: String,
+    /// At most N targets at once; the rest wait.
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    pub max_targets: usize,
+    /// Where snapshots are kept.
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/heapbpf")]
+    pub data_dir: PathBuf,
+    /// Keep the newest N snapshots per target.
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    pub max_snapshots: usize,
+    /// Keep at most SIZE of snapshots in the data directory (the oldest go first).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "1GiB")]
+    pub max_disk: u64,
+    /// Comma list of snapshot formats: json, pprof, collapsed, svg [default: json,pprof].
+    #[arg(long, value_name = "LIST")]
+    pub format: Option<String>,
+    /// Write a snapshot each time a target's RSS passes the next multiple of SIZE above its value at attach.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub rss_step: Option<u64>,
+    /// The same for the live heap heapbpf tracks.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub heap_step: Option<u64>,
+    /// Mean bytes between sampled allocations (Poisson by bytes); 0 tracks every allocation exactly.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = DEFAULT_SAMPLE_BYTES)]
+    pub sample_bytes: u64,
+    /// Keep only allocations at least DUR old in snapshots (leak suspects).
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    pub min_age: Option<Duration>,
+    /// How call stacks are recovered.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub unwind: Unwind,
+    /// Which allocator to hook.
+    #[arg(long, value_name = "ALLOCATOR", default_value = "auto")]
+    pub allocator: String,
+    /// Live blocks the kernel maps can hold at once (all targets together).
+    #[arg(long, value_name = "N", default_value_t = 1 << 21)]
+    pub max_live_blocks: u32,
+    /// Distinct call stacks the kernel maps can hold at once (all targets together).
+    #[arg(long, value_name = "N", default_value_t = crate::ebpf::DEFAULT_MAX_STACKS)]
+    pub max_stacks: u32,
+    /// More on stderr.
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Less on stderr.
+    #[arg(short, long, conflicts_with = "verbose")]
+    pub quiet: bool,
+}
+
+/// `--max-overhead`: `2%`, `0.5%` or a plain fraction `0.02`; above 0, at most 100%.
+pub fn parse_overhead(text: &str) -> Result<f64> {
+    let bad = || {
+        Error::BadInput(format!(
+            "--max-overhead {text}: expected a share of the target's CPU time above 0 and at most 100%, as 2% or 0.5%"
+        ))
+    };
+    let t = text.trim();
+    let v = match t.strip_suffix('%') {
+        Some(p) => p.trim().parse::<f64>().map_err(|_| bad())? / 100.0,
+        None => t.parse::<f64>().map_err(|_| bad())?,
+    };
+    if !(v > 0.0 && v <= 1.0) {
+        return Err(bad());
+    }
+    Ok(v)
+}
+
+impl AgentArgs {
+    /// The agent's configuration, every flag checked.
+    pub fn into_config(self) -> Result<crate::agent::AgentConfig> {
+        let rules = self
+            .select
+            .iter()
+            .map(|r| crate::agent::select::Rule::parse(r).map_err(Error::BadInput))
+            .collect::<Result<Vec<_>>>()?;
+        let listen: std::net::SocketAddr = self.listen.parse().map_err(|_| {
+            Error::BadInput(format!(
+                "--listen {}: expected IP:PORT, as 127.0.0.1:7077 or [::1]:7077",
+                crate::lines::escape(&self.listen)
+            ))
+        })?;
+        let max_overhead = parse_overhead(&self.max_overhead)?;
+        if self.max_targets == 0 {
+            return Err(Error::BadInput("--max-targets must be at least 1".into()));
+        }
+        if self.discover_every.is_zero() {
+            return Err(Error::BadInput("--discover-every must be longer than 0".into()));
+        }
+        if self.max_disk == 0 {
+            return Err(Error::BadInput("--max-disk must be larger than 0".into()));
+        }
+        let engine = ProfileArgs {
+            output_dir: self.data_dir,
+            format: self.format,
+            duration: None,
+            interval: Some(self.interval),
+            rss_step: self.rss_step,
+            heap_step: self.heap_step,
+            sample_bytes: self.sample_bytes,
+            min_age: self.min_age,
+            max_snapshots: Some(self.max_snapshots),
+            unwind: self.unwind,
+            allocator: self.allocator,
+            max_live_blocks: self.max_live_blocks,
+            max_stacks: self.max_stacks,
+            probe_floor: None,
+            no_uprobe_sessions: false,
+            no_exec_tracepoint: false,
+            verbose: self.verbose,
+            quiet: self.quiet,
+        }
+        .into_config()?;
+        Ok(crate::agent::AgentConfig {
+            engine,
+            rules,
+            listen,
+            token_file: self.token_file,
+            max_overhead,
+            max_targets: self.max_targets,
+            max_disk: Some(self.max_disk),
+            discover_every: self.discover_every,
+        })
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

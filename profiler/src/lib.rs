@@ -23,11 +23,14 @@
 //!    snapshot, exit, detach — and [`commands`] are the front ends over it
 //!    (`attach`, `run`) and over files (`report`, `diff`); [`cli`] (the
 //!    only module that names clap) turns flags into their plain config;
-//!    [`lines`] words the contract's stderr lines.
+//!    [`lines`] words the contract's stderr lines. [`agent`] is the node
+//!    agent: a front end that selects processes, keeps them within a CPU
+//!    budget and serves their heaps over HTTP.
 //!
 //! Everything after the kernel data is pure and unit-tested without
 //! privileges.
 
+pub mod agent;
 pub mod allocator;
 pub mod cli;
 pub mod commands;

@@ -20,6 +20,7 @@ fn main() {
     let (verbose, quiet) = match &cli.command {
         Command::Attach(a) => (a.profile.verbose, a.profile.quiet),
         Command::Run(r) => (r.profile.verbose, r.profile.quiet),
+        Command::Agent(a) => (a.verbose, a.quiet),
         Command::Report(_) | Command::Diff(_) => (0, false),
     };
     init_logging(verbose, quiet);
@@ -37,6 +38,7 @@ fn main() {
             .into_config()
             .and_then(|cfg| commands::attach::run_command(cfg, &args.command))
             .map(|code| std::process::exit(code)),
+        Command::Agent(args) => args.into_config().and_then(heapbpf::agent::run_agent),
         Command::Report(a) => cli::checked_top(a.top)
             .and_then(|top| commands::run_report(&a.snapshot, top, a.format.into())),
         Command::Diff(a) => cli::checked_top(a.top)

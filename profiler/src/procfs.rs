@@ -350,6 +350,67 @@ pub fn parse_stat_state(stat: &str) -> Option<char> {
     stat.rsplit_once(')')?.1.trim_start().chars().next()
 }
 
+/// The figures of `/proc/PID/stat` heapbpf uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stat {
+    pub state: char,
+    /// CPU time in user and kernel mode, in clock ticks (`utime`, `stime`).
+    pub utime_ticks: u64,
+    pub stime_ticks: u64,
+    /// When the process started, in clock ticks after boot: with the pid,
+    /// what tells a process from a later one given the same pid.
+    pub start_ticks: u64,
+}
+
+impl Stat {
+    /// CPU time, user and kernel, in clock ticks.
+    pub fn cpu_ticks(&self) -> u64 {
+        self.utime_ticks + self.stime_ticks
+    }
+}
+
+/// Parses `/proc/PID/stat`: the fields after the name (which may hold
+/// spaces and parentheses) are counted from the last `)`.
+pub fn parse_stat(stat: &str) -> Option<Stat> {
+    let mut f = stat.rsplit_once(')')?.1.split_whitespace();
+    // After ')': state is field 3 of proc(5); utime 14, stime 15, starttime 22.
+    let state = f.next()?.chars().next()?;
+    let mut f = f.skip(10);
+    let utime_ticks = f.next()?.parse().ok()?;
+    let stime_ticks = f.next()?.parse().ok()?;
+    let start_ticks = f.nth(6)?.parse().ok()?;
+    Some(Stat {
+        state,
+        utime_ticks,
+        stime_ticks,
+        start_ticks,
+    })
+}
+
+/// `/proc/PID/stat`, `None` once the process is gone. Read to at most 4 KiB
+/// (the name in it is the process's own bytes, at most 16 of them).
+pub fn read_stat(pid: u32) -> Option<Stat> {
+    use std::io::Read;
+    let mut buf = Vec::with_capacity(512);
+    fs::File::open(format!("/proc/{pid}/stat"))
+        .ok()?
+        .take(4096)
+        .read_to_end(&mut buf)
+        .ok()?;
+    parse_stat(&String::from_utf8_lossy(&buf))
+}
+
+/// Clock ticks per second (`sysconf(_SC_CLK_TCK)`), for [`Stat`]'s figures.
+pub fn clock_ticks_per_second() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let v = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if v > 0 {
+        v as u64
+    } else {
+        100
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -437,5 +498,18 @@ mod tests {
         assert_eq!(parse_statm_rss("", 4096), None);
         assert_eq!(parse_stat_state("42 (my (odd) prog) S 1 2 3"), Some('S'));
         assert_eq!(parse_stat_state("42 (x) Z 1"), Some('Z'));
+        let stat = "7 (a) b) c) S 1 7 7 0 -1 4194560 100 0 0 0 25 13 0 0 20 0 1 0 123456 1000 10 0";
+        assert_eq!(
+            parse_stat(stat),
+            Some(Stat {
+                state: 'S',
+                utime_ticks: 25,
+                stime_ticks: 13,
+                start_ticks: 123456
+            })
+        );
+        assert_eq!(parse_stat("7 (a) S 1"), None);
+        let me = read_stat(std::process::id()).unwrap();
+        assert!(me.start_ticks > 0 && me.state == 'R', "{me:?}");
     }
 }

@@ -16,6 +16,16 @@ use crate::{
     model::{KernelData, LiveBlock, StackAddrs, StackCounters},
 };
 
+/// What the kernel counts for a target as it runs (estimates when sampled).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LiveTotals {
+    pub live_bytes: u64,
+    pub live_allocations: u64,
+    pub allocated_bytes: u64,
+    pub allocations: u64,
+    pub dropped_events: u64,
+}
+
 impl Profiler {
     pub(super) fn target_state(&self, pid: u32) -> Option<TargetState> {
         let targets =
@@ -27,6 +37,20 @@ impl Profiler {
     pub fn live_bytes(&self, pid: u32) -> Option<u64> {
         let s = self.target_state(pid)?;
         Some(s.allocated_bytes.saturating_sub(s.freed_bytes))
+    }
+
+    /// The kernel's running totals of `pid` (cheap: one lookup), `None` when
+    /// it is not traced.
+    pub fn totals(&self, pid: u32) -> Option<LiveTotals> {
+        let s = self.target_state(pid)?;
+        let (allocations, frees) = (units(s.allocations), units(s.frees));
+        Some(LiveTotals {
+            live_bytes: s.allocated_bytes.saturating_sub(s.freed_bytes),
+            live_allocations: allocations.saturating_sub(frees),
+            allocated_bytes: s.allocated_bytes,
+            allocations,
+            dropped_events: s.counters[..drop_reason::COUNT].iter().sum(),
+        })
     }
 
     /// Reads the live blocks, per-stack counters and totals of `pid`: of the

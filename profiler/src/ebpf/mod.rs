@@ -22,7 +22,7 @@ use std::{
 use aya::{programs::uprobe::UProbeLinkId, Ebpf};
 use heapbpf_common::{ModuleTable, TargetState};
 
-pub use drain::monotonic_ns;
+pub use drain::{monotonic_ns, LiveTotals};
 pub use load::preflight;
 pub use retire::RetiredStack;
 

@@ -46,6 +46,28 @@ struct Target {
     probes: (usize, Vec<String>),
     /// [`exec::Image`]: what tells an exec of the target.
     image: exec::Image,
+    /// `starttime` at attach: the same pid with another is another process.
+    start_ticks: Option<u64>,
+    /// The file name of its last snapshot's first file.
+    last_snapshot: Option<String>,
+}
+
+/// What a front end shows of a target while it is profiled.
+#[derive(Clone, Debug)]
+pub struct TargetStatus {
+    pub pid: u32,
+    pub comm: String,
+    pub exe: String,
+    pub attached_at: String,
+    /// The kernel's running totals (zero when it cannot be read).
+    pub totals: ebpf::LiveTotals,
+    /// CPU time the probes added, as a share of the target's own.
+    pub overhead: f64,
+    /// Share of the time allocation probes were attached.
+    pub coverage: f64,
+    /// Profiled in windows (over its CPU budget).
+    pub windowed: bool,
+    pub last_snapshot: Option<String>,
 }
 
 /// Loaded programs, the symbolizer and the targets they serve.
@@ -84,6 +106,11 @@ impl Engine {
             symbolizer: Symbolizer::new(),
             targets: Vec::new(),
         })
+    }
+
+    /// The directory snapshots go to.
+    pub fn output_dir(&self) -> &OutputDir {
+        &self.out
     }
 
     pub fn config(&self) -> &Config {
@@ -165,6 +192,8 @@ impl Engine {
             retired: RetiredStacks::default(),
             probes,
             image: exec::Image::new(pid),
+            start_ticks: procfs::read_stat(pid).map(|s| s.start_ticks),
+            last_snapshot: None,
             info,
         });
         Ok(())
@@ -317,7 +346,7 @@ impl Engine {
         let mut i = 0;
         while i < self.targets.len() {
             let pid = self.targets[i].info.pid;
-            if held == Some(pid) || procfs::is_alive(pid) {
+            if held == Some(pid) || self.is_same_process_alive(i) {
                 i += 1;
                 continue;
             }
@@ -325,6 +354,59 @@ impl Engine {
             self.check_oom();
             self.finish(i, Trigger::Exit);
         }
+    }
+
+    /// Whether target `i` still runs: its pid is alive and was not given to
+    /// a later process (another `starttime`).
+    fn is_same_process_alive(&self, i: usize) -> bool {
+        let t = &self.targets[i];
+        match procfs::read_stat(t.info.pid) {
+            Some(s) if s.state != 'Z' && s.state != 'X' => {
+                t.start_ticks.is_none_or(|start| start == s.start_ticks)
+            }
+            _ => false,
+        }
+    }
+
+    /// The pids of the targets profiled now.
+    pub fn pids(&self) -> Vec<u32> {
+        self.targets.iter().map(|t| t.info.pid).collect()
+    }
+
+    /// What each target looks like now (one kernel lookup each).
+    pub fn statuses(&self) -> Vec<TargetStatus> {
+        self.targets
+            .iter()
+            .map(|t| TargetStatus {
+                pid: t.info.pid,
+                comm: t.info.comm.clone(),
+                exe: t.info.exe.clone(),
+                attached_at: t.attached_at.clone(),
+                totals: self.profiler.totals(t.info.pid).unwrap_or_default(),
+                overhead: 0.0,
+                coverage: 1.0,
+                windowed: false,
+                last_snapshot: t.last_snapshot.clone(),
+            })
+            .collect()
+    }
+
+    /// A snapshot of target `pid` now, written like any other; its files.
+    pub fn snapshot_pid(&mut self, pid: u32, trigger: Trigger) -> Result<Vec<PathBuf>> {
+        self.check_execs();
+        let i = self.index(pid).ok_or(Error::NoSuchProcess { pid })?;
+        self.try_snapshot(i, trigger).inspect_err(|e| {
+            self.failed_snapshots += 1;
+            say(&lines::snapshot_failed(trigger, pid, e));
+        })
+    }
+
+    /// The live heap of target `pid` now, as gzipped pprof; nothing written.
+    pub fn heap_profile(&mut self, pid: u32) -> Result<Vec<u8>> {
+        self.check_execs();
+        let i = self.index(pid).ok_or(Error::NoSuchProcess { pid })?;
+        let snapshot = self.build_snapshot(i, Trigger::Request)?;
+        crate::output::Format::Pprof.render(&snapshot)
     }
 
     /// `--rss-step` and `--heap-step`: a snapshot per new threshold reached.
@@ -369,6 +451,49 @@ impl Engine {
     fn try_snapshot(&mut self, i: usize, trigger: Trigger) -> Result<Vec<PathBuf>> {
         let pid = self.targets[i].info.pid;
         let started = Instant::now();
+        let snapshot = self.build_snapshot(i, trigger)?;
+        if snapshot.totals.dropped_events > 0 {
+            say(&format!(
+                "warning: pid={pid}: {}",
+                lines::dropped_events(
+                    &snapshot.totals,
+                    Some((self.cfg.max_live_blocks, self.cfg.max_stacks))
+                )
+            ));
+        }
+        if let Some(now) = self.out.relocate() {
+            say(&lines::output_dir_moved(&self.cfg.output_dir, &now));
+        }
+        let paths = self.targets[i].series.write(
+            &self.out,
+            &self.cfg.formats,
+            self.cfg.max_snapshots,
+            &snapshot,
+        )?;
+        self.targets[i].last_snapshot = paths
+            .first()
+            .and_then(|p| p.file_name())
+            .map(|n| n.to_string_lossy().into_owned());
+        say(&lines::snapshot_written(
+            trigger,
+            pid,
+            snapshot.totals.live_bytes,
+            snapshot.totals.live_allocations,
+            &paths,
+        ));
+        tracing::info!(
+            pid,
+            stacks = snapshot.stacks.len(),
+            dropped = snapshot.totals.dropped_events,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "snapshot statistics"
+        );
+        Ok(paths)
+    }
+
+    /// Kernel data → raw snapshot → symbolized snapshot, of target `i` now.
+    fn build_snapshot(&mut self, i: usize, trigger: Trigger) -> Result<Snapshot> {
+        let pid = self.targets[i].info.pid;
         // The last snapshot of an image that exec'd: its own blocks and
         // figures, as of the exec, with the modules it had.
         let exec = self.targets[i].image.exec;
@@ -408,38 +533,6 @@ impl Engine {
         let mut snapshot =
             Snapshot::from_raw(&raw, meta, |ips| symbolizer.symbolize_stack(pid, ips));
         snapshot.mappings = self.symbolizer.mapping_infos(pid);
-        if snapshot.totals.dropped_events > 0 {
-            say(&format!(
-                "warning: pid={pid}: {}",
-                lines::dropped_events(
-                    &snapshot.totals,
-                    Some((self.cfg.max_live_blocks, self.cfg.max_stacks))
-                )
-            ));
-        }
-        if let Some(now) = self.out.relocate() {
-            say(&lines::output_dir_moved(&self.cfg.output_dir, &now));
-        }
-        let paths = self.targets[i].series.write(
-            &self.out,
-            &self.cfg.formats,
-            self.cfg.max_snapshots,
-            &snapshot,
-        )?;
-        say(&lines::snapshot_written(
-            trigger,
-            pid,
-            snapshot.totals.live_bytes,
-            snapshot.totals.live_allocations,
-            &paths,
-        ));
-        tracing::info!(
-            pid,
-            stacks = snapshot.stacks.len(),
-            dropped = snapshot.totals.dropped_events,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "snapshot statistics"
-        );
-        Ok(paths)
+        Ok(snapshot)
     }
 }

@@ -170,6 +170,19 @@ impl OutputDir {
         }
     }
 
+    /// Another handle on the same directory (its own descriptor), for a
+    /// reader on another thread.
+    pub fn try_clone(&self) -> io::Result<OutputDir> {
+        Ok(OutputDir {
+            dir: self.dir.try_clone()?,
+            id: self.id,
+            opened_as: self.opened_as.clone(),
+            shown: self.shown.clone(),
+            tmpfile: self.tmpfile,
+            next_temp: Cell::new(1),
+        })
+    }
+
     /// Where the directory is, for paths shown to the user.
     pub fn path(&self) -> &Path {
         &self.shown

@@ -37,6 +37,15 @@ impl Body<'_> {
     }
 }
 
+/// Deletes the oldest snapshots in `dir` (all files of a snapshot
+/// together, by the time in their names) until what heapbpf's snapshots
+/// take there is at most `max_bytes`. Returns the names removed.
+// INTERFACE: filled in by the data-directory work.
+pub fn trim_to_disk(dir: &OutputDir, max_bytes: u64) -> Vec<String> {
+    let _ = (dir, max_bytes);
+    Vec::new()
+}
+
 /// One file this run published.
 #[derive(Clone, Debug)]
 struct Published {

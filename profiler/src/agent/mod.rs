@@ -1,0 +1,503 @@
+//! `heapbpf agent`: the node agent, one more front end over the
+//! [`Engine`]. It finds the processes its rules select ([`select`]), keeps
+//! at most `--max-targets` of them profiled (the rest wait), writes a
+//! snapshot of each every `--interval` into the data directory (bounded by
+//! `--max-snapshots` and `--max-disk`), keeps each within its CPU budget,
+//! and serves all of it over HTTP ([`http`]) from a thread of its own.
+//!
+//! The loop runs on the main thread and owns the engine; the server never
+//! touches it but through [`view::Request`]s, answered between ticks, and
+//! reads what the loop publishes ([`view::Shared`]).
+pub mod http;
+pub mod select;
+pub mod view;
+
+use std::{
+    collections::{HashMap, VecDeque},
+    net::{SocketAddr, TcpListener},
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use tokio::{
+    signal::unix::{signal, SignalKind},
+    sync::mpsc,
+};
+
+use self::{
+    select::{Process, Rule},
+    view::{ApiError, Request, Shared, State, TargetView},
+};
+use crate::{
+    engine::{Config, Engine},
+    error::{Error, Result},
+    lines::{self, say},
+    model::Trigger,
+    output::dir::OutputDir,
+    procfs,
+};
+
+/// Everything the agent is told, as plain data.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// Per-target profiling, as `attach` would; `output_dir` is the data
+    /// directory, `interval` the snapshot period.
+    pub engine: Config,
+    pub rules: Vec<Rule>,
+    pub listen: SocketAddr,
+    /// `--token-file`, read at start.
+    pub token_file: Option<PathBuf>,
+    /// `--max-overhead` as a fraction (0.02 for 2%).
+    pub max_overhead: f64,
+    pub max_targets: usize,
+    pub max_disk: Option<u64>,
+    pub discover_every: Duration,
+}
+
+/// How often targets are checked for exits, execs and OOM kills.
+const POLL: Duration = Duration::from_millis(100);
+/// How often module tables pick up newly loaded libraries.
+const MAPS_REFRESH: Duration = Duration::from_secs(2);
+/// Requests waiting for the engine at most (more get 503 from the server).
+const REQUEST_QUEUE: usize = 16;
+/// The most bytes a token file may hold.
+const MAX_TOKEN_BYTES: u64 = 4096;
+
+/// `heapbpf agent`.
+pub fn run_agent(cfg: AgentConfig) -> Result<()> {
+    if cfg.rules.iter().any(|r| matches!(r, Rule::K8s)) {
+        return Err(Error::BadInput(
+            "--select k8s needs --kubernetes (pod metadata from the API server), which this build does not have yet; select by container=ID or cgroup=GLOB meanwhile".into(),
+        ));
+    }
+    let token = match &cfg.token_file {
+        Some(path) => Some(read_token(path)?),
+        None => None,
+    };
+    if token.is_none() && !cfg.listen.ip().is_loopback() {
+        return Err(Error::BadInput(format!(
+            "--listen {}: a non-loopback address needs --token-file (the API serves heap profiles; anyone who can reach it could read them)",
+            cfg.listen
+        )));
+    }
+    let out = open_data_dir(&cfg.engine.output_dir)?;
+    crate::ebpf::preflight()?;
+    let listener = TcpListener::bind(cfg.listen).map_err(|e| {
+        Error::BadInput(format!(
+            "--listen {}: cannot listen there: {} (pick another address or port)",
+            cfg.listen,
+            crate::output::dir::plain(&e)
+        ))
+    })?;
+    let shared = Arc::new(Shared::default());
+    let (requests, inbox) = mpsc::channel(REQUEST_QUEUE);
+    let server_dir = out
+        .try_clone()
+        .map_err(|e| Error::runtime("cannot open the data directory twice", e))?;
+    let server = http::start(
+        listener,
+        http::ServerConfig {
+            token,
+            data_dir: server_dir,
+        },
+        shared.clone(),
+        requests,
+    )?;
+    let result = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::runtime("cannot start the runtime", e))
+        .and_then(|rt| {
+            rt.block_on(async {
+                let signals = Signals::new()?;
+                let engine = Engine::new(cfg.engine.clone(), out)?;
+                Agent::new(cfg, engine, shared).run(signals, inbox).await
+            })
+        });
+    server.stop();
+    result
+}
+
+/// The token file: its first line, trimmed; refused when empty, too large,
+/// or not a regular file (never through a symlink).
+fn read_token(path: &std::path::Path) -> Result<Vec<u8>> {
+    use std::{io::Read, os::unix::fs::OpenOptionsExt};
+    let bad = |why: String| {
+        Error::BadInput(format!(
+            "--token-file {}: {why}",
+            lines::escape(&path.display().to_string())
+        ))
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| bad(crate::output::dir::plain(&e)))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| bad(crate::output::dir::plain(&e)))?;
+    if !meta.is_file() {
+        return Err(bad("not a regular file".into()));
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_TOKEN_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| bad(crate::output::dir::plain(&e)))?;
+    if bytes.len() as u64 > MAX_TOKEN_BYTES {
+        return Err(bad(format!("larger than {MAX_TOKEN_BYTES} bytes")));
+    }
+    let line = bytes.split(|&b| b == b'\n').next().unwrap_or_default();
+    let token = line.trim_ascii();
+    if token.is_empty() {
+        return Err(bad("empty (write the token on its first line)".into()));
+    }
+    Ok(token.to_vec())
+}
+
+/// The data directory: created (0700) when missing, then opened like any
+/// output directory.
+fn open_data_dir(path: &std::path::Path) -> Result<OutputDir> {
+    use std::os::unix::fs::DirBuilderExt;
+    if !path.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(path)
+            .map_err(|e| Error::OutputDir {
+                path: path.to_path_buf(),
+                why: format!(
+                    "cannot create it: {} (pick another with --data-dir)",
+                    crate::output::dir::plain(&e)
+                ),
+            })?;
+    }
+    let out = OutputDir::open(path)?;
+    let stale = out.remove_stale_temps();
+    if !stale.is_empty() {
+        say(&lines::stale_temps_removed(out.path(), stale.len()));
+    }
+    Ok(out)
+}
+
+/// SIGUSR2, SIGINT and SIGTERM.
+struct Signals {
+    usr2: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Result<Self> {
+        let handler = |kind: SignalKind, name: &str| {
+            signal(kind).map_err(|e| Error::runtime(format!("{name} handler"), e))
+        };
+        Ok(Signals {
+            usr2: handler(SignalKind::user_defined2(), "SIGUSR2")?,
+            int: handler(SignalKind::interrupt(), "SIGINT")?,
+            term: handler(SignalKind::terminate(), "SIGTERM")?,
+        })
+    }
+}
+
+/// A selected process the engine does not profile.
+#[derive(Clone, Debug)]
+struct Idle {
+    process: Process,
+    state: State,
+    reason: Option<String>,
+}
+
+/// The loop's state besides the engine.
+struct Agent {
+    cfg: AgentConfig,
+    engine: Engine,
+    shared: Arc<Shared>,
+    /// Selected processes that wait for a slot (oldest first) or failed,
+    /// by pid.
+    idle: Vec<Idle>,
+    /// What discovery knows of each profiled pid.
+    profiled: HashMap<u32, Process>,
+    /// Targets whose interval snapshot is due, taken one per loop turn so
+    /// that requests and ticks go on between them.
+    due: VecDeque<u32>,
+}
+
+impl Agent {
+    fn new(cfg: AgentConfig, engine: Engine, shared: Arc<Shared>) -> Self {
+        Agent {
+            cfg,
+            engine,
+            shared,
+            idle: Vec::new(),
+            profiled: HashMap::new(),
+            due: VecDeque::new(),
+        }
+    }
+
+    async fn run(
+        mut self,
+        mut signals: Signals,
+        mut inbox: mpsc::Receiver<Request>,
+    ) -> Result<()> {
+        let started = Instant::now();
+        let interval = self.cfg.engine.interval;
+        let mut next_interval = interval.map(|i| started + i);
+        let mut next_discovery = started;
+        let mut next_refresh = started + MAPS_REFRESH;
+        let mut tick = tokio::time::interval(POLL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        say(&format!(
+            "heapbpf: agent listening on {}; data in {}",
+            self.cfg.listen,
+            lines::escape(&self.cfg.engine.output_dir.display().to_string())
+        ));
+        loop {
+            tokio::select! {
+                _ = signals.usr2.recv() => self.snapshot_all(Trigger::Signal),
+                _ = signals.int.recv() => break,
+                _ = signals.term.recv() => break,
+                Some(request) = inbox.recv() => self.answer(request),
+                _ = tick.tick() => {
+                    let now = Instant::now();
+                    self.engine.tick(None);
+                    self.forget_finished();
+                    self.engine.check_steps();
+                    if now >= next_discovery {
+                        self.discover();
+                        next_discovery = now + self.cfg.discover_every;
+                    }
+                    if next_interval.is_some_and(|t| now >= t) {
+                        for pid in self.engine.pids() {
+                            if !self.due.contains(&pid) {
+                                self.due.push_back(pid);
+                            }
+                        }
+                        next_interval = interval.map(|i| now + i);
+                    }
+                    if let Some(pid) = self.due.pop_front() {
+                        self.snapshot(pid, Trigger::Interval);
+                    }
+                    if now >= next_refresh {
+                        self.engine.refresh_all();
+                        next_refresh = now + MAPS_REFRESH;
+                    }
+                    self.publish();
+                }
+            }
+        }
+        self.snapshot_all(Trigger::Stop);
+        self.engine.detach_all();
+        if self.engine.failed_snapshots() > 0 {
+            return Err(Error::Runtime(lines::snapshots_failed(
+                self.engine.failed_snapshots(),
+            )));
+        }
+        Ok(())
+    }
+
+    /// A snapshot of every target now.
+    fn snapshot_all(&mut self, trigger: Trigger) {
+        for pid in self.engine.pids() {
+            self.snapshot(pid, trigger);
+        }
+        self.due.clear();
+    }
+
+    fn snapshot(&mut self, pid: u32, trigger: Trigger) -> Option<Vec<PathBuf>> {
+        let started = Instant::now();
+        let paths = self.engine.snapshot_pid(pid, trigger).ok();
+        self.shared
+            .snapshot_seconds
+            .observe(started.elapsed().as_secs_f64());
+        if let Some(max) = self.cfg.max_disk {
+            crate::output::writer::trim_to_disk(self.engine.output_dir(), max);
+        }
+        paths
+    }
+
+    fn answer(&mut self, request: Request) {
+        match request {
+            Request::Heap { pid, reply } => {
+                let result = if self.profiled.contains_key(&pid) {
+                    let started = Instant::now();
+                    let r = self.engine.heap_profile(pid).map_err(|e| {
+                        ApiError::new(500, format!("cannot read the heap of pid {pid}: {e}"))
+                    });
+                    self.shared
+                        .snapshot_seconds
+                        .observe(started.elapsed().as_secs_f64());
+                    r
+                } else {
+                    Err(self.not_profiled(pid))
+                };
+                let _ = reply.send(result);
+            }
+            Request::Snapshot { pid, reply } => {
+                let result = if self.profiled.contains_key(&pid) {
+                    self.snapshot(pid, Trigger::Request)
+                        .map(|paths| {
+                            paths
+                                .iter()
+                                .filter_map(|p| p.file_name())
+                                .map(|n| n.to_string_lossy().into_owned())
+                                .collect()
+                        })
+                        .ok_or_else(|| {
+                            ApiError::new(500, format!("the snapshot of pid {pid} failed (see the agent's log)"))
+                        })
+                } else {
+                    Err(self.not_profiled(pid))
+                };
+                let _ = reply.send(result);
+            }
+        }
+        self.publish();
+    }
+
+    fn not_profiled(&self, pid: u32) -> ApiError {
+        match self.idle.iter().find(|i| i.process.pid == pid) {
+            Some(i) => ApiError::new(
+                409,
+                format!(
+                    "pid {pid} is {}{}",
+                    i.state.as_str(),
+                    i.reason
+                        .as_deref()
+                        .map(|r| format!(": {r}"))
+                        .unwrap_or_default()
+                ),
+            ),
+            None => ApiError::new(404, format!("pid {pid} is not a target (see /targets)")),
+        }
+    }
+
+    /// Drops what the engine no longer profiles (exited, pid reused), so
+    /// that their slots go to waiting processes.
+    fn forget_finished(&mut self) {
+        let live = self.engine.pids();
+        self.profiled.retain(|pid, _| live.contains(pid));
+        self.due.retain(|pid| live.contains(pid));
+    }
+
+    /// Looks at every process: new ones that match get a slot or wait;
+    /// waiting ones get the slots that freed.
+    fn discover(&mut self) {
+        // The processes that left, and pids given to another process.
+        self.idle.retain(|i| {
+            procfs::read_stat(i.process.pid).is_some_and(|s| s.start_ticks == i.process.start_ticks)
+        });
+        let own = std::process::id();
+        for pid in select::pids() {
+            if pid == own
+                || self.profiled.contains_key(&pid)
+                || self.idle.iter().any(|i| i.process.pid == pid)
+            {
+                continue;
+            }
+            let Some(process) = select::read_process(pid) else {
+                continue;
+            };
+            if !self.cfg.rules.iter().any(|r| r.matches(&process)) {
+                continue;
+            }
+            self.idle.push(Idle {
+                process,
+                state: State::Waiting,
+                reason: None,
+            });
+        }
+        // Slots to the waiting, in the order they were found.
+        let mut i = 0;
+        while i < self.idle.len() {
+            if self.idle[i].state != State::Waiting {
+                i += 1;
+                continue;
+            }
+            if self.profiled.len() >= self.cfg.max_targets {
+                self.idle[i].reason = Some(format!(
+                    "--max-targets {} are profiled; it gets the next free slot",
+                    self.cfg.max_targets
+                ));
+                i += 1;
+                continue;
+            }
+            let process = self.idle[i].process.clone();
+            match procfs::process_info(process.pid).and_then(|info| self.engine.attach(info)) {
+                Ok(()) => {
+                    self.idle.remove(i);
+                    self.profiled.insert(process.pid, process);
+                }
+                Err(Error::Exited { .. } | Error::NoSuchProcess { .. }) => {
+                    self.idle.remove(i);
+                }
+                Err(e) => {
+                    say(&format!(
+                        "heapbpf: cannot profile pid {} ({}): {}",
+                        process.pid,
+                        lines::escape(&process.comm),
+                        e.to_string().replace('\n', "; ")
+                    ));
+                    self.idle[i].state = State::Failed;
+                    self.idle[i].reason = Some(e.to_string().replace('\n', "; "));
+                    i += 1;
+                }
+            }
+        }
+    }
+
+    /// What `/targets` and `/metrics` show, as of now.
+    fn publish(&self) {
+        let mut views: Vec<TargetView> = self
+            .engine
+            .statuses()
+            .into_iter()
+            .map(|s| {
+                let p = self.profiled.get(&s.pid);
+                TargetView {
+                    pid: s.pid,
+                    comm: s.comm,
+                    exe: s.exe,
+                    container: p.and_then(|p| p.container.clone()),
+                    pod: None,
+                    namespace: None,
+                    service_name: None,
+                    state: if s.windowed {
+                        State::Windowed
+                    } else {
+                        State::Attached
+                    },
+                    reason: None,
+                    attached_at: Some(s.attached_at),
+                    live_bytes: s.totals.live_bytes,
+                    live_allocations: s.totals.live_allocations,
+                    allocated_bytes: s.totals.allocated_bytes,
+                    dropped_events: s.totals.dropped_events,
+                    overhead: s.overhead,
+                    coverage: s.coverage,
+                    last_snapshot: s.last_snapshot,
+                }
+            })
+            .collect();
+        views.extend(self.idle.iter().map(|i| TargetView {
+            pid: i.process.pid,
+            comm: i.process.comm.clone(),
+            exe: i.process.exe.clone(),
+            container: i.process.container.clone(),
+            pod: None,
+            namespace: None,
+            service_name: None,
+            state: i.state,
+            reason: i.reason.clone(),
+            attached_at: None,
+            live_bytes: 0,
+            live_allocations: 0,
+            allocated_bytes: 0,
+            dropped_events: 0,
+            overhead: 0.0,
+            coverage: 0.0,
+            last_snapshot: None,
+        }));
+        self.shared.publish(views);
+    }
+}

@@ -1,0 +1,137 @@
+//! What the agent's loop publishes and what its HTTP API asks of it: the
+//! one meeting point of the engine side (the loop, on the main thread) and
+//! the server (its own thread and runtime). The server reads [`Shared`]
+//! without ever waiting on the engine; what needs the engine (a heap
+//! profile now, a snapshot now) goes as a [`Request`] with a reply channel.
+use std::{sync::Mutex, time::Instant};
+
+use prometheus_client::metrics::{counter::Counter, histogram::Histogram};
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+
+/// A target's place in the agent, as `/targets` and `heapbpf_targets{state}` say it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    /// Probes attached all the time.
+    Attached,
+    /// Over its CPU budget: profiled in windows.
+    Windowed,
+    /// Selected, but `--max-targets` are profiled already.
+    Waiting,
+    /// Could not be attached (`reason` says why).
+    Failed,
+}
+
+impl State {
+    pub const ALL: [State; 4] = [State::Attached, State::Windowed, State::Waiting, State::Failed];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Attached => "attached",
+            State::Windowed => "windowed",
+            State::Waiting => "waiting",
+            State::Failed => "failed",
+        }
+    }
+}
+
+/// One entry of `/targets` (field names are the contract's).
+#[derive(Clone, Debug, Serialize)]
+pub struct TargetView {
+    pub pid: u32,
+    pub comm: String,
+    pub exe: String,
+    /// The container id from the process's cgroup path, when it has one.
+    pub container: Option<String>,
+    /// Kubernetes metadata (filled with `--kubernetes`; `null` until then).
+    pub pod: Option<String>,
+    pub namespace: Option<String>,
+    pub service_name: Option<String>,
+    pub state: State,
+    /// Why it is `failed` or `waiting`, or what windows it is profiled in.
+    pub reason: Option<String>,
+    pub attached_at: Option<String>,
+    pub live_bytes: u64,
+    pub live_allocations: u64,
+    pub allocated_bytes: u64,
+    pub dropped_events: u64,
+    /// CPU time the probes added to the target, as a share of its own.
+    pub overhead: f64,
+    /// Share of the time the allocation probes were attached (1.0 unless windowed).
+    pub coverage: f64,
+    /// File name (in `--data-dir`) of the JSON (or first) file of its last snapshot.
+    pub last_snapshot: Option<String>,
+}
+
+/// Published by the loop, read by the server.
+pub struct Shared {
+    /// Every target the agent knows, profiled, waiting or failed.
+    pub targets: Mutex<Vec<TargetView>>,
+    /// How long each snapshot took (kernel read, symbolization, files).
+    pub snapshot_seconds: Histogram,
+    /// Pushes to a profile store that failed (issue 15 pushes).
+    pub push_failures: Counter,
+    pub started: Instant,
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Shared {
+            targets: Mutex::new(Vec::new()),
+            snapshot_seconds: Histogram::new(
+                [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0].into_iter(),
+            ),
+            push_failures: Counter::default(),
+            started: Instant::now(),
+        }
+    }
+}
+
+impl Shared {
+    /// A copy of the targets (the lock is held only for the copy).
+    pub fn targets(&self) -> Vec<TargetView> {
+        self.targets.lock().map(|t| t.clone()).unwrap_or_default()
+    }
+
+    pub fn publish(&self, targets: Vec<TargetView>) {
+        if let Ok(mut t) = self.targets.lock() {
+            *t = targets;
+        }
+    }
+}
+
+/// Why a request failed: an HTTP status and one plain line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: u16,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: u16, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+/// What only the engine can answer.
+#[derive(Debug)]
+pub enum Request {
+    /// `GET /debug/pprof/heap?pid=N`: the live heap now, as gzipped pprof.
+    Heap {
+        pid: u32,
+        reply: oneshot::Sender<Result<Vec<u8>, ApiError>>,
+    },
+    /// `POST /snapshots?pid=N`: a snapshot now (trigger `request`); the
+    /// names of its files in the data directory.
+    Snapshot {
+        pid: u32,
+        reply: oneshot::Sender<Result<Vec<String>, ApiError>>,
+    },
+}
+
+/// The sending half the server holds.
+pub type Requests = mpsc::Sender<Request>;
