@@ -204,6 +204,23 @@ pub fn dropped_events(totals: &Totals, limits: Option<(u32, u32)>) -> String {
     )
 }
 
+/// The agent's first line, once its API is listening: the address it
+/// really listens on (`--listen 127.0.0.1:0` picks a free port).
+pub fn agent_listening(addr: std::net::SocketAddr, data_dir: &Path) -> String {
+    format!(
+        "{PREFIX}agent listening on http://{addr}; snapshots in {}",
+        escape(&data_dir.display().to_string())
+    )
+}
+
+/// An [`agent_listening`] line read back: the address.
+pub fn parse_agent_listening(line: &str) -> Option<std::net::SocketAddr> {
+    let rest = line
+        .strip_prefix(PREFIX)?
+        .strip_prefix("agent listening on http://")?;
+    rest.split_once(';')?.0.parse().ok()
+}
+
 /// An `attached` line read back: the pid and comm it names.
 pub fn parse_attached(line: &str) -> Option<(u32, &str)> {
     let rest = line.strip_prefix(PREFIX)?.strip_prefix("attached to ")?;
@@ -244,6 +261,18 @@ pub fn parse_snapshot(line: &str) -> Option<SnapshotLine> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn agent_listening_reads_back() {
+        let addr: std::net::SocketAddr = "127.0.0.1:41234".parse().unwrap();
+        let line = agent_listening(addr, Path::new("/var/lib/heapbpf"));
+        assert_eq!(
+            line,
+            "heapbpf: agent listening on http://127.0.0.1:41234; snapshots in /var/lib/heapbpf"
+        );
+        assert_eq!(parse_agent_listening(&line), Some(addr));
+        assert_eq!(parse_agent_listening("heapbpf: attached to 1 (x): "), None);
+    }
 
     #[test]
     fn lines_read_as_the_contract_writes_them() {

@@ -90,6 +90,9 @@ pub fn run_agent(cfg: AgentConfig) -> Result<()> {
             crate::output::dir::plain(&e)
         ))
     })?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| Error::runtime("cannot read the address listened on", e))?;
     let shared = Arc::new(Shared::default());
     let (requests, inbox) = mpsc::channel(REQUEST_QUEUE);
     let server_dir = out
@@ -112,6 +115,7 @@ pub fn run_agent(cfg: AgentConfig) -> Result<()> {
             rt.block_on(async {
                 let signals = Signals::new()?;
                 let engine = Engine::new(cfg.engine.clone(), out)?;
+                say(&lines::agent_listening(local, engine.output_dir().path()));
                 Agent::new(cfg, engine, shared).run(signals, inbox).await
             })
         });
@@ -247,11 +251,6 @@ impl Agent {
         let mut next_refresh = started + MAPS_REFRESH;
         let mut tick = tokio::time::interval(POLL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        say(&format!(
-            "heapbpf: agent listening on {}; data in {}",
-            self.cfg.listen,
-            lines::escape(&self.cfg.engine.output_dir.display().to_string())
-        ));
         loop {
             tokio::select! {
                 _ = signals.usr2.recv() => self.snapshot_all(Trigger::Signal),
