@@ -61,6 +61,9 @@ const POLL: Duration = Duration::from_millis(100);
 const MAPS_REFRESH: Duration = Duration::from_secs(2);
 /// Requests waiting for the engine at most (more get 503 from the server).
 const REQUEST_QUEUE: usize = 16;
+/// How long the engine stays loaded without a target (a target that
+/// restarts is attached again without reloading).
+const UNLOAD_AFTER: Duration = Duration::from_secs(30);
 /// The most bytes a token file may hold.
 const MAX_TOKEN_BYTES: u64 = 4096;
 
@@ -114,9 +117,8 @@ pub fn run_agent(cfg: AgentConfig) -> Result<()> {
         .and_then(|rt| {
             rt.block_on(async {
                 let signals = Signals::new()?;
-                let engine = Engine::new(cfg.engine.clone(), out)?;
-                say(&lines::agent_listening(local, engine.output_dir().path()));
-                Agent::new(cfg, engine, shared).run(signals, inbox).await
+                say(&lines::agent_listening(local, out.path()));
+                Agent::new(cfg, out, shared).run(signals, inbox).await
             })
         });
     server.stop();
@@ -215,7 +217,15 @@ struct Idle {
 /// The loop's state besides the engine.
 struct Agent {
     cfg: AgentConfig,
-    engine: Engine,
+    /// The eBPF programs and maps with the targets they serve: loaded when
+    /// the first target is attached, unloaded when the last is gone, so
+    /// that an agent with nothing to profile holds no kernel memory.
+    engine: Option<Engine>,
+    /// When the engine was left without targets.
+    idle_since: Option<Instant>,
+    /// Snapshots that could not be written by engines unloaded since.
+    failed_snapshots: usize,
+    out: OutputDir,
     shared: Arc<Shared>,
     /// Selected processes that wait for a slot (oldest first) or failed,
     /// by pid.
@@ -228,10 +238,13 @@ struct Agent {
 }
 
 impl Agent {
-    fn new(cfg: AgentConfig, engine: Engine, shared: Arc<Shared>) -> Self {
+    fn new(cfg: AgentConfig, out: OutputDir, shared: Arc<Shared>) -> Self {
         Agent {
             cfg,
-            engine,
+            engine: None,
+            idle_since: None,
+            failed_snapshots: 0,
+            out,
             shared,
             idle: Vec::new(),
             profiled: HashMap::new(),
@@ -239,11 +252,7 @@ impl Agent {
         }
     }
 
-    async fn run(
-        mut self,
-        mut signals: Signals,
-        mut inbox: mpsc::Receiver<Request>,
-    ) -> Result<()> {
+    async fn run(mut self, mut signals: Signals, mut inbox: mpsc::Receiver<Request>) -> Result<()> {
         let started = Instant::now();
         let interval = self.cfg.engine.interval;
         let mut next_interval = interval.map(|i| started + i);
@@ -259,15 +268,17 @@ impl Agent {
                 Some(request) = inbox.recv() => self.answer(request),
                 _ = tick.tick() => {
                     let now = Instant::now();
-                    self.engine.tick(None);
+                    if let Some(engine) = &mut self.engine {
+                        engine.tick(None);
+                        engine.check_steps();
+                    }
                     self.forget_finished();
-                    self.engine.check_steps();
                     if now >= next_discovery {
                         self.discover();
                         next_discovery = now + self.cfg.discover_every;
                     }
                     if next_interval.is_some_and(|t| now >= t) {
-                        for pid in self.engine.pids() {
+                        for pid in self.pids() {
                             if !self.due.contains(&pid) {
                                 self.due.push_back(pid);
                             }
@@ -278,39 +289,95 @@ impl Agent {
                         self.snapshot(pid, Trigger::Interval);
                     }
                     if now >= next_refresh {
-                        self.engine.refresh_all();
+                        if let Some(engine) = &mut self.engine {
+                            engine.refresh_all();
+                        }
                         next_refresh = now + MAPS_REFRESH;
                     }
+                    self.unload_when_idle(now);
                     self.publish();
                 }
             }
         }
         self.snapshot_all(Trigger::Stop);
-        self.engine.detach_all();
-        if self.engine.failed_snapshots() > 0 {
+        self.unload();
+        if self.failed_snapshots > 0 {
             return Err(Error::Runtime(lines::snapshots_failed(
-                self.engine.failed_snapshots(),
+                self.failed_snapshots,
             )));
         }
         Ok(())
     }
 
+    /// The pids profiled now.
+    fn pids(&self) -> Vec<u32> {
+        self.engine.as_ref().map(Engine::pids).unwrap_or_default()
+    }
+
+    /// The engine, loaded if it is not.
+    fn engine(&mut self) -> Result<&mut Engine> {
+        self.idle_since = None;
+        let engine = match self.engine.take() {
+            Some(engine) => engine,
+            None => {
+                let out = self
+                    .out
+                    .try_clone()
+                    .map_err(|e| Error::runtime("cannot open the data directory again", e))?;
+                let started = Instant::now();
+                let engine = Engine::new(self.cfg.engine.clone(), out)?;
+                tracing::info!(
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "eBPF programs loaded"
+                );
+                engine
+            }
+        };
+        Ok(self.engine.insert(engine))
+    }
+
+    /// Unloads the engine once it has had no target for [`UNLOAD_AFTER`].
+    fn unload_when_idle(&mut self, now: Instant) {
+        let Some(engine) = &self.engine else { return };
+        if !engine.is_idle() {
+            self.idle_since = None;
+            return;
+        }
+        let since = *self.idle_since.get_or_insert(now);
+        if now.duration_since(since) >= UNLOAD_AFTER {
+            self.unload();
+        }
+    }
+
+    /// Detaches every target and unloads the programs and maps.
+    fn unload(&mut self) {
+        if let Some(mut engine) = self.engine.take() {
+            engine.detach_all();
+            self.failed_snapshots += engine.failed_snapshots();
+            tracing::info!("eBPF programs unloaded: no target left");
+        }
+        self.idle_since = None;
+        self.profiled.clear();
+        self.due.clear();
+    }
+
     /// A snapshot of every target now.
     fn snapshot_all(&mut self, trigger: Trigger) {
-        for pid in self.engine.pids() {
+        for pid in self.pids() {
             self.snapshot(pid, trigger);
         }
         self.due.clear();
     }
 
     fn snapshot(&mut self, pid: u32, trigger: Trigger) -> Option<Vec<PathBuf>> {
+        let engine = self.engine.as_mut()?;
         let started = Instant::now();
-        let paths = self.engine.snapshot_pid(pid, trigger).ok();
+        let paths = engine.snapshot_pid(pid, trigger).ok();
         self.shared
             .snapshot_seconds
             .observe(started.elapsed().as_secs_f64());
         if let Some(max) = self.cfg.max_disk {
-            crate::output::writer::trim_to_disk(self.engine.output_dir(), max);
+            crate::output::writer::trim_to_disk(&self.out, max);
         }
         paths
     }
@@ -318,9 +385,13 @@ impl Agent {
     fn answer(&mut self, request: Request) {
         match request {
             Request::Heap { pid, reply } => {
-                let result = if self.profiled.contains_key(&pid) {
+                let result = if let Some(engine) = self
+                    .engine
+                    .as_mut()
+                    .filter(|_| self.profiled.contains_key(&pid))
+                {
                     let started = Instant::now();
-                    let r = self.engine.heap_profile(pid).map_err(|e| {
+                    let r = engine.heap_profile(pid).map_err(|e| {
                         ApiError::new(500, format!("cannot read the heap of pid {pid}: {e}"))
                     });
                     self.shared
@@ -343,7 +414,10 @@ impl Agent {
                                 .collect()
                         })
                         .ok_or_else(|| {
-                            ApiError::new(500, format!("the snapshot of pid {pid} failed (see the agent's log)"))
+                            ApiError::new(
+                                500,
+                                format!("the snapshot of pid {pid} failed (see the agent's log)"),
+                            )
                         })
                 } else {
                     Err(self.not_profiled(pid))
@@ -374,7 +448,7 @@ impl Agent {
     /// Drops what the engine no longer profiles (exited, pid reused), so
     /// that their slots go to waiting processes.
     fn forget_finished(&mut self) {
-        let live = self.engine.pids();
+        let live = self.pids();
         self.profiled.retain(|pid, _| live.contains(pid));
         self.due.retain(|pid| live.contains(pid));
     }
@@ -422,7 +496,9 @@ impl Agent {
                 continue;
             }
             let process = self.idle[i].process.clone();
-            match procfs::process_info(process.pid).and_then(|info| self.engine.attach(info)) {
+            let attached = procfs::process_info(process.pid)
+                .and_then(|info| self.engine().and_then(|engine| engine.attach(info)));
+            match attached {
                 Ok(()) => {
                     self.idle.remove(i);
                     self.profiled.insert(process.pid, process);
@@ -449,7 +525,9 @@ impl Agent {
     fn publish(&self) {
         let mut views: Vec<TargetView> = self
             .engine
-            .statuses()
+            .as_ref()
+            .map(Engine::statuses)
+            .unwrap_or_default()
             .into_iter()
             .map(|s| {
                 let p = self.profiled.get(&s.pid);
