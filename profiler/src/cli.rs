@@ -90,9 +90,10 @@ pub struct AgentArgs {
     /// Which allocator to hook.
     #[arg(long, value_name = "ALLOCATOR", default_value = "auto")]
     pub allocator: String,
-    /// Live blocks the kernel maps can hold at once (all targets together).
-    #[arg(long, value_name = "N", default_value_t = 1 << 21)]
-    pub max_live_blocks: u32,
+    /// Live blocks the kernel maps can hold at once, all targets together
+    /// [default: 512Ki when sampling, 2Mi in exact mode].
+    #[arg(long, value_name = "N")]
+    pub max_live_blocks: Option<u32>,
     /// Distinct call stacks the kernel maps can hold at once (all targets together).
     #[arg(long, value_name = "N", default_value_t = crate::ebpf::DEFAULT_MAX_STACKS)]
     pub max_stacks: u32,
@@ -103,6 +104,12 @@ pub struct AgentArgs {
     #[arg(short, long, conflicts_with = "verbose")]
     pub quiet: bool,
 }
+
+/// The agent's `--max-live-blocks` when sampling: the live-block map's
+/// buckets take 16 bytes a block whether used or not (8 MiB here, against
+/// 32 MiB for 2 Mi), and at the default 64 KiB a sampled block stands for
+/// 64 KiB of heap on average: 512 Ki of them cover 32 GiB of live heap.
+pub const AGENT_SAMPLED_LIVE_BLOCKS: u32 = 1 << 19;
 
 /// `--max-overhead`: `2%`, `0.5%` or a plain fraction `0.02`; above 0, at most 100%.
 pub fn parse_overhead(text: &str) -> Result<f64> {
@@ -125,11 +132,6 @@ pub fn parse_overhead(text: &str) -> Result<f64> {
 impl AgentArgs {
     /// The agent's configuration, every flag checked.
     pub fn into_config(self) -> Result<crate::agent::AgentConfig> {
-        let rules = self
-            .select
-            .iter()
-            .map(|r| crate::agent::select::Rule::parse(r).map_err(Error::BadInput))
-            .collect::<Result<Vec<_>>>()?;
         let listen: std::net::SocketAddr = self.listen.parse().map_err(|_| {
             Error::BadInput(format!(
                 "--listen {}: expected IP:PORT, as 127.0.0.1:7077 or [::1]:7077",
@@ -148,6 +150,11 @@ impl AgentArgs {
         if self.max_disk == 0 {
             return Err(Error::BadInput("--max-disk must be larger than 0".into()));
         }
+        let rules = self
+            .select
+            .iter()
+            .map(|r| crate::agent::select::Rule::parse(r).map_err(Error::BadInput))
+            .collect::<Result<Vec<_>>>()?;
         let engine = ProfileArgs {
             output_dir: self.data_dir,
             format: self.format,
@@ -160,7 +167,11 @@ impl AgentArgs {
             max_snapshots: Some(self.max_snapshots),
             unwind: self.unwind,
             allocator: self.allocator,
-            max_live_blocks: self.max_live_blocks,
+            max_live_blocks: self.max_live_blocks.unwrap_or(if self.sample_bytes == 0 {
+                1 << 21
+            } else {
+                AGENT_SAMPLED_LIVE_BLOCKS
+            }),
             max_stacks: self.max_stacks,
             probe_floor: None,
             no_uprobe_sessions: false,
@@ -563,5 +574,63 @@ mod tests {
         assert_eq!(checked_top(3).unwrap(), 3);
         assert!(attach(&["1", "--interval", "soon"]).is_err());
         assert!(attach(&[]).is_err());
+    }
+
+    fn agent(args: &[&str]) -> Result<AgentArgs> {
+        let cli = Cli::try_parse_from(["heapbpf", "agent"].iter().chain(args))
+            .map_err(|e| Error::BadInput(e.to_string()))?;
+        match cli.command {
+            Command::Agent(a) => Ok(a),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn agent_overhead_and_defaults() {
+        assert_eq!(parse_overhead("2%").unwrap(), 0.02);
+        assert_eq!(parse_overhead(" 0.5% ").unwrap(), 0.005);
+        assert_eq!(parse_overhead("0.1").unwrap(), 0.1);
+        assert_eq!(parse_overhead("100%").unwrap(), 1.0);
+        for bad in ["0%", "-1%", "101%", "2", "x%", "", "NaN", "inf"] {
+            let e = parse_overhead(bad).unwrap_err();
+            assert_eq!(e.exit_code(), 2);
+            assert!(e.to_string().starts_with("--max-overhead "), "{e}");
+        }
+        let a = agent(&["--select", "pid=1"]).unwrap();
+        assert_eq!(a.listen, "127.0.0.1:7077");
+        assert_eq!(a.interval, Duration::from_secs(60));
+        assert_eq!(a.discover_every, Duration::from_secs(5));
+        assert_eq!(a.max_targets, 16);
+        assert_eq!(a.data_dir, PathBuf::from("/var/lib/heapbpf"));
+        assert_eq!(a.max_overhead, "2%");
+        // The selection is required: an agent profiles nothing by surprise.
+        assert!(agent(&[]).is_err());
+    }
+
+    #[test]
+    fn agent_sizes_the_live_block_map_to_sampling() {
+        let cfg = |args: &[&str]| {
+            let a = agent(args).unwrap();
+            // Rules are checked by agent::select; only the sizes matter here.
+            (a.sample_bytes, a.max_live_blocks)
+        };
+        assert_eq!(cfg(&["--select", "pid=1"]).1, None);
+        assert_eq!(
+            cfg(&["--select", "pid=1", "--max-live-blocks", "4096"]).1,
+            Some(4096)
+        );
+        for (args, bad) in [
+            (&["--max-targets", "0"][..], "--max-targets"),
+            (&["--listen", "localhost"][..], "--listen localhost"),
+            (&["--max-disk", "0"][..], "--max-disk"),
+            (&["--discover-every", "0s"][..], "--discover-every"),
+            (&["--max-overhead", "0%"][..], "--max-overhead"),
+        ] {
+            let mut all = vec!["--select", "pid=1"];
+            all.extend_from_slice(args);
+            let e = agent(&all).unwrap().into_config().unwrap_err();
+            assert_eq!(e.exit_code(), 2, "{args:?}");
+            assert!(e.to_string().contains(bad), "{e}");
+        }
     }
 }

@@ -33,6 +33,10 @@ pub struct BenchArgs {
     /// Requests per redis-benchmark test (SET and GET); 0 skips redis.
     #[arg(long, default_value_t = 20_000)]
     redis_requests: u64,
+    /// Requests per measured redis-benchmark run of the agent's CPU budget
+    /// table (after a quarter as many of warm-up); 0 skips it.
+    #[arg(long, default_value_t = 1_000_000)]
+    agent_requests: u64,
     /// Live blocks at which to time a snapshot (comma list).
     #[arg(long, default_value = "100000,1000000", value_delimiter = ',')]
     snapshot_blocks: Vec<u64>,
@@ -51,6 +55,7 @@ impl BenchArgs {
             threads: vec![1],
             deep_stack: 32,
             redis_requests: 500,
+            agent_requests: 4_000,
             snapshot_blocks: vec![1_000],
             baseline: None,
         }
@@ -453,6 +458,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
     }
     let snapshot_rows = snapshot_cost(&heapbpf, &args.snapshot_blocks)?;
+
     let med = |v: &Vec<f64>| (!v.is_empty()).then(|| median(v.clone()));
     println!(
         "heapbpf bench: medians of {} interleaved runs; ratio = throughput / no profiler's ({} cores, kernel {})",
@@ -516,6 +522,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
             rss as f64 / 1048576.0,
             hwm as f64 / 1048576.0
         );
+    }
+    if args.agent_requests > 0 {
+        crate::bench_agent::run(&heapbpf, args.runs, args.agent_requests)?;
     }
     Ok(())
 }

@@ -11,6 +11,7 @@ use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod bench_agent;
 mod fuzz;
 mod soak;
 

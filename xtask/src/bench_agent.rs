@@ -1,0 +1,296 @@
+//! The agent's CPU budget, measured: redis-server at full load under
+//! redis-benchmark, with no profiler, with `heapbpf agent` at its default
+//! `--max-overhead 2%`, and with the agent allowed everything (continuous
+//! probes, as `attach`). Runs interleaved; the table shows medians and
+//! ratios to the no-profiler runs. A leak is injected meanwhile (a client
+//! that keeps adding keys with `DEBUG POPULATE`, whose allocations are
+//! never freed): the agent's last snapshot must still show it on top.
+use std::{
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    thread::sleep,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+
+const PORT: &str = "16380";
+
+/// One configuration of the table.
+struct Config {
+    name: &'static str,
+    /// `None`: no profiler; else the agent's extra flags.
+    agent: Option<Vec<&'static str>>,
+}
+
+fn configs() -> Vec<Config> {
+    vec![
+        Config {
+            name: "no profiler",
+            agent: None,
+        },
+        Config {
+            name: "agent, --max-overhead 2% (default)",
+            agent: Some(vec![]),
+        },
+        Config {
+            name: "agent, --max-overhead 100% (continuous)",
+            agent: Some(vec!["--max-overhead", "100%"]),
+        },
+    ]
+}
+
+/// What one run measured.
+struct Run {
+    set_per_s: f64,
+    /// From the agent's last snapshot: coverage ratio, and where the leak
+    /// site ranks by live bytes (1 = top) with its bytes.
+    coverage: Option<f64>,
+    leak: Leak,
+}
+
+fn start_redis() -> Result<Child> {
+    let mut server = Command::new("redis-server")
+        .args([
+            "--port",
+            PORT,
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--enable-debug-command",
+            "yes",
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .context("redis-server (cargo xtask bootstrap installs it)")?;
+    let ready = Instant::now();
+    while !redis_cli(&["ping"]).is_ok_and(|o| o.contains("PONG")) {
+        if ready.elapsed() > Duration::from_secs(10) {
+            let _ = server.kill();
+            bail!("redis-server did not start");
+        }
+        sleep(Duration::from_millis(50));
+    }
+    Ok(server)
+}
+
+fn redis_cli(args: &[&str]) -> Result<String> {
+    let out = Command::new("redis-cli")
+        .args(["-p", PORT])
+        .args(args)
+        .output()?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// SET requests per second of one redis-benchmark run.
+fn benchmark(requests: u64) -> Result<f64> {
+    let out = Command::new("redis-benchmark")
+        .args([
+            "-p",
+            PORT,
+            "-t",
+            "set",
+            "-n",
+            &requests.to_string(),
+            "-d",
+            "256",
+            "-r",
+            "50000",
+            "-q",
+        ])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split(['\r', '\n'])
+        .filter_map(|l| l.split_once(" requests per second"))
+        .filter_map(|(l, _)| l.rsplit(' ').next()?.parse().ok())
+        .next_back()
+        .with_context(|| format!("redis-benchmark printed {text:?}"))
+}
+
+/// The agent on `pid`, once its probes are live.
+fn start_agent(heapbpf: &Path, pid: u32, dir: &Path, extra: &[&str]) -> Result<Child> {
+    let mut p = Command::new(heapbpf)
+        .args(["agent", "--select"])
+        .arg(format!("pid={pid}"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--interval",
+            "5s",
+            "--discover-every",
+            "200ms",
+            "--format",
+            "json",
+            "--data-dir",
+        ])
+        .arg(dir)
+        .args(extra)
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut lines = BufReader::new(p.stderr.take().context("stderr")?).lines();
+    loop {
+        match lines.next() {
+            Some(Ok(l)) if l.contains(" attached to ") => break,
+            Some(_) => continue,
+            None => bail!("the agent exited before attaching"),
+        }
+    }
+    std::thread::spawn(move || {
+        for l in lines.map_while(|l| l.ok()) {
+            if !l.contains(" snapshot ") {
+                eprintln!("agent: {l}");
+            }
+        }
+    });
+    Ok(p)
+}
+
+/// The newest JSON snapshot in `dir`.
+fn newest_snapshot(dir: &Path) -> Option<PathBuf> {
+    let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    // heapbpf-PID-TIME-SEQ.json: by time, then seq.
+    names.sort();
+    names.pop()
+}
+
+/// Where the leak site ranks by live bytes (1 = top), and its bytes.
+type Leak = Option<(usize, u64)>;
+
+/// (coverage, the first stack through `debugCommand`).
+fn read_leak(path: &Path) -> Result<(Option<f64>, Leak)> {
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(path)?)?;
+    let coverage = v["coverage"]["ratio"].as_f64().or(Some(1.0));
+    let leak = v["stacks"].as_array().and_then(|stacks| {
+        stacks.iter().enumerate().find_map(|(i, s)| {
+            let through = s["frames"].as_array()?.iter().any(|f| {
+                f["function"]
+                    .as_str()
+                    .is_some_and(|n| n.contains("debugCommand"))
+            });
+            through.then(|| (i + 1, s["live_bytes"].as_u64().unwrap_or(0)))
+        })
+    });
+    Ok((coverage, leak))
+}
+
+fn one_run(heapbpf: &Path, cfg: &Config, requests: u64, warmup: u64) -> Result<Run> {
+    let mut server = start_redis()?;
+    let dir = crate::root().join("target/bench/agent");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let result = (|| -> Result<Run> {
+        let agent = match &cfg.agent {
+            Some(extra) => Some(start_agent(heapbpf, server.id(), &dir, extra)?),
+            None => None,
+        };
+        // The leak: 100 keys of 4 KiB every 100 ms, never deleted.
+        let stop = Arc::new(AtomicBool::new(false));
+        let leaker = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let _ = redis_cli(&["DEBUG", "POPULATE", "100", &format!("leak:{i}:"), "4096"]);
+                    i += 1;
+                    sleep(Duration::from_millis(100));
+                }
+            })
+        };
+        // Load before measuring, so that the budget has settled.
+        benchmark(warmup)?;
+        let set_per_s = benchmark(requests)?;
+        stop.store(true, Ordering::Relaxed);
+        let _ = leaker.join();
+        let (coverage, leak) = match agent {
+            Some(mut a) => {
+                // SAFETY: kill(2) on our own child.
+                unsafe { libc::kill(a.id() as i32, libc::SIGTERM) };
+                a.wait()?;
+                match newest_snapshot(&dir) {
+                    Some(p) => read_leak(&p)?,
+                    None => (None, None),
+                }
+            }
+            None => (None, None),
+        };
+        Ok(Run {
+            set_per_s,
+            coverage,
+            leak,
+        })
+    })();
+    let _ = server.kill();
+    let _ = server.wait();
+    result
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    Some(v[v.len() / 2])
+}
+
+/// The table: `runs` interleaved rounds of every configuration.
+pub fn run(heapbpf: &Path, runs: usize, requests: u64) -> Result<()> {
+    let configs = configs();
+    let warmup = (requests / 4).max(1000);
+    let mut results: Vec<Vec<Run>> = configs.iter().map(|_| Vec::new()).collect();
+    for round in 0..runs {
+        for (c, cfg) in configs.iter().enumerate() {
+            let r = one_run(heapbpf, cfg, requests, warmup)?;
+            eprintln!(
+                "xtask bench: run {}/{runs}: {}: SET {:.0}/s, coverage {}, leak {}",
+                round + 1,
+                cfg.name,
+                r.set_per_s,
+                r.coverage.map_or("-".into(), |c| format!("{c:.3}")),
+                r.leak
+                    .map_or("-".into(), |(rank, b)| format!("#{rank}, {b} bytes"))
+            );
+            results[c].push(r);
+        }
+    }
+    println!();
+    println!(
+        "redis-server (jemalloc) at full load, redis-benchmark -t set -n {requests} -d 256 -r 50000 after {warmup} requests of warm-up, a leak of 100 x 4 KiB keys every 100 ms (DEBUG POPULATE)"
+    );
+    println!(
+        "{:<42} {:>12} {:>8} {:>10} {:>14}",
+        "configuration", "SET/s", "ratio", "coverage", "leak rank"
+    );
+    let base = median(results[0].iter().map(|r| r.set_per_s).collect()).unwrap_or(1.0);
+    for (cfg, rs) in configs.iter().zip(&results) {
+        let m = median(rs.iter().map(|r| r.set_per_s).collect()).unwrap_or(0.0);
+        let cov = median(rs.iter().filter_map(|r| r.coverage).collect());
+        let ranks: Vec<String> = rs
+            .iter()
+            .map(|r| r.leak.map_or("-".into(), |(rank, _)| format!("#{rank}")))
+            .collect();
+        println!(
+            "{:<42} {m:>12.0} {:>8.3} {:>10} {:>14}",
+            cfg.name,
+            m / base,
+            cov.map_or("-".into(), |c| format!("{c:.3}")),
+            if cfg.agent.is_some() {
+                ranks.join(",")
+            } else {
+                "-".into()
+            }
+        );
+    }
+    Ok(())
+}
