@@ -208,7 +208,7 @@ pub fn dropped_events(totals: &Totals, limits: Option<(u32, u32)>) -> String {
 /// really listens on (`--listen 127.0.0.1:0` picks a free port).
 pub fn agent_listening(addr: std::net::SocketAddr, data_dir: &Path) -> String {
     format!(
-        "{PREFIX}agent listening on http://{addr}; snapshots in {}",
+        "agent listening on http://{addr}; snapshots in {}",
         escape(&data_dir.display().to_string())
     )
 }
@@ -265,7 +265,10 @@ mod tests {
     #[test]
     fn agent_listening_reads_back() {
         let addr: std::net::SocketAddr = "127.0.0.1:41234".parse().unwrap();
-        let line = agent_listening(addr, Path::new("/var/lib/heapbpf"));
+        let line = format!(
+            "{PREFIX}{}",
+            agent_listening(addr, Path::new("/var/lib/heapbpf"))
+        );
         assert_eq!(
             line,
             "heapbpf: agent listening on http://127.0.0.1:41234; snapshots in /var/lib/heapbpf"

@@ -236,6 +236,72 @@ impl Heapbpf {
         }
     }
 
+    /// `heapbpf agent [extra]` on a free loopback port with its snapshots in
+    /// `data_dir`, looking for new processes every 200ms, exact unless
+    /// `extra` says otherwise; returns once it listens, with the address
+    /// its first line names.
+    pub fn agent(data_dir: &Path, extra: &[&str]) -> (Heapbpf, std::net::SocketAddr) {
+        let mut cmd = Command::new(heapbpf_bin());
+        cmd.arg("agent")
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .args(extra);
+        if !extra.contains(&"--sample-bytes") {
+            cmd.args(["--sample-bytes", "0"]);
+        }
+        if !extra.contains(&"--discover-every") {
+            cmd.args(["--discover-every", "200ms"]);
+        }
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let err = lines_of(child.stderr.take().unwrap());
+        let mut h = Heapbpf {
+            child,
+            err,
+            stderr: Vec::new(),
+            stdin: None,
+        };
+        let line = h.wait_for("the agent's listening line", |l| {
+            lines::parse_agent_listening(l).is_some()
+        });
+        let addr = lines::parse_agent_listening(&line).unwrap();
+        (h, addr)
+    }
+
+    /// Waits for the `attached` line of `pid` and returns it.
+    pub fn wait_attached(&mut self, pid: u32) -> String {
+        self.wait_for(&format!("attached line of {pid}"), |l| {
+            lines::parse_attached(l).is_some_and(|(p, _)| p == pid)
+        })
+    }
+
+    /// Collects stderr for `how_long` (heapbpf keeps running).
+    pub fn gather(&mut self, how_long: Duration) {
+        let deadline = Instant::now() + how_long;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.err.recv_timeout(left) {
+                Ok(l) => self.stderr.push(l),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => break,
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    std::thread::sleep(left);
+                    break;
+                }
+            }
+        }
+    }
+
+    /// How many `attached` lines name `pid` in what stderr said so far.
+    pub fn attached_count(&self, pid: u32) -> usize {
+        self.stderr
+            .iter()
+            .filter(|l| lines::parse_attached(l).is_some_and(|(p, _)| p == pid))
+            .count()
+    }
+
     /// `run`: a line to the launched command.
     pub fn send(&mut self, line: &str) {
         let stdin = self.stdin.as_mut().expect("heapbpf run's stdin");

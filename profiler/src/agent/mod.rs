@@ -508,7 +508,7 @@ impl Agent {
                 }
                 Err(e) => {
                     say(&format!(
-                        "heapbpf: cannot profile pid {} ({}): {}",
+                        "cannot profile pid {} ({}): {}",
                         process.pid,
                         lines::escape(&process.comm),
                         e.to_string().replace('\n', "; ")
