@@ -26,14 +26,26 @@ pub enum Rule {
 impl Rule {
     /// Parses `KEY=VALUE`; the error names the rule and says what is expected.
     pub fn parse(text: &str) -> Result<Rule, String> {
-        let _ = text;
-        Err("not yet".into())
+        // MINIMAL (agent-http branch): `pid=N` only, so the HTTP tests can
+        // select their fixture; the selection work replaces this.
+        match text.split_once('=') {
+            Some(("pid", n)) => n
+                .parse::<u32>()
+                .ok()
+                .filter(|&n| n > 0)
+                .map(Rule::Pid)
+                .ok_or_else(|| format!("--select {text}: expected pid=N with N a process id")),
+            _ => Err(format!("--select {text}: only pid=N is implemented yet")),
+        }
     }
 
     /// Whether `p` matches.
     pub fn matches(&self, p: &Process) -> bool {
-        let _ = p;
-        false
+        // MINIMAL (agent-http branch): see `parse`.
+        match self {
+            Rule::Pid(n) => p.pid == *n,
+            _ => false,
+        }
     }
 }
 
@@ -55,13 +67,35 @@ pub struct Process {
 /// Reads what the rules need of a process; `None` when it is gone, is a
 /// kernel thread, or unreadable.
 pub fn read_process(pid: u32) -> Option<Process> {
-    let _ = pid;
-    None
+    // MINIMAL (agent-http branch): no cgroups, no container.
+    let stat = crate::procfs::read_stat(pid)?;
+    let comm = std::fs::read(format!("/proc/{pid}/comm")).ok()?;
+    let comm = String::from_utf8_lossy(comm.strip_suffix(b"\n").unwrap_or(&comm)).into_owned();
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if exe.is_empty() {
+        return None;
+    }
+    Some(Process {
+        pid,
+        start_ticks: stat.start_ticks,
+        comm,
+        exe,
+        cgroups: Vec::new(),
+        container: None,
+    })
 }
 
 /// The processes of `/proc` now (numeric entries), in no particular order.
 pub fn pids() -> Vec<u32> {
-    Vec::new()
+    // MINIMAL (agent-http branch).
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// The container id in a cgroup path, if it names one.
