@@ -205,15 +205,16 @@ pub fn dropped_events(totals: &Totals, limits: Option<(u32, u32)>) -> String {
 }
 
 /// The agent's first line, once its API is listening: the address it
-/// really listens on (`--listen 127.0.0.1:0` picks a free port).
+/// really listens on (`--listen 127.0.0.1:0` picks a free port). Without
+/// the prefix, as every line [`say`] prints (which adds it and escapes).
 pub fn agent_listening(addr: std::net::SocketAddr, data_dir: &Path) -> String {
     format!(
-        "{PREFIX}agent listening on http://{addr}; snapshots in {}",
-        escape(&data_dir.display().to_string())
+        "agent listening on http://{addr}; snapshots in {}",
+        data_dir.display()
     )
 }
 
-/// An [`agent_listening`] line read back: the address.
+/// An [`agent_listening`] line read back as stderr shows it: the address.
 pub fn parse_agent_listening(line: &str) -> Option<std::net::SocketAddr> {
     let rest = line
         .strip_prefix(PREFIX)?
@@ -265,7 +266,10 @@ mod tests {
     #[test]
     fn agent_listening_reads_back() {
         let addr: std::net::SocketAddr = "127.0.0.1:41234".parse().unwrap();
-        let line = agent_listening(addr, Path::new("/var/lib/heapbpf"));
+        let line = format!(
+            "{PREFIX}{}",
+            agent_listening(addr, Path::new("/var/lib/heapbpf"))
+        );
         assert_eq!(
             line,
             "heapbpf: agent listening on http://127.0.0.1:41234; snapshots in /var/lib/heapbpf"
