@@ -236,6 +236,34 @@ impl Heapbpf {
         }
     }
 
+    /// `heapbpf agent ARGS...` (exact unless `args` say otherwise), once
+    /// its API listens: the agent and the address it listens on.
+    pub fn agent(args: &[&str]) -> (Heapbpf, std::net::SocketAddr) {
+        let mut cmd = Command::new(heapbpf_bin());
+        cmd.arg("agent").args(args);
+        if !args.contains(&"--sample-bytes") {
+            cmd.args(["--sample-bytes", "0"]);
+        }
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let err = lines_of(child.stderr.take().unwrap());
+        let mut h = Heapbpf {
+            child,
+            err,
+            stderr: Vec::new(),
+            stdin: None,
+        };
+        let line = h.wait_for("the agent's listening line", |l| {
+            lines::parse_agent_listening(l).is_some()
+        });
+        let addr = lines::parse_agent_listening(&line).unwrap();
+        (h, addr)
+    }
+
     /// `run`: a line to the launched command.
     pub fn send(&mut self, line: &str) {
         let stdin = self.stdin.as_mut().expect("heapbpf run's stdin");

@@ -179,7 +179,12 @@ async fn serve(listener: TcpListener, app: Router, mut stop: oneshot::Receiver<(
             },
         };
         while connections.try_join_next().is_some() {}
-        connections.spawn(connection(stream, app.clone(), shutting_down.clone(), permit));
+        connections.spawn(connection(
+            stream,
+            app.clone(),
+            shutting_down.clone(),
+            permit,
+        ));
     }
     drop(listener);
     let _ = shutdown.send(true);
@@ -370,8 +375,12 @@ impl IntoResponse for Failure {
 type Answer = std::result::Result<Response, Failure>;
 
 fn json(status: StatusCode, value: &impl Serialize) -> Answer {
-    let body = serde_json::to_vec(value)
-        .map_err(|e| Failure(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot encode: {e}")))?;
+    let body = serde_json::to_vec(value).map_err(|e| {
+        Failure(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot encode: {e}"),
+        )
+    })?;
     Ok((
         status,
         [
@@ -479,7 +488,11 @@ fn resolve_target(params: &Params, targets: &[TargetView]) -> std::result::Resul
             _ => t.container.as_deref().is_some_and(|c| c.starts_with(v)),
         })
     };
-    let found: Vec<u32> = targets.iter().filter(|t| matches(t)).map(|t| t.pid).collect();
+    let found: Vec<u32> = targets
+        .iter()
+        .filter(|t| matches(t))
+        .map(|t| t.pid)
+        .collect();
     match found.as_slice() {
         [pid] => Ok(*pid),
         [] => Err(Failure(
@@ -551,7 +564,10 @@ async fn heap(
         StatusCode::OK,
         [
             (header::CONTENT_TYPE, "application/octet-stream"),
-            (header::CONTENT_DISPOSITION, "attachment; filename=\"heap.pb.gz\""),
+            (
+                header::CONTENT_DISPOSITION,
+                "attachment; filename=\"heap.pb.gz\"",
+            ),
             (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
         ],
         profile,
@@ -787,12 +803,13 @@ async fn take_snapshot(
 
 /// `GET /metrics`.
 async fn metrics(State(app): State<App>) -> Answer {
-    let text = encode_metrics(&app.shared.targets(), &app.shared, &own_process()).map_err(|_| {
-        Failure(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "cannot encode the metrics".into(),
-        )
-    })?;
+    let text =
+        encode_metrics(&app.shared.targets(), &app.shared, &own_process()).map_err(|_| {
+            Failure(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "cannot encode the metrics".into(),
+            )
+        })?;
     Ok((
         StatusCode::OK,
         [(
@@ -858,7 +875,11 @@ fn own_process() -> OwnProcess {
         // rss 24 (pages).
         if let Some((_, rest)) = stat.rsplit_once(')') {
             let f: Vec<&str> = rest.split_whitespace().collect();
-            let field = |n: usize| f.get(n - 3).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            let field = |n: usize| {
+                f.get(n - 3)
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
             p.cpu_seconds = (field(14) + field(15)) as f64 / ticks;
             p.virtual_bytes = field(23);
             // SAFETY: sysconf has no preconditions.
@@ -909,13 +930,17 @@ fn encode_metrics(
     }
     let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
     for t in targets {
-        states.get_or_create(&vec![("state", t.state.as_str())]).inc();
+        states
+            .get_or_create(&vec![("state", t.state.as_str())])
+            .inc();
         if !matches!(t.state, TargetState::Attached | TargetState::Windowed) {
             continue;
         }
         let l = target_labels(t);
         live_bytes.get_or_create(&l).set(gauge(t.live_bytes));
-        live_allocations.get_or_create(&l).set(gauge(t.live_allocations));
+        live_allocations
+            .get_or_create(&l)
+            .set(gauge(t.live_allocations));
         allocated.get_or_create(&l).inc_by(t.allocated_bytes);
         dropped.get_or_create(&l).inc_by(t.dropped_events);
         overhead.get_or_create(&l).set(t.overhead);
@@ -1051,10 +1076,18 @@ mod tests {
             text.contains(r#"heapbpf_target_allocated_bytes_total{pid="7",comm="a\"b\\c\nd""#),
             "{text}"
         );
-        assert!(text.contains(r#"heapbpf_target_overhead_ratio{pid="7""#), "{text}");
+        assert!(
+            text.contains(r#"heapbpf_target_overhead_ratio{pid="7""#),
+            "{text}"
+        );
         // Only profiled targets have figures; every state is counted.
         assert!(!text.contains(r#"pid="8""#), "{text}");
-        for (state, n) in [("attached", 1), ("windowed", 0), ("waiting", 1), ("failed", 0)] {
+        for (state, n) in [
+            ("attached", 1),
+            ("windowed", 0),
+            ("waiting", 1),
+            ("failed", 0),
+        ] {
             assert!(
                 text.contains(&format!("heapbpf_targets{{state=\"{state}\"}} {n}\n")),
                 "{state}: {text}"
@@ -1125,7 +1158,11 @@ mod tests {
         a.pod = Some("web-1".into());
         let t = [a, b];
         let p = |q: &[(&str, &str)]| {
-            Params(q.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
+            Params(
+                q.iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            )
         };
         let ok = |q: &[(&str, &str)]| resolve_target(&p(q), &t).ok();
         let status = |q: &[(&str, &str)]| resolve_target(&p(q), &t).err().map(|f| f.0);

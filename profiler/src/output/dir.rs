@@ -744,7 +744,9 @@ mod tests {
         let fifo = CString::new(s.0.join("fifo.txt").to_str().unwrap()).unwrap();
         // SAFETY: a NUL-terminated path.
         assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
-        let files = d.regular_files(|n| n.ends_with(".txt") && n != "skip.txt").unwrap();
+        let files = d
+            .regular_files(|n| n.ends_with(".txt") && n != "skip.txt")
+            .unwrap();
         assert_eq!(files.len(), 1, "{files:?}");
         assert_eq!(files[0].name, "a.txt");
         assert_eq!(files[0].size_bytes, 5);
@@ -757,7 +759,15 @@ mod tests {
             d.open_regular("link.txt").unwrap_err().raw_os_error(),
             Some(libc::ELOOP)
         );
-        for bad in ["fifo.txt", "dir.txt", "..", ".", "", "../victim", "/etc/passwd"] {
+        for bad in [
+            "fifo.txt",
+            "dir.txt",
+            "..",
+            ".",
+            "",
+            "../victim",
+            "/etc/passwd",
+        ] {
             assert!(d.open_regular(bad).is_err(), "{bad}");
         }
         assert_eq!(

@@ -345,7 +345,9 @@ mod tests {
         let n = SnapshotName::parse("heapbpf-7-20261124T190000Z-12345.pb.gz").unwrap();
         assert_eq!((n.seq, n.format()), (12345, "pprof"));
         for ok in ["collapsed", "svg"] {
-            assert!(SnapshotName::parse(&format!("heapbpf-7-20261124T190000Z-0002.{ok}")).is_some());
+            assert!(
+                SnapshotName::parse(&format!("heapbpf-7-20261124T190000Z-0002.{ok}")).is_some()
+            );
         }
         for bad in [
             "",
@@ -391,7 +393,10 @@ mod tests {
         let a = [file_name(5, t1, 2, "json"), file_name(5, t1, 2, "pb.gz")];
         let b = [file_name(42, t2, 1, "json"), file_name(42, t2, 1, "svg")];
         let c = [file_name(5, t2, 3, "json")];
-        let d = [file_name(42, t3, 2, "json"), file_name(42, t3, 2, "collapsed")];
+        let d = [
+            file_name(42, t3, 2, "json"),
+            file_name(42, t3, 2, "collapsed"),
+        ];
         for n in a.iter().chain(&b).chain(&c).chain(&d) {
             put(n, 100);
         }
