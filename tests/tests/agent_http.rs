@@ -361,7 +361,21 @@ fn prometheus_scrapes_the_live_heap_of_each_target() {
     let data = TempDir::new("agent-prom");
     let prom_dir = TempDir::new("agent-prom-server");
     let mut fx = Fixture::spawn("grow");
-    let (mut hb, addr) = agent_on(&fx, data.path(), &[]);
+    // A second target whose name (its executable's, so its comm) is made
+    // to break the exposition format: a quote, a backslash, a line feed.
+    let hostile = "g\"r\\o\nw";
+    let exe = prom_dir.path().join(hostile);
+    std::fs::copy(fixture_path("grow"), &exe).unwrap();
+    let mut other = Fixture::from_command(&mut Command::new(&exe), |c, _| c.id());
+    let other_select = format!("pid={}", other.pid);
+    let (mut hb, addr) = agent_on(&fx, data.path(), &["--select", &other_select]);
+    let other_pid = other.pid;
+    let attached = |l: &str| lines::parse_attached(l).is_some_and(|(p, _)| p == other_pid);
+    // It may have been attached before the first one.
+    if !hb.stderr.iter().any(|l| attached(l)) {
+        hb.wait_for("the hostile target attached", attached);
+    }
+    other.command("leak 1 1048576 0");
     fx.command("leak 3 1048576 0");
     fx.command("old 7");
     // The fixture stays idle from here on.
@@ -381,8 +395,15 @@ fn prometheus_scrapes_the_live_heap_of_each_target() {
         text.contains(&format!("heapbpf_target_live_bytes{labels} {live}\n")),
         "{text}"
     );
+    let hostile_labels = format!(
+        "{{pid=\"{other_pid}\",comm=\"g\\\"r\\\\o\\nw\",container=\"\",pod=\"\",namespace=\"\",service_name=\"\"}}"
+    );
+    assert!(
+        text.contains(&format!("heapbpf_target_live_bytes{hostile_labels} ")),
+        "{hostile_labels}: {text}"
+    );
     for line in [
-        "heapbpf_targets{state=\"attached\"} 1\n",
+        "heapbpf_targets{state=\"attached\"} 2\n",
         "heapbpf_targets{state=\"waiting\"} 0\n",
         "heapbpf_targets{state=\"windowed\"} 0\n",
         "heapbpf_targets{state=\"failed\"} 0\n",
@@ -427,6 +448,11 @@ fn prometheus_scrapes_the_live_heap_of_each_target() {
     assert_eq!(value, &live.to_string(), "{metric}");
     assert_eq!(metric["pid"], fx.pid.to_string());
     assert_eq!(metric["job"], "heapbpf");
+    // The hostile name went through whole: Prometheus read it back as it is.
+    let theirs = prom.query(&format!("heapbpf_target_live_bytes{{pid=\"{other_pid}\"}}"));
+    assert_eq!(theirs.len(), 1, "{theirs:?}");
+    assert_eq!(theirs[0].0["comm"], hostile);
+    assert_eq!(theirs[0].1, MIB.to_string());
     let states = prom.query("heapbpf_targets");
     assert_eq!(states.len(), 4, "{states:?}");
     let up = prom.query("up{job=\"heapbpf\"}");
