@@ -205,7 +205,8 @@ pub fn dropped_events(totals: &Totals, limits: Option<(u32, u32)>) -> String {
 }
 
 /// The agent's first line, once its API is listening: the address it
-/// really listens on (`--listen 127.0.0.1:0` picks a free port).
+/// really listens on (`--listen 127.0.0.1:0` picks a free port). Without
+/// the prefix, as every line [`say`] prints (which adds it and escapes).
 pub fn agent_listening(addr: std::net::SocketAddr, data_dir: &Path) -> String {
     format!(
         "agent listening on http://{addr}; snapshots in {}",
@@ -213,7 +214,7 @@ pub fn agent_listening(addr: std::net::SocketAddr, data_dir: &Path) -> String {
     )
 }
 
-/// An [`agent_listening`] line read back: the address.
+/// An [`agent_listening`] line read back as stderr shows it: the address.
 pub fn parse_agent_listening(line: &str) -> Option<std::net::SocketAddr> {
     let rest = line
         .strip_prefix(PREFIX)?

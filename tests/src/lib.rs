@@ -241,16 +241,22 @@ impl Heapbpf {
     /// `extra` says otherwise; returns once it listens, with the address
     /// its first line names.
     pub fn agent(data_dir: &Path, extra: &[&str]) -> (Heapbpf, std::net::SocketAddr) {
-        let mut cmd = Command::new(heapbpf_bin());
-        cmd.arg("agent")
-            .args(["--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data_dir)
-            .args(extra);
-        if !extra.contains(&"--sample-bytes") {
-            cmd.args(["--sample-bytes", "0"]);
-        }
+        let dir = data_dir.to_str().expect("a UTF-8 data directory");
+        let mut args = vec!["--listen", "127.0.0.1:0", "--data-dir", dir];
+        args.extend_from_slice(extra);
         if !extra.contains(&"--discover-every") {
-            cmd.args(["--discover-every", "200ms"]);
+            args.extend(["--discover-every", "200ms"]);
+        }
+        Heapbpf::agent_args(&args)
+    }
+
+    /// `heapbpf agent ARGS...` (exact unless `args` say otherwise), once
+    /// its API listens: the agent and the address it listens on.
+    pub fn agent_args(args: &[&str]) -> (Heapbpf, std::net::SocketAddr) {
+        let mut cmd = Command::new(heapbpf_bin());
+        cmd.arg("agent").args(args);
+        if !args.contains(&"--sample-bytes") {
+            cmd.args(["--sample-bytes", "0"]);
         }
         let mut child = cmd
             .stdin(Stdio::null())

@@ -169,6 +169,8 @@ pub fn bootstrap() -> Result<()> {
         ("node", "nodejs"),
         // A static musl fixture (hardening_text.rs).
         ("musl-gcc", "musl-tools"),
+        // A real server scrapes the agent's /metrics (agent_http.rs).
+        ("prometheus", "prometheus"),
     ] {
         if output(Command::new("which").arg(tool)).is_none() {
             packages.push(package);

@@ -65,6 +65,15 @@ impl FileId {
     }
 }
 
+/// A regular file found in the directory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirFile {
+    pub name: String,
+    pub size_bytes: u64,
+    /// What the name referred to when listed, for [`OutputDir::remove_own`].
+    pub id: FileId,
+}
+
 /// A file being written that no snapshot name refers to yet.
 #[derive(Debug)]
 pub struct TempFile {
@@ -359,6 +368,56 @@ impl OutputDir {
             }
         }
         removed
+    }
+
+    /// The regular files in the directory whose names `wanted` accepts,
+    /// with their sizes and identities (what a symlink, directory or other
+    /// special file is named never counts, and nothing is followed).
+    pub fn regular_files(&self, wanted: impl Fn(&str) -> bool) -> io::Result<Vec<DirFile>> {
+        let mut files = Vec::new();
+        for name in self.names()? {
+            let Ok(text) = name.to_str() else { continue };
+            if !wanted(text) {
+                continue;
+            }
+            // Gone since readdir, or unreadable: not listed.
+            let Ok(st) = self.stat_nofollow(&name) else {
+                continue;
+            };
+            if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+                continue;
+            }
+            files.push(DirFile {
+                name: text.to_string(),
+                size_bytes: st.st_size as u64,
+                id: FileId::from_stat(&st),
+            });
+        }
+        Ok(files)
+    }
+
+    /// Opens the regular file `name` in the directory for reading: never
+    /// through a symlink (`O_NOFOLLOW`), never blocking on a FIFO or a
+    /// device (`O_NONBLOCK`, then refused as not a regular file). A name
+    /// with a `/` is refused: only the directory's own entries are read.
+    pub fn open_regular(&self, name: &str) -> io::Result<File> {
+        if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a file name of this directory",
+            ));
+        }
+        let file = self.openat(
+            &cstring(name)?,
+            libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY,
+        )?;
+        if !file.metadata()?.is_file() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a regular file",
+            ));
+        }
+        Ok(file)
     }
 
     /// The names in the directory, read through a descriptor of its own.
@@ -670,6 +729,51 @@ mod tests {
             assert!(left.contains(n), "{n} removed: {left:?}");
         }
         assert_eq!(fs::read(&victim).unwrap(), b"victim");
+    }
+
+    #[test]
+    fn lists_and_opens_regular_files_only() {
+        let s = Scratch::new("list");
+        let d = OutputDir::open(&s.0).unwrap();
+        let victim = s.0.join("victim");
+        fs::write(&victim, b"secret").unwrap();
+        fs::write(s.0.join("a.txt"), b"hello").unwrap();
+        fs::write(s.0.join("skip.txt"), b"x").unwrap();
+        std::os::unix::fs::symlink(&victim, s.0.join("link.txt")).unwrap();
+        fs::create_dir(s.0.join("dir.txt")).unwrap();
+        let fifo = CString::new(s.0.join("fifo.txt").to_str().unwrap()).unwrap();
+        // SAFETY: a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        let files = d
+            .regular_files(|n| n.ends_with(".txt") && n != "skip.txt")
+            .unwrap();
+        assert_eq!(files.len(), 1, "{files:?}");
+        assert_eq!(files[0].name, "a.txt");
+        assert_eq!(files[0].size_bytes, 5);
+        let mut text = String::new();
+        io::Read::read_to_string(&mut d.open_regular("a.txt").unwrap(), &mut text).unwrap();
+        assert_eq!(text, "hello");
+        // A symlink is not followed, a FIFO does not block, a directory
+        // and names outside it are refused.
+        assert_eq!(
+            d.open_regular("link.txt").unwrap_err().raw_os_error(),
+            Some(libc::ELOOP)
+        );
+        for bad in [
+            "fifo.txt",
+            "dir.txt",
+            "..",
+            ".",
+            "",
+            "../victim",
+            "/etc/passwd",
+        ] {
+            assert!(d.open_regular(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            d.open_regular("missing").unwrap_err().kind(),
+            io::ErrorKind::NotFound
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@
 use std::{collections::VecDeque, io, path::PathBuf};
 
 use super::{
-    dir::{plain, FileId, OutputDir, TempFile},
+    dir::{plain, DirFile, FileId, OutputDir, TempFile},
     json, Format,
 };
 use crate::{
@@ -38,12 +38,119 @@ impl Body<'_> {
 }
 
 /// Deletes the oldest snapshots in `dir` (all files of a snapshot
-/// together, by the time in their names) until what heapbpf's snapshots
-/// take there is at most `max_bytes`. Returns the names removed.
-// INTERFACE: filled in by the data-directory work.
+/// together, by the time in their names, then their `<seq>`) until what
+/// heapbpf's snapshots take there is at most `max_bytes`. Only regular
+/// files named exactly as heapbpf names snapshots count or go; nothing is
+/// followed, and a file replaced since it was listed is left alone.
+/// Returns the names removed.
 pub fn trim_to_disk(dir: &OutputDir, max_bytes: u64) -> Vec<String> {
-    let _ = (dir, max_bytes);
-    Vec::new()
+    let files = match dir.regular_files(|n| SnapshotName::parse(n).is_some()) {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::warn!(dir = %dir.path().display(), error = %e, "cannot list the snapshots to bound their size");
+            return Vec::new();
+        }
+    };
+    let mut total: u64 = files.iter().map(|f| f.size_bytes).sum();
+    if total <= max_bytes {
+        return Vec::new();
+    }
+    // Snapshots (one per stem), oldest first.
+    let mut sets: std::collections::BTreeMap<(String, u32, u32), Vec<DirFile>> =
+        std::collections::BTreeMap::new();
+    for f in files {
+        if let Some(n) = SnapshotName::parse(&f.name) {
+            sets.entry((n.stamp, n.seq, n.pid)).or_default().push(f);
+        }
+    }
+    let mut removed = Vec::new();
+    for set in sets.into_values() {
+        if total <= max_bytes {
+            break;
+        }
+        for f in set {
+            match dir.remove_own(&f.name, f.id) {
+                Ok(()) => {
+                    total = total.saturating_sub(f.size_bytes);
+                    removed.push(f.name);
+                }
+                Err(e) => {
+                    tracing::warn!(path = %dir.path().join(&f.name).display(), error = %e, "cannot delete old snapshot")
+                }
+            }
+        }
+    }
+    removed
+}
+
+/// A snapshot file name read back: `heapbpf-<pid>-<yyyymmddThhmmssZ>-<seq>.<ext>`,
+/// exactly as [`file_name`] writes it (nothing else parses).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotName {
+    pub pid: u32,
+    /// `yyyymmddThhmmssZ`, UTC.
+    pub stamp: String,
+    pub seq: u32,
+    /// One of the formats' extensions (`json`, `pb.gz`, `collapsed`, `svg`).
+    pub ext: &'static str,
+}
+
+impl SnapshotName {
+    pub fn parse(name: &str) -> Option<SnapshotName> {
+        let rest = name.strip_prefix("heapbpf-")?;
+        let (pid, rest) = rest.split_once('-')?;
+        let (stamp, rest) = rest.split_once('-')?;
+        let (seq, ext) = rest.split_once('.')?;
+        let digits = |s: &str, max: usize| {
+            !s.is_empty() && s.len() <= max && s.bytes().all(|b| b.is_ascii_digit())
+        };
+        if !digits(pid, 10) || !digits(seq, 10) {
+            return None;
+        }
+        let b = stamp.as_bytes();
+        if b.len() != 16
+            || b[8] != b'T'
+            || b[15] != b'Z'
+            || !digits(&stamp[..8], 8)
+            || !digits(&stamp[9..15], 6)
+        {
+            return None;
+        }
+        let ext = [Format::Json, Format::Pprof, Format::Collapsed, Format::Svg]
+            .into_iter()
+            .map(Format::ext)
+            .find(|e| *e == ext)?;
+        let parsed = SnapshotName {
+            pid: pid.parse().ok().filter(|&p| p > 0)?,
+            stamp: stamp.to_string(),
+            seq: seq.parse().ok().filter(|&s| s > 0)?,
+            ext,
+        };
+        // No other spelling of the same figures (leading zeros, ...).
+        (file_name(parsed.pid, &parsed.taken_at(), parsed.seq, ext) == name).then_some(parsed)
+    }
+
+    /// When it was taken, as RFC 3339 (`2026-11-24T19:00:00Z`).
+    pub fn taken_at(&self) -> String {
+        let s = &self.stamp;
+        format!(
+            "{}-{}-{}T{}:{}:{}Z",
+            &s[0..4],
+            &s[4..6],
+            &s[6..8],
+            &s[9..11],
+            &s[11..13],
+            &s[13..15]
+        )
+    }
+
+    /// The name of its format, as `--format` says it.
+    pub fn format(&self) -> &'static str {
+        match self.ext {
+            "pb.gz" => "pprof",
+            other => other,
+        }
+    }
 }
 
 /// One file this run published.
@@ -225,6 +332,110 @@ mod tests {
             file_name(7, "2026-11-24T19:00:00Z", 12345, "pb.gz"),
             "heapbpf-7-20261124T190000Z-12345.pb.gz"
         );
+    }
+
+    #[test]
+    fn names_read_back_exactly() {
+        let n = SnapshotName::parse("heapbpf-1234-20261124T190000Z-0001.json").unwrap();
+        assert_eq!(n.pid, 1234);
+        assert_eq!(n.seq, 1);
+        assert_eq!(n.ext, "json");
+        assert_eq!(n.taken_at(), "2026-11-24T19:00:00Z");
+        assert_eq!(n.format(), "json");
+        let n = SnapshotName::parse("heapbpf-7-20261124T190000Z-12345.pb.gz").unwrap();
+        assert_eq!((n.seq, n.format()), (12345, "pprof"));
+        for ok in ["collapsed", "svg"] {
+            assert!(
+                SnapshotName::parse(&format!("heapbpf-7-20261124T190000Z-0002.{ok}")).is_some()
+            );
+        }
+        for bad in [
+            "",
+            "heapbpf-",
+            "heapbpf-1234-20261124T190000Z-0001",
+            "heapbpf-1234-20261124T190000Z-0001.txt",
+            "heapbpf-1234-20261124T190000Z-0001.json.tmp",
+            "heapbpf-1234-20261124T190000Z-0001.pb",
+            "heapbpf-1234-20261124T190000Z-001.json",
+            "heapbpf-1234-20261124T190000Z-00001.json",
+            "heapbpf-1234-20261124T190000Z-0000.json",
+            "heapbpf-01234-20261124T190000Z-0001.json",
+            "heapbpf-0-20261124T190000Z-0001.json",
+            "heapbpf-x-20261124T190000Z-0001.json",
+            "heapbpf-99999999999-20261124T190000Z-0001.json",
+            "heapbpf-1234-20261124190000Z-0001.json",
+            "heapbpf-1234-2026112aT190000Z-0001.json",
+            "heapbpf-1234-20261124T190000-0001.json",
+            "heapbpf-1234-20261124T190000Z-0001.json/",
+            "heapbpf-1234-20261124T190000Z-0001.json/..",
+            "../heapbpf-1234-20261124T190000Z-0001.json",
+            "heapbpf-1234-20261124T190000Z-0001..json",
+            "heapbpf-1234-20261124T190000Z-0001.json\0",
+            ".heapbpf-1234-20261124T190000Z-0001.json",
+            "heapbpf-+1234-20261124T190000Z-0001.json",
+            "heapbpf-1234-20261124T190000Z-+001.json",
+            "heapbpf-1234-20261124T190000Z-0001.JSON",
+            "heapbpf-1234-20261124T190000Z-0001.json ",
+        ] {
+            assert_eq!(SnapshotName::parse(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn trim_deletes_whole_snapshots_oldest_first_and_nothing_else() {
+        let path = scratch("trim");
+        let dir = OutputDir::open(&path).unwrap();
+        let put = |name: &str, size: usize| fs::write(path.join(name), vec![b'x'; size]).unwrap();
+        // Oldest by the time in the name, then seq; pids interleaved.
+        let t1 = "2026-11-24T19:00:00Z";
+        let t2 = "2026-11-24T19:00:05Z";
+        let t3 = "2026-11-25T01:00:00Z";
+        let a = [file_name(5, t1, 2, "json"), file_name(5, t1, 2, "pb.gz")];
+        let b = [file_name(42, t2, 1, "json"), file_name(42, t2, 1, "svg")];
+        let c = [file_name(5, t2, 3, "json")];
+        let d = [
+            file_name(42, t3, 2, "json"),
+            file_name(42, t3, 2, "collapsed"),
+        ];
+        for n in a.iter().chain(&b).chain(&c).chain(&d) {
+            put(n, 100);
+        }
+        // Not heapbpf's snapshots: big, never counted, never deleted.
+        put("notes.json", 10_000);
+        put("heapbpf-5-20261124T190000Z-0001.json.bak", 10_000);
+        put(".heapbpf-1.99.tmp", 10_000);
+        let victim = scratch("trim-victim").join(file_name(9, t1, 1, "json"));
+        fs::write(&victim, vec![b'v'; 10_000]).unwrap();
+        std::os::unix::fs::symlink(&victim, path.join(file_name(9, t1, 1, "json"))).unwrap();
+        fs::create_dir(path.join(file_name(9, t1, 1, "svg"))).unwrap();
+
+        // 700 bytes of snapshots: within 700, nothing goes.
+        assert!(trim_to_disk(&dir, 700).is_empty());
+        // 450: a (200) and b (200) go, together, oldest first.
+        let mut removed = trim_to_disk(&dir, 450);
+        removed.sort();
+        let mut want: Vec<String> = a.iter().chain(&b).cloned().collect();
+        want.sort();
+        assert_eq!(removed, want);
+        // 250: c goes; d alone is 200.
+        assert_eq!(trim_to_disk(&dir, 250), c.to_vec());
+        assert!(trim_to_disk(&dir, 200).is_empty());
+        // 0: everything of heapbpf's goes, nothing else.
+        assert_eq!(trim_to_disk(&dir, 0).len(), 2);
+        let mut left = names(&path);
+        left.sort();
+        let mut want = vec![
+            ".heapbpf-1.99.tmp".to_string(),
+            "heapbpf-5-20261124T190000Z-0001.json.bak".to_string(),
+            file_name(9, t1, 1, "json"),
+            file_name(9, t1, 1, "svg"),
+            "notes.json".to_string(),
+        ];
+        want.sort();
+        assert_eq!(left, want);
+        assert_eq!(fs::read(&victim).unwrap().len(), 10_000);
+        fs::remove_dir_all(victim.parent().unwrap()).unwrap();
+        fs::remove_dir_all(&path).unwrap();
     }
 
     fn scratch(tag: &str) -> PathBuf {
