@@ -146,7 +146,7 @@ impl AgentArgs {
         if self.max_disk == 0 {
             return Err(Error::BadInput("--max-disk must be larger than 0".into()));
         }
-        let engine = ProfileArgs {
+        let mut engine = ProfileArgs {
             output_dir: self.data_dir,
             format: self.format,
             duration: None,
@@ -167,6 +167,7 @@ impl AgentArgs {
             quiet: self.quiet,
         }
         .into_config()?;
+        engine.max_overhead = Some(max_overhead);
         Ok(crate::agent::AgentConfig {
             engine,
             rules,
@@ -438,6 +439,7 @@ impl ProfileArgs {
             allocator,
             sessions: !self.no_uprobe_sessions,
             exec_tracepoint: !self.no_exec_tracepoint,
+            max_overhead: None,
         })
     }
 }

@@ -26,14 +26,26 @@ pub enum Rule {
 impl Rule {
     /// Parses `KEY=VALUE`; the error names the rule and says what is expected.
     pub fn parse(text: &str) -> Result<Rule, String> {
-        let _ = text;
-        Err("not yet".into())
+        // Only `pid=N` until the selection work lands (the budget's test
+        // needs it).
+        match text.split_once('=') {
+            Some(("pid", n)) => n
+                .trim()
+                .parse::<u32>()
+                .ok()
+                .filter(|&n| n > 0)
+                .map(Rule::Pid)
+                .ok_or_else(|| format!("--select {text}: expected pid=N, N a process id")),
+            _ => Err(format!("--select {text}: only pid=N is implemented yet")),
+        }
     }
 
     /// Whether `p` matches.
     pub fn matches(&self, p: &Process) -> bool {
-        let _ = p;
-        false
+        match self {
+            Rule::Pid(pid) => p.pid == *pid,
+            _ => false,
+        }
     }
 }
 
@@ -55,13 +67,27 @@ pub struct Process {
 /// Reads what the rules need of a process; `None` when it is gone, is a
 /// kernel thread, or unreadable.
 pub fn read_process(pid: u32) -> Option<Process> {
-    let _ = pid;
-    None
+    // Minimal until the selection work lands: what `pid=N` needs.
+    let stat = crate::procfs::read_stat(pid)?;
+    let info = crate::procfs::process_info(pid).ok()?;
+    Some(Process {
+        pid,
+        start_ticks: stat.start_ticks,
+        comm: info.comm,
+        exe: info.exe,
+        cgroups: Vec::new(),
+        container: None,
+    })
 }
 
 /// The processes of `/proc` now (numeric entries), in no particular order.
 pub fn pids() -> Vec<u32> {
-    Vec::new()
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// The container id in a cgroup path, if it names one.
