@@ -18,8 +18,8 @@ use aya_ebpf::{
     EbpfContext,
 };
 use heapbpf_common::{
-    alloc_slot, drop_reason, hit, info_counter, kind, probe_cookie, unwind_mode, AllocInfo, AllocKey,
-    Pending, TargetState,
+    alloc_slot, drop_reason, hit, info_counter, kind, probe_cookie, unwind_mode, AllocInfo,
+    AllocKey, Pending, TargetState,
 };
 
 use crate::{

@@ -10,8 +10,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, ProgramArray},
 };
 use heapbpf_common::{
-    config, hit, AllocInfo, AllocKey, ExecEvent, ModuleTable, Pending, StackKey, StackStats, StackTrace,
-    TargetState, UnwindRow, UnwindState, WalkCacheSlot, HIT_SLOTS, SAMPLE_TABLE_LEN, WALK_CACHE_SLOTS,
+    config, hit, AllocInfo, AllocKey, ExecEvent, ModuleTable, Pending, StackKey, StackStats,
+    StackTrace, TargetState, UnwindRow, UnwindState, WalkCacheSlot, HIT_SLOTS, SAMPLE_TABLE_LEN,
+    WALK_CACHE_SLOTS,
 };
 
 /// Traced processes by tgid. A process absent here is ignored.

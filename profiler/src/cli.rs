@@ -141,7 +141,9 @@ impl AgentArgs {
             return Err(Error::BadInput("--max-targets must be at least 1".into()));
         }
         if self.discover_every.is_zero() {
-            return Err(Error::BadInput("--discover-every must be longer than 0".into()));
+            return Err(Error::BadInput(
+                "--discover-every must be longer than 0".into(),
+            ));
         }
         if self.max_disk == 0 {
             return Err(Error::BadInput("--max-disk must be larger than 0".into()));

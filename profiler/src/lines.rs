@@ -208,7 +208,7 @@ pub fn dropped_events(totals: &Totals, limits: Option<(u32, u32)>) -> String {
 /// really listens on (`--listen 127.0.0.1:0` picks a free port).
 pub fn agent_listening(addr: std::net::SocketAddr, data_dir: &Path) -> String {
     format!(
-        "{PREFIX}agent listening on http://{addr}; snapshots in {}",
+        "agent listening on http://{addr}; snapshots in {}",
         escape(&data_dir.display().to_string())
     )
 }
@@ -288,13 +288,16 @@ pub fn parse_budget(line: &str) -> Option<BudgetLine> {
     let (pid, rest) = rest.split_once(" (")?;
     let (_, rest) = rest.rsplit_once("): probes cost ")?;
     let (cost, rest) = rest.split_once("% of its CPU time, ")?;
-    let windowed = if rest.starts_with("over --max-overhead ") && rest.contains(": profiled in windows") {
-        true
-    } else if rest.starts_with("within --max-overhead ") && rest.ends_with(": attached continuously again") {
-        false
-    } else {
-        return None;
-    };
+    let windowed =
+        if rest.starts_with("over --max-overhead ") && rest.contains(": profiled in windows") {
+            true
+        } else if rest.starts_with("within --max-overhead ")
+            && rest.ends_with(": attached continuously again")
+        {
+            false
+        } else {
+            return None;
+        };
     Some(BudgetLine {
         pid: pid.parse().ok()?,
         overhead: cost.parse::<f64>().ok()? / 100.0,
@@ -364,7 +367,10 @@ mod tests {
         let b = parse_budget(&line).unwrap();
         assert_eq!((b.pid, b.windowed), (42, true));
         assert!((b.overhead - 0.142).abs() < 1e-9);
-        let line = format!("{PREFIX}{}", budget_continuous(42, "a (b): c", 0.004, 0.005));
+        let line = format!(
+            "{PREFIX}{}",
+            budget_continuous(42, "a (b): c", 0.004, 0.005)
+        );
         assert!(line.ends_with("probes cost 0.4% of its CPU time, within --max-overhead 0.5%: attached continuously again"), "{line}");
         let b = parse_budget(&line).unwrap();
         assert_eq!((b.pid, b.windowed), (42, false));
@@ -375,7 +381,10 @@ mod tests {
     #[test]
     fn agent_listening_reads_back() {
         let addr: std::net::SocketAddr = "127.0.0.1:41234".parse().unwrap();
-        let line = agent_listening(addr, Path::new("/var/lib/heapbpf"));
+        let line = format!(
+            "{PREFIX}{}",
+            agent_listening(addr, Path::new("/var/lib/heapbpf"))
+        );
         assert_eq!(
             line,
             "heapbpf: agent listening on http://127.0.0.1:41234; snapshots in /var/lib/heapbpf"

@@ -236,6 +236,30 @@ impl Heapbpf {
         }
     }
 
+    /// `heapbpf agent ARGS...`, with the agent's own defaults (sampling
+    /// included); returns once it said where it listens.
+    pub fn agent(args: &[&str]) -> Heapbpf {
+        let mut child = Command::new(heapbpf_bin())
+            .arg("agent")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let err = lines_of(child.stderr.take().unwrap());
+        let mut h = Heapbpf {
+            child,
+            err,
+            stderr: Vec::new(),
+            stdin: None,
+        };
+        h.wait_for("the agent's listening line", |l| {
+            lines::parse_agent_listening(l).is_some()
+        });
+        h
+    }
+
     /// `run`: a line to the launched command.
     pub fn send(&mut self, line: &str) {
         let stdin = self.stdin.as_mut().expect("heapbpf run's stdin");

@@ -239,11 +239,7 @@ impl Agent {
         }
     }
 
-    async fn run(
-        mut self,
-        mut signals: Signals,
-        mut inbox: mpsc::Receiver<Request>,
-    ) -> Result<()> {
+    async fn run(mut self, mut signals: Signals, mut inbox: mpsc::Receiver<Request>) -> Result<()> {
         let started = Instant::now();
         let interval = self.cfg.engine.interval;
         let mut next_interval = interval.map(|i| started + i);
@@ -343,7 +339,10 @@ impl Agent {
                                 .collect()
                         })
                         .ok_or_else(|| {
-                            ApiError::new(500, format!("the snapshot of pid {pid} failed (see the agent's log)"))
+                            ApiError::new(
+                                500,
+                                format!("the snapshot of pid {pid} failed (see the agent's log)"),
+                            )
                         })
                 } else {
                     Err(self.not_profiled(pid))

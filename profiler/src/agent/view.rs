@@ -24,7 +24,12 @@ pub enum State {
 }
 
 impl State {
-    pub const ALL: [State; 4] = [State::Attached, State::Windowed, State::Waiting, State::Failed];
+    pub const ALL: [State; 4] = [
+        State::Attached,
+        State::Windowed,
+        State::Waiting,
+        State::Failed,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -79,9 +84,9 @@ impl Default for Shared {
     fn default() -> Self {
         Shared {
             targets: Mutex::new(Vec::new()),
-            snapshot_seconds: Histogram::new(
-                [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0].into_iter(),
-            ),
+            snapshot_seconds: Histogram::new([
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
             push_failures: Counter::default(),
             started: Instant::now(),
         }

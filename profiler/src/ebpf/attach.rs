@@ -189,15 +189,12 @@ impl Profiler {
         }
         // Otherwise return probes first, so that no call is seen entering
         // without its return hooked.
-        for spec in ENTRY_POINTS
-            .iter()
-            .filter(|p| {
-                p.call.allocates()
-                    && with_returns
-                    && which.allocations
-                    && !in_session.contains(p.symbol)
-            })
-        {
+        for spec in ENTRY_POINTS.iter().filter(|p| {
+            p.call.allocates()
+                && with_returns
+                && which.allocations
+                && !in_session.contains(p.symbol)
+        }) {
             let Some((target, image)) = pick(spec.symbol) else {
                 continue;
             };

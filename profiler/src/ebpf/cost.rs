@@ -53,7 +53,17 @@ pub struct RunStats {
 }
 
 /// The function the calibration probes: in heapbpf's own executable, never
-/// inlined, doing next to nothing.
+/// inlined, doing next to nothing. On x86-64 it starts with a `nop`, which
+/// the kernel emulates as it does the instructions heapbpf's probes sit on
+/// in allocators (see `elf::placement`): a trap, not a single step.
+#[cfg(target_arch = "x86_64")]
+#[unsafe(naked)]
+#[unsafe(no_mangle)]
+pub extern "C" fn heapbpf_calibration_point(x: u64) -> u64 {
+    core::arch::naked_asm!("nop", "lea rax, [rdi + 1]", "ret")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
 #[inline(never)]
 #[unsafe(no_mangle)]
 pub extern "C" fn heapbpf_calibration_point(x: u64) -> u64 {
@@ -152,10 +162,10 @@ impl Profiler {
     pub fn calibrate_traps(&mut self) -> Result<TrapCost> {
         let (path, offset) = own_function_offset(heapbpf_calibration_point as *const () as usize)
             .ok_or_else(|| {
-                Error::Runtime("cannot find heapbpf's own code in /proc/self/maps".into())
-            })?;
-        let pid = NonZeroU32::new(std::process::id())
-            .ok_or_else(|| Error::Runtime("no pid".into()))?;
+            Error::Runtime("cannot find heapbpf's own code in /proc/self/maps".into())
+        })?;
+        let pid =
+            NonZeroU32::new(std::process::id()).ok_or_else(|| Error::Runtime("no pid".into()))?;
         let time = || {
             let started = Instant::now();
             let mut x = 0;
@@ -188,7 +198,12 @@ impl Profiler {
             entry_ns: (entry - bare).max(0.0),
             return_ns: (both - entry).max(0.0),
         };
-        tracing::debug!(bare_ns = bare, entry_ns = cost.entry_ns, return_ns = cost.return_ns, "trap cost calibrated");
+        tracing::debug!(
+            bare_ns = bare,
+            entry_ns = cost.entry_ns,
+            return_ns = cost.return_ns,
+            "trap cost calibrated"
+        );
         Ok(cost)
     }
 

@@ -409,10 +409,8 @@ impl Governor {
         let on = if a <= 0.0 {
             self.p.max_on.as_secs_f64()
         } else {
-            ((b * self.p.nominal_cycle.as_secs_f64() - fixed) / a).clamp(
-                self.p.min_on.as_secs_f64(),
-                self.p.max_on.as_secs_f64(),
-            )
+            ((b * self.p.nominal_cycle.as_secs_f64() - fixed) / a)
+                .clamp(self.p.min_on.as_secs_f64(), self.p.max_on.as_secs_f64())
         };
         let cycle = ((on * a + fixed) / b)
             .max(on + follow)
@@ -471,7 +469,12 @@ mod tests {
         let start = t;
         let mut g = Governor::new(0.02, Params::default(), t);
         let changes = drive(&mut g, &mut t, Duration::from_secs(60), 0.142);
-        let Some(Change::Windowed { overhead, on, cycle }) = changes.first().copied() else {
+        let Some(Change::Windowed {
+            overhead,
+            on,
+            cycle,
+        }) = changes.first().copied()
+        else {
             panic!("{changes:?}");
         };
         assert_eq!(changes.len(), 1, "no flapping: {changes:?}");

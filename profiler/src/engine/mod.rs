@@ -76,9 +76,8 @@ impl Budget {
     /// What a snapshot taken at `now` covers.
     fn coverage(&self, now: Instant) -> Coverage {
         let g = &self.governor;
-        let at = |offset: Duration| {
-            humantime::format_rfc3339_millis(self.attached + offset).to_string()
-        };
+        let at =
+            |offset: Duration| humantime::format_rfc3339_millis(self.attached + offset).to_string();
         Coverage {
             ratio: g.coverage(now),
             follow_ms: g.follow().as_millis() as u64,
@@ -335,8 +334,8 @@ impl Engine {
                 if let Some((_, prev)) = cost.stats {
                     let runs = stats.runs.saturating_sub(prev.runs);
                     if runs >= 100 {
-                        let per = stats.run_time_ns.saturating_sub(prev.run_time_ns) as f64
-                            / runs as f64;
+                        let per =
+                            stats.run_time_ns.saturating_sub(prev.run_time_ns) as f64 / runs as f64;
                         cost.program_ns = if cost.program_ns == 0.0 {
                             per
                         } else {
@@ -368,7 +367,11 @@ impl Engine {
             b.cpu_ticks = Some(ticks);
             b.hits = hits;
             match b.governor.observe(now, sample) {
-                Some(budget::Change::Windowed { overhead, on, cycle }) => say(&lines::budget_windowed(
+                Some(budget::Change::Windowed {
+                    overhead,
+                    on,
+                    cycle,
+                }) => say(&lines::budget_windowed(
                     pid,
                     &t.info.comm,
                     overhead,

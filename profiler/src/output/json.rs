@@ -230,7 +230,10 @@ pub(crate) mod tests {
         let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(v["coverage"]["ratio"], 0.125);
         assert_eq!(v["coverage"]["follow_ms"], 300);
-        assert_eq!(v["coverage"]["windows"][0]["end"], "2026-11-24T18:59:00.400Z");
+        assert_eq!(
+            v["coverage"]["windows"][0]["end"],
+            "2026-11-24T18:59:00.400Z"
+        );
         assert_eq!(from_bytes(Path::new("x"), &bytes).unwrap(), s);
     }
 
