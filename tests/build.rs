@@ -15,6 +15,7 @@ const FIXTURES: &[&str] = &[
     "exec_a",
     "exec_b",
     "jit",
+    "churn",
 ];
 
 /// Fixtures linked against another allocator (not preloaded): the program

@@ -18,15 +18,15 @@ use aya_ebpf::{
     EbpfContext,
 };
 use heapbpf_common::{
-    alloc_slot, drop_reason, info_counter, kind, probe_cookie, unwind_mode, AllocInfo, AllocKey,
-    Pending, TargetState,
+    alloc_slot, drop_reason, hit, info_counter, kind, probe_cookie, unwind_mode, AllocInfo,
+    AllocKey, Pending, TargetState,
 };
 
 use crate::{
     maps::{ALLOCS, PENDING},
     record::{account_free, record_with_stack, stack_id},
     sampling::{sample_bytes, sampled},
-    state::{count, target},
+    state::{self, count, target},
     walk,
 };
 
@@ -197,12 +197,17 @@ fn arg(ctx: &ProbeContext, n: usize) -> u64 {
     ctx.arg(n).unwrap_or(0)
 }
 
-/// Whether user space marked the probed function a leaf (see
+/// The cookie user space gave the probe that fired (see
 /// `heapbpf_common::probe_cookie`).
-fn leaf(ctx: &ProbeContext) -> bool {
+#[inline(always)]
+pub(crate) fn cookie<C: EbpfContext>(ctx: &C) -> u64 {
     // SAFETY: the helper reads the cookie of the probe that fired.
-    let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
-    cookie & probe_cookie::LEAF != 0
+    unsafe { bpf_get_attach_cookie(ctx.as_ptr()) }
+}
+
+/// Whether user space marked the probed function a leaf.
+fn leaf(ctx: &ProbeContext) -> bool {
+    cookie(ctx) & probe_cookie::LEAF != 0
 }
 
 /// What each entry program reads of its call. The plain entry programs
@@ -255,6 +260,7 @@ macro_rules! entry_programs {
     ($($name:ident => $read:path;)*) => {$(
         #[uprobe]
         pub fn $name(ctx: ProbeContext) -> u32 {
+            state::hit(cookie(&ctx), hit::ENTRY);
             // A plain uprobe's return value means nothing.
             let _ = enter($read(&ctx), false);
             0
@@ -275,6 +281,7 @@ entry_programs! {
 /// A free: the block leaves `ALLOCS`, its weight the target's totals.
 #[uprobe]
 pub fn free_enter(ctx: ProbeContext) -> u32 {
+    state::hit(cookie(&ctx), hit::ENTRY);
     let ptr = arg(&ctx, 0);
     if ptr == 0 {
         return 0;
@@ -350,6 +357,7 @@ pub(crate) fn record_block(
 
 #[uretprobe]
 pub fn alloc_return(ctx: RetProbeContext) -> u32 {
+    state::hit(cookie(&ctx), hit::RETURN);
     alloc_exit(&ctx)
 }
 

@@ -10,8 +10,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, ProgramArray},
 };
 use heapbpf_common::{
-    config, AllocInfo, AllocKey, ExecEvent, ModuleTable, Pending, StackKey, StackStats, StackTrace,
-    TargetState, UnwindRow, UnwindState, WalkCacheSlot, SAMPLE_TABLE_LEN, WALK_CACHE_SLOTS,
+    config, hit, AllocInfo, AllocKey, ExecEvent, ModuleTable, Pending, StackKey, StackStats,
+    StackTrace, TargetState, UnwindRow, UnwindState, WalkCacheSlot, HIT_SLOTS, SAMPLE_TABLE_LEN,
+    WALK_CACHE_SLOTS,
 };
 
 /// Traced processes by tgid. A process absent here is ignored.
@@ -80,3 +81,9 @@ pub static UNWIND: PerCpuArray<UnwindState> = PerCpuArray::with_max_entries(1, 0
 /// slot 1: the program that interns the stack and records the block.
 #[map]
 pub static UNWIND_PROGS: ProgramArray = ProgramArray::with_max_entries(2, 0);
+
+/// Probe hits per target slot and kind (see `heapbpf_common::hit`), per
+/// CPU: what the agent's CPU budget charges each target. Per CPU, so that
+/// counting every call of a many-threaded target costs no shared cache line.
+#[map]
+pub static HITS: PerCpuArray<u64> = PerCpuArray::with_max_entries(HIT_SLOTS * hit::KINDS, 0);

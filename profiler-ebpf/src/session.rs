@@ -11,9 +11,11 @@ use aya_ebpf::{
     programs::{ProbeContext, RetProbeContext},
 };
 
+use heapbpf_common::hit;
+
 use crate::{
-    hooks::{alloc_exit, enter, read, record_block, Call, Return},
-    state::target,
+    hooks::{alloc_exit, cookie, enter, read, record_block, Call, Return},
+    state::{self, target},
 };
 
 /// What an entry program tells a uprobe session: run the return half.
@@ -95,9 +97,13 @@ macro_rules! session_programs {
         #[unsafe(link_section = "uprobe")]
         pub fn $name(regs: *mut core::ffi::c_void) -> u32 {
             if session_is_return() {
-                return session_exit(&RetProbeContext::new(regs));
+                let ctx = RetProbeContext::new(regs);
+                state::hit(cookie(&ctx), hit::RETURN);
+                return session_exit(&ctx);
             }
-            session_enter($read(&ProbeContext::new(regs)))
+            let ctx = ProbeContext::new(regs);
+            state::hit(cookie(&ctx), hit::ENTRY);
+            session_enter($read(&ctx))
         }
     )*};
 }

@@ -6,9 +6,9 @@
 
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
-use heapbpf_common::{info_counter, TargetState};
+use heapbpf_common::{hit, info_counter, probe_cookie, TargetState, HIT_SLOTS};
 
-use crate::maps::TARGETS;
+use crate::maps::{HITS, TARGETS};
 
 /// Adds `value` to a figure of a map value, atomically.
 #[inline(always)]
@@ -33,4 +33,21 @@ pub(crate) fn count(state: *mut TargetState, counter: usize) {
 #[inline(always)]
 pub(crate) fn target(tgid: u32) -> Option<*mut TargetState> {
     TARGETS.get_ptr_mut(tgid)
+}
+
+/// Counts a probe hit (`kind`: a `heapbpf_common::hit`) of the target whose
+/// slot the probe's cookie carries. A plain add: the counter is this CPU's,
+/// and a uprobe program runs with migration disabled (a task preempted in
+/// between on the same CPU could lose one count; the budget does not care).
+#[inline(always)]
+pub(crate) fn hit(cookie: u64, kind: u32) {
+    let slot = (cookie >> probe_cookie::SLOT_SHIFT) as u32;
+    // Slot 0: not counted (no budget is kept for it).
+    if slot == 0 || slot >= HIT_SLOTS {
+        return;
+    }
+    if let Some(n) = HITS.get_ptr_mut(slot * hit::KINDS + kind) {
+        // SAFETY: this CPU's value of a map entry, 8-byte aligned.
+        unsafe { *n += 1 };
+    }
 }

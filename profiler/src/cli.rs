@@ -155,7 +155,7 @@ impl AgentArgs {
             .iter()
             .map(|r| crate::agent::select::Rule::parse(r).map_err(Error::BadInput))
             .collect::<Result<Vec<_>>>()?;
-        let engine = ProfileArgs {
+        let mut engine = ProfileArgs {
             output_dir: self.data_dir,
             format: self.format,
             duration: None,
@@ -180,6 +180,7 @@ impl AgentArgs {
             quiet: self.quiet,
         }
         .into_config()?;
+        engine.max_overhead = Some(max_overhead);
         Ok(crate::agent::AgentConfig {
             engine,
             rules,
@@ -451,6 +452,7 @@ impl ProfileArgs {
             allocator,
             sessions: !self.no_uprobe_sessions,
             exec_tracepoint: !self.no_exec_tracepoint,
+            max_overhead: None,
         })
     }
 }

@@ -222,6 +222,90 @@ pub fn parse_agent_listening(line: &str) -> Option<std::net::SocketAddr> {
     rest.split_once(';')?.0.parse().ok()
 }
 
+/// A share as people read it: `14.2%`, `0.5%`, `2%`.
+fn percent(share: f64) -> String {
+    let p = share * 100.0;
+    let text = if p >= 10.0 {
+        format!("{p:.1}")
+    } else {
+        format!("{p:.2}")
+    };
+    let text = text.trim_end_matches('0').trim_end_matches('.');
+    format!("{text}%")
+}
+
+/// A window or cycle length: `400ms`, `2.8s`.
+fn span(d: std::time::Duration) -> String {
+    if d < std::time::Duration::from_secs(1) {
+        format!("{}ms", d.as_millis())
+    } else {
+        let s = format!("{:.1}", d.as_secs_f64());
+        format!("{}s", s.trim_end_matches(".0"))
+    }
+}
+
+/// A target's probes cost more than `--max-overhead` (`overhead` with all
+/// of them attached): it is profiled in windows of `on` every `cycle`.
+pub fn budget_windowed(
+    pid: u32,
+    comm: &str,
+    overhead: f64,
+    budget: f64,
+    on: std::time::Duration,
+    cycle: std::time::Duration,
+) -> String {
+    format!(
+        "pid {pid} ({}): probes cost {} of its CPU time, over --max-overhead {}: profiled in windows (on {} of every {})",
+        escape(comm),
+        percent(overhead),
+        percent(budget),
+        span(on),
+        span(cycle)
+    )
+}
+
+/// ... and back: all of its probes fit again.
+pub fn budget_continuous(pid: u32, comm: &str, overhead: f64, budget: f64) -> String {
+    format!(
+        "pid {pid} ({}): probes cost {} of its CPU time, within --max-overhead {}: attached continuously again",
+        escape(comm),
+        percent(overhead),
+        percent(budget)
+    )
+}
+
+/// A [`budget_windowed`] or [`budget_continuous`] line read back.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BudgetLine {
+    pub pid: u32,
+    /// What the probes cost with all of them attached (a fraction).
+    pub overhead: f64,
+    pub windowed: bool,
+}
+
+/// Reads a line of [`budget_windowed`] or [`budget_continuous`].
+pub fn parse_budget(line: &str) -> Option<BudgetLine> {
+    let rest = line.strip_prefix(PREFIX)?.strip_prefix("pid ")?;
+    let (pid, rest) = rest.split_once(" (")?;
+    let (_, rest) = rest.rsplit_once("): probes cost ")?;
+    let (cost, rest) = rest.split_once("% of its CPU time, ")?;
+    let windowed =
+        if rest.starts_with("over --max-overhead ") && rest.contains(": profiled in windows") {
+            true
+        } else if rest.starts_with("within --max-overhead ")
+            && rest.ends_with(": attached continuously again")
+        {
+            false
+        } else {
+            return None;
+        };
+    Some(BudgetLine {
+        pid: pid.parse().ok()?,
+        overhead: cost.parse::<f64>().ok()? / 100.0,
+        windowed,
+    })
+}
+
 /// An `attached` line read back: the pid and comm it names.
 pub fn parse_attached(line: &str) -> Option<(u32, &str)> {
     let rest = line.strip_prefix(PREFIX)?.strip_prefix("attached to ")?;
@@ -262,6 +346,38 @@ pub fn parse_snapshot(line: &str) -> Option<SnapshotLine> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn budget_lines_read_back() {
+        use std::time::Duration;
+        let line = format!(
+            "{PREFIX}{}",
+            budget_windowed(
+                42,
+                "redis-server",
+                0.1423,
+                0.02,
+                Duration::from_millis(400),
+                Duration::from_millis(2800)
+            )
+        );
+        assert_eq!(
+            line,
+            "heapbpf: pid 42 (redis-server): probes cost 14.2% of its CPU time, over --max-overhead 2%: profiled in windows (on 400ms of every 2.8s)"
+        );
+        let b = parse_budget(&line).unwrap();
+        assert_eq!((b.pid, b.windowed), (42, true));
+        assert!((b.overhead - 0.142).abs() < 1e-9);
+        let line = format!(
+            "{PREFIX}{}",
+            budget_continuous(42, "a (b): c", 0.004, 0.005)
+        );
+        assert!(line.ends_with("probes cost 0.4% of its CPU time, within --max-overhead 0.5%: attached continuously again"), "{line}");
+        let b = parse_budget(&line).unwrap();
+        assert_eq!((b.pid, b.windowed), (42, false));
+        assert_eq!(span(Duration::from_secs(3)), "3s");
+        assert_eq!(percent(0.01), "1%");
+    }
 
     #[test]
     fn agent_listening_reads_back() {

@@ -323,6 +323,7 @@ mod tests {
         };
         Snapshot {
             mappings: Vec::new(),
+            coverage: None,
             format: SNAPSHOT_FORMAT.into(),
             version: 1,
             pid: 42,

@@ -275,6 +275,23 @@ pub mod probe_cookie {
     /// tcmalloc's, mimalloc's `malloc` and `calloc`; musl's `calloc` calls
     /// its `malloc`): an unsampled call needs no return and no nesting mark.
     pub const LEAF: u64 = 1;
+    /// Bits from here up: the target's slot in the `HITS` map (1 to
+    /// [`super::HIT_SLOTS`] - 1; 0: its hits are not counted, as for the
+    /// benchmark's floors and the calibration of the trap cost).
+    pub const SLOT_SHIFT: u32 = 32;
+}
+
+/// Slots of the `HITS` map, one per traced process (as `TARGETS` holds).
+pub const HIT_SLOTS: u32 = 1024;
+
+/// What a probe hit was, in the `HITS` map: index `slot * hit::KINDS + kind`.
+/// Every hit is a trap of the target into the kernel; returns cost more.
+pub mod hit {
+    /// An entry probe: an allocating call's entry (plain or session), or a free.
+    pub const ENTRY: u32 = 0;
+    /// A return probe: a uretprobe, or a session's return half.
+    pub const RETURN: u32 = 1;
+    pub const KINDS: u32 = 2;
 }
 
 /// Slots of the stack walk's per-CPU cache of address lookups.
@@ -413,6 +430,7 @@ pub mod names {
         pub const WALK_CACHE: &str = "WALK_CACHE";
         pub const UNWIND: &str = "UNWIND";
         pub const UNWIND_PROGS: &str = "UNWIND_PROGS";
+        pub const HITS: &str = "HITS";
         /// All of the above.
         pub const ALL: &[&str] = &[
             TARGETS,
@@ -430,6 +448,7 @@ pub mod names {
             WALK_CACHE,
             UNWIND,
             UNWIND_PROGS,
+            HITS,
         ];
     }
 

@@ -20,7 +20,7 @@ use heapbpf_common::{
 
 use super::{
     load::{error_chain, load_error},
-    map_fd, programs, sys, AttachedProbe, Exec, Floor, ProbedTarget, Profiler,
+    map_fd, programs, sys, AttachedProbe, Exec, Floor, ProbedTarget, Profiler, Which,
 };
 use crate::{
     allocator::{self, AttachPlan, EntryPoint, Library, ENTRY_POINTS},
@@ -52,6 +52,11 @@ impl Profiler {
             self.targets_map()?
                 .insert(pid, state, 0)
                 .map_err(|e| Error::runtime(format!("cannot register pid {pid}"), e))?;
+            let hit_slot = self.take_hit_slot();
+            if hit_slot == 0 {
+                tracing::debug!(pid, "no slot left in HITS: its probe hits are not counted");
+            }
+            let hits_at_attach = self.slot_hits(hit_slot).unwrap_or_default();
             self.targets.insert(
                 pid,
                 ProbedTarget {
@@ -59,14 +64,22 @@ impl Profiler {
                     session_links: Vec::new(),
                     hooked: Default::default(),
                     walk,
+                    hit_slot,
+                    hits_at_attach,
+                    libraries: Vec::new(),
+                    probes: Which::ALL,
                 },
             );
         }
         let mut attached = Vec::new();
         let mut libraries = std::iter::once((&plan.main, plan.fallback.as_ref()))
             .chain(plan.extra.iter().map(|lib| (lib, None)));
+        let which = self.targets.get(&pid).map_or(Which::ALL, |t| t.probes);
         let result = libraries.try_for_each(|(lib, fallback)| {
-            attached.extend(self.attach_library(pid, lib, fallback)?);
+            if let Some(t) = self.targets.get_mut(&pid) {
+                t.libraries.push((lib.clone(), fallback.cloned()));
+            }
+            attached.extend(self.attach_library(pid, lib, fallback, which)?);
             Ok(())
         });
         match result {
@@ -80,13 +93,19 @@ impl Profiler {
 
     /// Hooks every entry point `lib` defines, or else `fallback` (the C
     /// library: glibc then serves those calls; jemalloc and tcmalloc have no
-    /// `reallocarray`, ...).
+    /// `reallocarray`, ...): its allocation probes, its free probes, or
+    /// both, as `which` says (the others are marked hooked all the same).
     fn attach_library(
         &mut self,
         pid: u32,
         lib: &Library,
         fallback: Option<&Library>,
+        which: Which,
     ) -> Result<Vec<AttachedProbe>> {
+        // Each probe's cookie carries the target's slot in `HITS`.
+        let slot_tag = self.targets.get(&pid).map_or(0, |t| {
+            u64::from(t.hit_slot) << heapbpf_common::probe_cookie::SLOT_SHIFT
+        });
         let scope =
             UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or(Error::NoSuchProcess { pid })?);
         let lib_image = Image::open(&lib.open_path);
@@ -121,7 +140,7 @@ impl Profiler {
         let mut attached = Vec::new();
         // Allocating functions as uprobe sessions where the kernel has them.
         let mut in_session = HashSet::new();
-        let sessions = self.sessions.is_some();
+        let sessions = self.sessions.is_some() && which.allocations;
         let session_specs = ENTRY_POINTS
             .iter()
             .filter(|p| p.call.allocates() && sessions);
@@ -147,7 +166,7 @@ impl Profiler {
                 },
             };
             let offset = probe_offset(spec, image, &name);
-            let cookie = allocator::probe_cookie(spec.call, target);
+            let cookie = allocator::probe_cookie(spec.call, target) | slot_tag;
             match self.attach_session(program, &name, start + offset, cookie, target, pid) {
                 Ok(()) => {}
                 Err(Error::Exited { pid }) => return Err(Error::Exited { pid }),
@@ -170,10 +189,12 @@ impl Profiler {
         }
         // Otherwise return probes first, so that no call is seen entering
         // without its return hooked.
-        for spec in ENTRY_POINTS
-            .iter()
-            .filter(|p| p.call.allocates() && with_returns && !in_session.contains(p.symbol))
-        {
+        for spec in ENTRY_POINTS.iter().filter(|p| {
+            p.call.allocates()
+                && with_returns
+                && which.allocations
+                && !in_session.contains(p.symbol)
+        }) {
             let Some((target, image)) = pick(spec.symbol) else {
                 continue;
             };
@@ -182,7 +203,7 @@ impl Profiler {
                 continue;
             }
             let offset = probe_offset(spec, image, &name);
-            self.attach_one(return_program, &name, offset, 0, target, scope, pid)?;
+            self.attach_one(return_program, &name, offset, slot_tag, target, scope, pid)?;
             attached.push(AttachedProbe {
                 symbol: name,
                 offset,
@@ -204,13 +225,21 @@ impl Profiler {
                 tracing::info!(pid, symbol = %name, library = %target.path, "alias of a function already hooked; not hooked again");
                 continue;
             }
+            let wanted = if spec.call.allocates() {
+                which.allocations
+            } else {
+                which.frees
+            };
+            if !wanted {
+                continue;
+            }
             let offset = probe_offset(spec, image, &name);
             let program = if self.floor.is_some() {
                 programs::NOOP_ENTER
             } else {
                 programs::entry(spec.call)
             };
-            let cookie = allocator::probe_cookie(spec.call, target);
+            let cookie = allocator::probe_cookie(spec.call, target) | slot_tag;
             self.attach_one(program, &name, offset, cookie, target, scope, pid)?;
             attached.push(AttachedProbe {
                 symbol: name,
@@ -334,8 +363,14 @@ impl Profiler {
             .targets
             .get(&pid)
             .map_or((0, 0), |t| (t.links.len(), t.session_links.len()));
-        match self.attach_library(pid, lib, None) {
-            Ok(attached) => Ok(attached),
+        let which = self.targets.get(&pid).map_or(Which::ALL, |t| t.probes);
+        match self.attach_library(pid, lib, None, which) {
+            Ok(attached) => {
+                if let Some(t) = self.targets.get_mut(&pid) {
+                    t.libraries.push((lib.clone(), None));
+                }
+                Ok(attached)
+            }
             Err(e) => {
                 let links: Vec<_> = self
                     .targets
@@ -443,9 +478,83 @@ impl Profiler {
             // Closing a session link detaches it.
             t.session_links.clear();
             t.hooked.clear();
+            t.libraries.clear();
+            t.probes = Which::ALL;
             self.detach_links(pid, links);
         }
         self.attach(pid, plan)
+    }
+
+    /// Which probes of `pid` are attached (`None`: not a target).
+    pub fn attached_probes(&self, pid: u32) -> Option<Which> {
+        self.targets.get(&pid).map(|t| t.probes)
+    }
+
+    /// Detaches the allocation probes of `pid` and, unless `keep_frees`, its
+    /// free probes, keeping everything the kernel holds of it (live blocks,
+    /// stacks, counters) and its module table: [`Profiler::resume`] hooks
+    /// them again. A call caught between its entry and its return is
+    /// forgotten (its `PENDING` entry would make the thread's next calls
+    /// look nested): a `realloc` then loses the block it was resizing.
+    pub fn pause(&mut self, pid: u32, keep_frees: bool) {
+        let Some(t) = self.targets.get_mut(&pid) else {
+            return;
+        };
+        let is_free = |p: &str| p == programs::FREE_ENTER;
+        let is_return = |p: &str| p == programs::ALLOC_RETURN || p == programs::NOOP_RETURN;
+        let (mut going, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut t.links)
+            .into_iter()
+            .partition(|(p, _)| !is_free(p) || !keep_frees);
+        t.links = kept;
+        // Entries before returns: no call is seen entering without its
+        // return hooked.
+        going.sort_by_key(|(p, _)| is_return(p));
+        t.session_links.clear();
+        t.probes = Which {
+            allocations: false,
+            frees: keep_frees && t.probes.frees,
+        };
+        self.detach_links(pid, going);
+        self.remove_where::<u64, Pending>(maps::PENDING, |k, _| (k >> 32) as u32 == pid);
+    }
+
+    /// Hooks again what [`Profiler::pause`] detached from `pid`, as it was
+    /// (the same libraries). On error the target stays paused as before.
+    pub fn resume(&mut self, pid: u32) -> Result<()> {
+        let Some(t) = self.targets.get_mut(&pid) else {
+            return Err(Error::NoSuchProcess { pid });
+        };
+        let before = t.probes;
+        if before == Which::ALL {
+            return Ok(());
+        }
+        let missing = Which {
+            allocations: !before.allocations,
+            frees: !before.frees,
+        };
+        // Marked again as they are placed (or, kept ones, as skipped).
+        t.hooked.clear();
+        let libraries = t.libraries.clone();
+        let (links, sessions) = (t.links.len(), t.session_links.len());
+        let result = libraries.iter().try_for_each(|(lib, fallback)| {
+            self.attach_library(pid, lib, fallback.as_ref(), missing)
+                .map(|_| ())
+        });
+        let Some(t) = self.targets.get_mut(&pid) else {
+            return result;
+        };
+        match result {
+            Ok(()) => {
+                t.probes = Which::ALL;
+                Ok(())
+            }
+            Err(e) => {
+                t.session_links.truncate(sessions);
+                let placed = t.links.split_off(links.min(t.links.len()));
+                self.detach_links(pid, placed);
+                Err(e)
+            }
+        }
     }
 
     /// Removes the entries of hash map `name` that match. The entries are

@@ -221,6 +221,7 @@ impl Profiler {
             max_stacks: opts.max_stacks,
             retire: super::retire::RetireState::new(),
             exec_watched: false,
+            run_stats_fd: None,
         };
         profiler.configure_sampling()?;
         profiler.watch_oom();

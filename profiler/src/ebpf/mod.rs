@@ -6,6 +6,7 @@
 //!
 //! A [`Profiler`] is one loaded object shared by every target.
 mod attach;
+mod cost;
 mod drain;
 mod load;
 mod programs;
@@ -22,6 +23,7 @@ use std::{
 use aya::{programs::uprobe::UProbeLinkId, Ebpf};
 use heapbpf_common::{ModuleTable, TargetState};
 
+pub use cost::{Hits, RunStats, TrapCost};
 pub use drain::{monotonic_ns, LiveTotals};
 pub use load::preflight;
 pub use retire::RetiredStack;
@@ -159,6 +161,35 @@ struct ProbedTarget {
     /// heapbpf's own stack walk takes this target's stacks (it has a module
     /// table in the kernel).
     walk: bool,
+    /// Its slot in the `HITS` map (0: none), and what the slot had counted
+    /// when it was given.
+    hit_slot: u32,
+    hits_at_attach: Hits,
+    /// The libraries hooked (each with the library that serves what it
+    /// does not define), to hook again after [`Profiler::pause`].
+    libraries: Vec<(crate::allocator::Library, Option<crate::allocator::Library>)>,
+    /// Which of its probes are attached: allocation probes (entries,
+    /// returns, sessions) and free probes; [`Profiler::pause`] detaches
+    /// them without forgetting anything the kernel holds of it.
+    probes: Which,
+}
+
+/// Which probes of a target: allocation probes, free probes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Which {
+    pub allocations: bool,
+    pub frees: bool,
+}
+
+impl Which {
+    pub const ALL: Which = Which {
+        allocations: true,
+        frees: true,
+    };
+    pub const NONE: Which = Which {
+        allocations: false,
+        frees: false,
+    };
 }
 
 /// Loaded programs and maps, and the probes attached per target.
@@ -182,6 +213,8 @@ pub struct Profiler {
     retire: retire::RetireState,
     /// The `exec` tracepoint is attached: [`Profiler::take_exec`] tells.
     exec_watched: bool,
+    /// Keeps BPF run-time statistics on ([`Profiler::enable_run_stats`]).
+    run_stats_fd: Option<OwnedFd>,
 }
 
 impl Profiler {

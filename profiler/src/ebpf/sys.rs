@@ -1,5 +1,6 @@
 //! The one door to `bpf(2)` for what aya 0.14 cannot do: reading whole
-//! hash maps in batches, taking an entry out in one step, and loading and linking uprobe-session programs
+//! hash maps in batches, taking an entry out in one step, reading a program's
+//! run statistics, and loading and linking uprobe-session programs
 //! (see [`super::uprobe_session`]). Each command's `union bpf_attr` prefix is
 //! a `#[repr(C)]` struct here; nothing else in heapbpf calls the syscall.
 //!
@@ -22,6 +23,7 @@ const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
 const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_MAP_TYPE_PROG_ARRAY: u32 = 3;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_PROG_TYPE_KPROBE: u32 = 2;
@@ -230,6 +232,29 @@ fn call_fd<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<OwnedFd> {
     let fd = call(cmd, attr)?;
     // SAFETY: the kernel returned a new file descriptor that nobody owns yet.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// `union bpf_attr` for `BPF_OBJ_GET_INFO_BY_FD`.
+#[repr(C)]
+#[derive(Default)]
+struct InfoAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// A program's run time and run count (`BPF_ENABLE_STATS`; both 0 while
+/// statistics are off), for programs aya did not load.
+pub fn prog_run_stats(prog: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
+    // SAFETY: a plain C struct of integers: all-zero bytes are valid.
+    let mut info: aya_obj::generated::bpf_prog_info = unsafe { std::mem::zeroed() };
+    let mut attr = InfoAttr {
+        bpf_fd: prog.as_raw_fd() as u32,
+        info_len: size_of::<aya_obj::generated::bpf_prog_info>() as u32,
+        info: &mut info as *mut _ as u64,
+    };
+    call(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok((info.run_time_ns, info.run_cnt))
 }
 
 /// A new program array of `entries` slots.

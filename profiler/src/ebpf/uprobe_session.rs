@@ -119,6 +119,11 @@ impl Sessions {
         })
     }
 
+    /// The loaded session programs (for their run statistics).
+    pub fn programs(&self) -> impl Iterator<Item = (&'static str, std::os::fd::BorrowedFd<'_>)> {
+        self.programs.iter().map(|(name, fd)| (*name, fd.as_fd()))
+    }
+
     /// Runs program `name` at entry (and, when it asks, at return) of the
     /// function at file offset `offset` of `path`, in process `pid` only;
     /// the program reads `cookie` with `bpf_get_attach_cookie`.

@@ -30,4 +30,9 @@ pub struct Config {
     /// Execs seen by the `sched_process_exec` tracepoint where the kernel
     /// has it (else noticed by the executable changing).
     pub exec_tracepoint: bool,
+    /// The agent's `--max-overhead` (a fraction: 0.02 for 2%): what the
+    /// probes may cost each target, as a share of its own CPU time; over
+    /// it, the target is profiled in windows ([`super::budget`]). `None`
+    /// (`attach`, `run`): no budget, every probe attached all the time.
+    pub max_overhead: Option<f64>,
 }

@@ -9,10 +9,19 @@
 //! [`Engine::snapshot_all`] on signals. No clap types and no event loop here.
 //! It owns the [`OutputDir`] its front end opened, and counts the snapshots
 //! that could not be written (the front end exits 1 for them).
+//!
+//! With a CPU budget (the agent's `--max-overhead`), [`Engine::tick`] also
+//! measures what each target's probes cost it and pauses and resumes its
+//! probes as its [`budget::Governor`] says; its snapshots then carry a
+//! [`crate::model::Coverage`].
+pub mod budget;
 mod config;
 mod exec;
 
-use std::{path::PathBuf, time::Instant};
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant, SystemTime},
+};
 
 pub use config::Config;
 
@@ -21,7 +30,7 @@ use crate::{
     ebpf::{self, LoadOptions, Profiler},
     error::{Error, Result},
     lines::{self, say},
-    model::{RawSnapshot, RetiredStacks, Snapshot, TargetMeta, Trigger},
+    model::{Coverage, CoverageWindow, RawSnapshot, RetiredStacks, Snapshot, TargetMeta, Trigger},
     output::{dir::OutputDir, writer::Series},
     procfs::{self, ProcessInfo},
     symbolize::Symbolizer,
@@ -50,7 +59,64 @@ struct Target {
     start_ticks: Option<u64>,
     /// The file name of its last snapshot's first file.
     last_snapshot: Option<String>,
+    /// Its CPU budget, when one is kept.
+    budget: Option<Budget>,
 }
+
+/// A target's CPU budget: its controller, and the figures last read.
+struct Budget {
+    governor: budget::Governor,
+    /// When it was attached, by the wall clock (windows are offsets).
+    attached: SystemTime,
+    cpu_ticks: Option<u64>,
+    hits: ebpf::Hits,
+}
+
+impl Budget {
+    /// What a snapshot taken at `now` covers.
+    fn coverage(&self, now: Instant) -> Coverage {
+        let g = &self.governor;
+        let at =
+            |offset: Duration| humantime::format_rfc3339_millis(self.attached + offset).to_string();
+        Coverage {
+            ratio: g.coverage(now),
+            follow_ms: g.follow().as_millis() as u64,
+            max_overhead: g.budget(),
+            overhead: g.overhead(),
+            windowed: g.windowed(),
+            windows: g
+                .windows(now)
+                .into_iter()
+                .map(|(start, end)| CoverageWindow {
+                    start: at(start),
+                    end: at(end),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// What a probe hit costs here: a trap (calibrated at start) and the
+/// program's run time (BPF statistics, when the kernel keeps them).
+struct CostModel {
+    traps: ebpf::TrapCost,
+    /// Nanoseconds per run of heapbpf's programs, lately (0 without
+    /// statistics).
+    program_ns: f64,
+    /// The statistics last read, and when.
+    stats: Option<(Instant, ebpf::RunStats)>,
+    ticks_per_second: f64,
+}
+
+/// How often the programs' run time per run is read again.
+const RUN_STATS_EVERY: Duration = Duration::from_secs(1);
+
+/// A trap's cost when it cannot be calibrated: about what this VM measured
+/// (entry ~1 µs, uretprobe return ~1.5 µs), rounded up.
+const FALLBACK_TRAPS: ebpf::TrapCost = ebpf::TrapCost {
+    entry_ns: 1500.0,
+    return_ns: 2500.0,
+};
 
 /// What a front end shows of a target while it is profiled.
 #[derive(Clone, Debug)]
@@ -79,6 +145,8 @@ pub struct Engine {
     profiler: Profiler,
     symbolizer: Symbolizer,
     targets: Vec<Target>,
+    /// With a CPU budget: what a probe hit costs.
+    cost: Option<CostModel>,
 }
 
 fn now_rfc3339() -> String {
@@ -98,6 +166,29 @@ impl Engine {
             sessions: cfg.sessions,
             exec_tracepoint: cfg.exec_tracepoint,
         })?;
+        let mut profiler = profiler;
+        let cost = cfg.max_overhead.map(|_| {
+            let traps = profiler.calibrate_traps().unwrap_or_else(|e| {
+                tracing::warn!("cannot calibrate the cost of a trap ({e}); assuming {} ns an entry, {} ns a return", FALLBACK_TRAPS.entry_ns, FALLBACK_TRAPS.return_ns);
+                FALLBACK_TRAPS
+            });
+            tracing::info!(
+                entry_ns = traps.entry_ns.round(),
+                return_ns = traps.return_ns.round(),
+                "trap cost calibrated (an empty uprobe, and uretprobe, on heapbpf's own code)"
+            );
+            let stats = profiler
+                .enable_run_stats()
+                .then(|| profiler.run_stats())
+                .flatten()
+                .map(|s| (Instant::now(), s));
+            CostModel {
+                traps,
+                program_ns: 0.0,
+                stats,
+                ticks_per_second: procfs::clock_ticks_per_second() as f64,
+            }
+        });
         Ok(Engine {
             cfg,
             out,
@@ -105,6 +196,7 @@ impl Engine {
             profiler,
             symbolizer: Symbolizer::new(),
             targets: Vec::new(),
+            cost,
         })
     }
 
@@ -194,6 +286,12 @@ impl Engine {
             image: exec::Image::new(pid),
             start_ticks: procfs::read_stat(pid).map(|s| s.start_ticks),
             last_snapshot: None,
+            budget: self.cfg.max_overhead.map(|b| Budget {
+                governor: budget::Governor::new(b, budget::Params::default(), Instant::now()),
+                attached: SystemTime::now(),
+                cpu_ticks: procfs::read_stat(pid).map(|s| s.cpu_ticks()),
+                hits: self.profiler.hits(pid).unwrap_or_default(),
+            }),
             info,
         });
         Ok(())
@@ -218,6 +316,105 @@ impl Engine {
         self.check_oom();
         self.reap_exited(held);
         self.maintain_stacks(false);
+        self.govern(Instant::now());
+    }
+
+    /// With a CPU budget: measures what each target's probes cost it since
+    /// the last call, and attaches or detaches its probes as its governor
+    /// says (saying once when a target goes windowed, and back).
+    pub fn govern(&mut self, now: Instant) {
+        let Some(cost) = self.cost.as_mut() else {
+            return;
+        };
+        if cost
+            .stats
+            .is_none_or(|(at, _)| now.saturating_duration_since(at) >= RUN_STATS_EVERY)
+        {
+            if let Some(stats) = self.profiler.run_stats() {
+                if let Some((_, prev)) = cost.stats {
+                    let runs = stats.runs.saturating_sub(prev.runs);
+                    if runs >= 100 {
+                        let per =
+                            stats.run_time_ns.saturating_sub(prev.run_time_ns) as f64 / runs as f64;
+                        cost.program_ns = if cost.program_ns == 0.0 {
+                            per
+                        } else {
+                            0.7 * cost.program_ns + 0.3 * per
+                        };
+                    }
+                }
+                cost.stats = Some((now, stats));
+            }
+        }
+        let entry_ns = cost.traps.entry_ns + cost.program_ns;
+        let return_ns = cost.traps.return_ns + cost.program_ns;
+        let tick_ns = 1e9 / cost.ticks_per_second;
+        for t in &mut self.targets {
+            let pid = t.info.pid;
+            let Some(b) = t.budget.as_mut() else {
+                continue;
+            };
+            let Some(stat) = procfs::read_stat(pid) else {
+                continue;
+            };
+            let ticks = stat.cpu_ticks();
+            let hits = self.profiler.hits(pid).unwrap_or(b.hits);
+            let d = hits.since(b.hits);
+            let sample = budget::Sample {
+                cpu_ns: ticks.saturating_sub(b.cpu_ticks.unwrap_or(ticks)) as f64 * tick_ns,
+                cost_ns: d.entries as f64 * entry_ns + d.returns as f64 * return_ns,
+            };
+            b.cpu_ticks = Some(ticks);
+            b.hits = hits;
+            match b.governor.observe(now, sample) {
+                Some(budget::Change::Windowed {
+                    overhead,
+                    on,
+                    cycle,
+                }) => say(&lines::budget_windowed(
+                    pid,
+                    &t.info.comm,
+                    overhead,
+                    b.governor.budget(),
+                    on,
+                    cycle,
+                )),
+                Some(budget::Change::Continuous { overhead }) => say(&lines::budget_continuous(
+                    pid,
+                    &t.info.comm,
+                    overhead,
+                    b.governor.budget(),
+                )),
+                None => {}
+            }
+            let want = match b.governor.attachment() {
+                budget::Attachment::All => ebpf::Which::ALL,
+                budget::Attachment::FreesOnly => ebpf::Which {
+                    allocations: false,
+                    frees: true,
+                },
+                budget::Attachment::Nothing => ebpf::Which::NONE,
+            };
+            let Some(have) = self.profiler.attached_probes(pid) else {
+                continue;
+            };
+            if have == want {
+                continue;
+            }
+            tracing::debug!(pid, phase = ?b.governor.phase(), "probes {have:?} -> {want:?}");
+            let result = if want == ebpf::Which::ALL || (want.frees && !have.frees) {
+                self.profiler.resume(pid)
+            } else {
+                Ok(())
+            };
+            if let Err(e) = result {
+                tracing::warn!(pid, "cannot attach the probes again: {e}");
+                continue;
+            }
+            if want != ebpf::Which::ALL {
+                self.profiler.pause(pid, want.frees);
+            }
+        }
     }
 
     /// Retires stacks no live block uses when the kernel's stack maps fill
@@ -383,9 +580,12 @@ impl Engine {
                 exe: t.info.exe.clone(),
                 attached_at: t.attached_at.clone(),
                 totals: self.profiler.totals(t.info.pid).unwrap_or_default(),
-                overhead: 0.0,
-                coverage: 1.0,
-                windowed: false,
+                overhead: t.budget.as_ref().map_or(0.0, |b| b.governor.overhead()),
+                coverage: t
+                    .budget
+                    .as_ref()
+                    .map_or(1.0, |b| b.governor.coverage(Instant::now())),
+                windowed: t.budget.as_ref().is_some_and(|b| b.governor.windowed()),
                 last_snapshot: t.last_snapshot.clone(),
             })
             .collect()
@@ -533,6 +733,10 @@ impl Engine {
         let mut snapshot =
             Snapshot::from_raw(&raw, meta, |ips| symbolizer.symbolize_stack(pid, ips));
         snapshot.mappings = self.symbolizer.mapping_infos(pid);
+        snapshot.coverage = self.targets[i]
+            .budget
+            .as_ref()
+            .map(|b| b.coverage(Instant::now()));
         Ok(snapshot)
     }
 }

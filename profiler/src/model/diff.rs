@@ -211,6 +211,7 @@ mod tests {
     fn snap(exe: &str, stacks: Vec<Stack>) -> Snapshot {
         Snapshot {
             mappings: Vec::new(),
+            coverage: None,
             format: SNAPSHOT_FORMAT.into(),
             version: 1,
             pid: 1,

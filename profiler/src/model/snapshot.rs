@@ -42,7 +42,7 @@ impl Trigger {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Snapshot {
     pub format: String,
@@ -59,6 +59,60 @@ pub struct Snapshot {
     /// The executable mappings of the target (for pprof's mapping table).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mappings: Vec<MappingInfo>,
+    /// What the snapshot covers when the agent keeps a CPU budget
+    /// (`--max-overhead`); absent for `attach` and `run`, which watch all
+    /// the time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coverage: Option<Coverage>,
+}
+
+/// What a snapshot taken under a CPU budget covers.
+///
+/// A target whose probes cost more than its budget is profiled in windows:
+/// allocation probes attached for a window (ON), then only the free probes
+/// for `follow_ms` (FOLLOW), then nothing (OFF), cycle after cycle. Then:
+///
+/// - `allocated_bytes`, `allocations` (totals and per stack) count the
+///   allocations made during windows only: about `ratio` of the target's
+///   (divide by `ratio` for an estimate of all, if the target's rate is
+///   steady). `frees` counts the frees seen, during windows and FOLLOWs.
+/// - A live block is one allocated in a window and not seen freed since:
+///   not during the rest of its window, nor the FOLLOW after it, nor any
+///   later window or FOLLOW. So what a window allocated and freed within
+///   `follow_ms` is not live; what stays live has lasted at least that long
+///   — the leak signal. A block freed while probes were off stays counted
+///   until its address is allocated again in a later window, which retires
+///   it: live figures may lean high for blocks of medium lifetime, never
+///   for short-lived ones.
+/// - `oldest_age_ms` and `--min-age` hold for the blocks seen.
+///
+/// A target within its budget is attached all the time: `ratio` 1, one
+/// window from attach to the snapshot, nothing dropped.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Coverage {
+    /// Share of the time since attach that allocation probes were attached.
+    pub ratio: f64,
+    /// How long free probes stay after each window.
+    pub follow_ms: u64,
+    /// The budget: `--max-overhead` as a fraction of the target's CPU time.
+    pub max_overhead: f64,
+    /// What the probes cost the target lately, as a share of its own CPU
+    /// time, whatever was attached.
+    pub overhead: f64,
+    /// Profiled in windows now (else attached all the time).
+    pub windowed: bool,
+    /// The most recent windows (allocation probes attached), oldest first;
+    /// the one open at the snapshot ends at `taken_at`.
+    pub windows: Vec<CoverageWindow>,
+}
+
+/// A window: RFC 3339 UTC, to the millisecond.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoverageWindow {
+    pub start: String,
+    pub end: String,
 }
 
 /// What a snapshot says about its target and moment besides the kernel's
@@ -130,6 +184,7 @@ impl Snapshot {
             },
             stacks,
             mappings: Vec::new(),
+            coverage: None,
         }
     }
 }

@@ -158,6 +158,7 @@ pub(crate) mod tests {
     pub(crate) fn sample() -> Snapshot {
         Snapshot {
             mappings: Vec::new(),
+            coverage: None,
             format: SNAPSHOT_FORMAT.into(),
             version: SNAPSHOT_VERSION,
             pid: 1234,
@@ -206,6 +207,33 @@ pub(crate) mod tests {
         assert_eq!(v["trigger"], "signal");
         assert_eq!(v["stacks"][0]["frames"][0]["address"], "0x401136");
         assert_eq!(v["totals"]["dropped_events"], 0);
+        assert_eq!(from_bytes(Path::new("x"), &bytes).unwrap(), s);
+    }
+
+    #[test]
+    fn coverage_is_written_and_read_only_when_there_is_one() {
+        let plain = to_bytes(&sample());
+        assert!(!String::from_utf8_lossy(&plain).contains("coverage"));
+        let mut s = sample();
+        s.coverage = Some(crate::model::Coverage {
+            ratio: 0.125,
+            follow_ms: 300,
+            max_overhead: 0.02,
+            overhead: 0.0175,
+            windowed: true,
+            windows: vec![crate::model::CoverageWindow {
+                start: "2026-11-24T18:59:00.000Z".into(),
+                end: "2026-11-24T18:59:00.400Z".into(),
+            }],
+        });
+        let bytes = to_bytes(&s);
+        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(v["coverage"]["ratio"], 0.125);
+        assert_eq!(v["coverage"]["follow_ms"], 300);
+        assert_eq!(
+            v["coverage"]["windows"][0]["end"],
+            "2026-11-24T18:59:00.400Z"
+        );
         assert_eq!(from_bytes(Path::new("x"), &bytes).unwrap(), s);
     }
 

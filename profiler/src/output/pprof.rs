@@ -788,6 +788,8 @@ fn to_snapshot(p: &Profile, budget: &mut Budget) -> Result<Snapshot, String> {
                 build_id: opt(s(m.build_id)),
             })
             .collect(),
+        // The JSON snapshot says what a windowed one covers; pprof does not.
+        coverage: None,
     };
     super::check_figures(&snapshot)?;
     Ok(snapshot)
