@@ -111,19 +111,23 @@ pub struct AgentArgs {
 /// 64 KiB of heap on average: 512 Ki of them cover 32 GiB of live heap.
 pub const AGENT_SAMPLED_LIVE_BLOCKS: u32 = 1 << 19;
 
-/// `--max-overhead`: `2%`, `0.5%` or a plain fraction `0.02`; above 0, at most 100%.
+/// `--max-overhead`: `2%`, `0.5%`, or a plain fraction `0.02` (at most 1).
+/// Probes can cost a target more than its own work (an allocation-bound
+/// program): with `%`, up to 1000%, so that a budget can let them run
+/// continuously.
 pub fn parse_overhead(text: &str) -> Result<f64> {
     let bad = || {
         Error::BadInput(format!(
-            "--max-overhead {text}: expected a share of the target's CPU time above 0 and at most 100%, as 2% or 0.5%"
+            "--max-overhead {}: expected a share of the target's CPU time above 0, as 2% or 0.5% (at most 1000%)",
+            crate::lines::escape(text)
         ))
     };
     let t = text.trim();
-    let v = match t.strip_suffix('%') {
-        Some(p) => p.trim().parse::<f64>().map_err(|_| bad())? / 100.0,
-        None => t.parse::<f64>().map_err(|_| bad())?,
+    let (v, max) = match t.strip_suffix('%') {
+        Some(p) => (p.trim().parse::<f64>().map_err(|_| bad())? / 100.0, 10.0),
+        None => (t.parse::<f64>().map_err(|_| bad())?, 1.0),
     };
-    if !(v > 0.0 && v <= 1.0) {
+    if !(v > 0.0 && v <= max) {
         return Err(bad());
     }
     Ok(v)
@@ -593,7 +597,8 @@ mod tests {
         assert_eq!(parse_overhead(" 0.5% ").unwrap(), 0.005);
         assert_eq!(parse_overhead("0.1").unwrap(), 0.1);
         assert_eq!(parse_overhead("100%").unwrap(), 1.0);
-        for bad in ["0%", "-1%", "101%", "2", "x%", "", "NaN", "inf"] {
+        assert_eq!(parse_overhead("300%").unwrap(), 3.0);
+        for bad in ["0%", "-1%", "1001%", "2", "x%", "", "NaN", "inf", "inf%"] {
             let e = parse_overhead(bad).unwrap_err();
             assert_eq!(e.exit_code(), 2);
             assert!(e.to_string().starts_with("--max-overhead "), "{e}");

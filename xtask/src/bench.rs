@@ -37,6 +37,9 @@ pub struct BenchArgs {
     /// table (after a quarter as many of warm-up); 0 skips it.
     #[arg(long, default_value_t = 1_000_000)]
     agent_requests: u64,
+    /// Only the agent's CPU budget table.
+    #[arg(long)]
+    agent_only: bool,
     /// Live blocks at which to time a snapshot (comma list).
     #[arg(long, default_value = "100000,1000000", value_delimiter = ',')]
     snapshot_blocks: Vec<u64>,
@@ -56,6 +59,7 @@ impl BenchArgs {
             deep_stack: 32,
             redis_requests: 500,
             agent_requests: 4_000,
+            agent_only: false,
             snapshot_blocks: vec![1_000],
             baseline: None,
         }
@@ -416,6 +420,9 @@ fn print_table(title: &str, unit: &str, names: &[&str], medians: &[Option<f64>])
 pub fn run(args: BenchArgs) -> Result<()> {
     crate::bootstrap()?;
     let heapbpf = crate::build_release()?;
+    if args.agent_only {
+        return crate::bench_agent::run(&heapbpf, args.runs, args.agent_requests);
+    }
     let bin = crate::root().join("target/bench/loop");
     crate::gcc(&crate::root().join("xtask/bench/loop.c"), &bin, &[])?;
     let configs = configs(args.baseline.as_deref());

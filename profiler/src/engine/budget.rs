@@ -305,7 +305,8 @@ impl Governor {
             Attachment::FreesOnly => self.frees.add(sample, memory),
             Attachment::Nothing => {}
         }
-        self.all.add(sample, memory * 4.0);
+        // Over several cycles (the longest is 30 s), not one window.
+        self.all.add(sample, memory * 16.0);
         self.last = now;
         let in_phase = now.saturating_duration_since(self.phase_since);
         let dwelt = self
