@@ -56,7 +56,7 @@ fn an_expensive_target_is_profiled_in_windows_and_its_leak_still_shows() {
     // Within a few intervals the leak is the top live site, in snapshots
     // that say they cover part of the time.
     let mut last = None;
-    for _ in 0..8 {
+    for _ in 0..12 {
         let paths = h.wait_snapshot("interval", pid);
         let json = paths
             .iter()

@@ -37,6 +37,10 @@ pub struct BenchArgs {
     /// table (after a quarter as many of warm-up); 0 skips it.
     #[arg(long, default_value_t = 1_000_000)]
     agent_requests: u64,
+    /// Seconds of the agent's leak run (the leak's rank in each interval's
+    /// snapshot under the default budget); 0 skips it.
+    #[arg(long, default_value_t = 120)]
+    agent_leak_seconds: u64,
     /// Only the agent's CPU budget table.
     #[arg(long)]
     agent_only: bool,
@@ -60,6 +64,7 @@ impl BenchArgs {
             redis_requests: 500,
             agent_requests: 4_000,
             agent_only: false,
+            agent_leak_seconds: 0,
             snapshot_blocks: vec![1_000],
             baseline: None,
         }
@@ -421,7 +426,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
     crate::bootstrap()?;
     let heapbpf = crate::build_release()?;
     if args.agent_only {
-        return crate::bench_agent::run(&heapbpf, args.runs, args.agent_requests);
+        return crate::bench_agent::run(
+            &heapbpf,
+            args.runs,
+            args.agent_requests,
+            args.agent_leak_seconds,
+        );
     }
     let bin = crate::root().join("target/bench/loop");
     crate::gcc(&crate::root().join("xtask/bench/loop.c"), &bin, &[])?;
@@ -531,7 +541,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
         );
     }
     if args.agent_requests > 0 {
-        crate::bench_agent::run(&heapbpf, args.runs, args.agent_requests)?;
+        crate::bench_agent::run(
+            &heapbpf,
+            args.runs,
+            args.agent_requests,
+            args.agent_leak_seconds,
+        )?;
     }
     Ok(())
 }

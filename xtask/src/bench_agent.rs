@@ -124,7 +124,13 @@ fn benchmark(requests: u64) -> Result<f64> {
 }
 
 /// The agent on `pid`, once its probes are live.
-fn start_agent(heapbpf: &Path, pid: u32, dir: &Path, extra: &[&str]) -> Result<Child> {
+fn start_agent(
+    heapbpf: &Path,
+    pid: u32,
+    dir: &Path,
+    interval: &str,
+    extra: &[&str],
+) -> Result<Child> {
     let mut p = Command::new(heapbpf)
         .args(["agent", "--select"])
         .arg(format!("pid={pid}"))
@@ -132,7 +138,7 @@ fn start_agent(heapbpf: &Path, pid: u32, dir: &Path, extra: &[&str]) -> Result<C
             "--listen",
             "127.0.0.1:0",
             "--interval",
-            "10s",
+            interval,
             "--format",
             "json",
             "--data-dir",
@@ -198,32 +204,11 @@ fn one_run(heapbpf: &Path, cfg: &Config, requests: u64, warmup: u64) -> Result<R
     std::fs::create_dir_all(&dir)?;
     let result = (|| -> Result<Run> {
         let agent = match &cfg.agent {
-            Some(extra) => Some(start_agent(heapbpf, server.id(), &dir, extra)?),
+            Some(extra) => Some(start_agent(heapbpf, server.id(), &dir, "10s", extra)?),
             None => None,
         };
-        // The leak: 100 keys of 4 KiB every 100 ms, never deleted, over one
-        // connection.
         let stop = Arc::new(AtomicBool::new(false));
-        let leaker = {
-            let stop = stop.clone();
-            let mut conn = std::net::TcpStream::connect(format!("127.0.0.1:{PORT}"))?;
-            std::thread::spawn(move || {
-                let mut i = 0u64;
-                let mut reply = [0u8; 64];
-                while !stop.load(Ordering::Relaxed) {
-                    let prefix = format!("leak:{i}:");
-                    let cmd = format!(
-                        "*5\r\n$5\r\nDEBUG\r\n$8\r\nPOPULATE\r\n$3\r\n100\r\n${}\r\n{prefix}\r\n$4\r\n4096\r\n",
-                        prefix.len()
-                    );
-                    if conn.write_all(cmd.as_bytes()).is_err() || conn.read(&mut reply).is_err() {
-                        break;
-                    }
-                    i += 1;
-                    sleep(Duration::from_millis(100));
-                }
-            })
-        };
+        let leaker = leak(stop.clone())?;
         // Load before measuring, so that the budget has settled.
         benchmark(warmup)?;
         let set_per_s = benchmark(requests)?;
@@ -260,8 +245,85 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
     Some(v[v.len() / 2])
 }
 
-/// The table: `runs` interleaved rounds of every configuration.
-pub fn run(heapbpf: &Path, runs: usize, requests: u64) -> Result<()> {
+/// One snapshot of the leak run: when, the leak's rank and bytes, coverage.
+struct LeakPoint {
+    taken_at: String,
+    trigger: String,
+    leak: Leak,
+    coverage: Option<f64>,
+    windows: usize,
+}
+
+/// The agent at its default budget on redis at full load for `seconds`,
+/// the leak running: where the leak ranks in each interval's snapshot.
+fn leak_run(heapbpf: &Path, seconds: u64) -> Result<Vec<LeakPoint>> {
+    let mut server = start_redis()?;
+    let dir = crate::root().join("target/bench/agent-leak");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let result = (|| -> Result<Vec<LeakPoint>> {
+        let mut agent = start_agent(heapbpf, server.id(), &dir, "15s", &[])?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let leaker = leak(stop.clone())?;
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(seconds) {
+            benchmark(200_000)?;
+        }
+        stop.store(true, Ordering::Relaxed);
+        let _ = leaker.join();
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+        agent.wait()?;
+        let mut names: Vec<PathBuf> = std::fs::read_dir(&dir)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "json"))
+            .collect();
+        names.sort();
+        names
+            .iter()
+            .map(|p| {
+                let v: serde_json::Value = serde_json::from_slice(&std::fs::read(p)?)?;
+                let (coverage, leak) = read_leak(p)?;
+                Ok(LeakPoint {
+                    taken_at: v["taken_at"].as_str().unwrap_or("").to_string(),
+                    trigger: v["trigger"].as_str().unwrap_or("").to_string(),
+                    leak,
+                    coverage,
+                    windows: v["coverage"]["windows"].as_array().map_or(0, Vec::len),
+                })
+            })
+            .collect()
+    })();
+    let _ = server.kill();
+    let _ = server.wait();
+    result
+}
+
+/// The leak: 100 keys of 4 KiB every 100 ms, never deleted, over one
+/// connection, until `stop`.
+fn leak(stop: Arc<AtomicBool>) -> Result<std::thread::JoinHandle<()>> {
+    let mut conn = std::net::TcpStream::connect(format!("127.0.0.1:{PORT}"))?;
+    Ok(std::thread::spawn(move || {
+        let mut i = 0u64;
+        let mut reply = [0u8; 64];
+        while !stop.load(Ordering::Relaxed) {
+            let prefix = format!("leak:{i}:");
+            let cmd = format!(
+                "*5\r\n$5\r\nDEBUG\r\n$8\r\nPOPULATE\r\n$3\r\n100\r\n${}\r\n{prefix}\r\n$4\r\n4096\r\n",
+                prefix.len()
+            );
+            if conn.write_all(cmd.as_bytes()).is_err() || conn.read(&mut reply).is_err() {
+                break;
+            }
+            i += 1;
+            sleep(Duration::from_millis(100));
+        }
+    }))
+}
+
+/// The table: `runs` interleaved rounds of every configuration, then the
+/// leak run of `leak_seconds` (0: none).
+pub fn run(heapbpf: &Path, runs: usize, requests: u64, leak_seconds: u64) -> Result<()> {
     let configs = configs();
     let warmup = (requests / 4).max(1000);
     let mut results: Vec<Vec<Run>> = configs.iter().map(|_| Vec::new()).collect();
@@ -307,6 +369,29 @@ pub fn run(heapbpf: &Path, runs: usize, requests: u64) -> Result<()> {
                 "-".into()
             }
         );
+    }
+    if leak_seconds > 0 {
+        let points = leak_run(heapbpf, leak_seconds)?;
+        println!();
+        println!(
+            "the leak over time: agent at --max-overhead 2%, --interval 15s, redis at full load for {leak_seconds} s"
+        );
+        println!(
+            "{:<22} {:<10} {:>10} {:>14} {:>10} {:>8}",
+            "snapshot", "trigger", "leak rank", "leak bytes", "coverage", "windows"
+        );
+        for p in points {
+            let (rank, bytes) = p.leak.map_or(("-".to_string(), "-".to_string()), |(r, b)| {
+                (format!("#{r}"), b.to_string())
+            });
+            println!(
+                "{:<22} {:<10} {rank:>10} {bytes:>14} {:>10} {:>8}",
+                p.taken_at,
+                p.trigger,
+                p.coverage.map_or("-".into(), |c| format!("{c:.3}")),
+                p.windows
+            );
+        }
     }
     Ok(())
 }

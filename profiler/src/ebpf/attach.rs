@@ -52,8 +52,12 @@ impl Profiler {
             self.targets_map()?
                 .insert(pid, state, 0)
                 .map_err(|e| Error::runtime(format!("cannot register pid {pid}"), e))?;
-            let hit_slot = self.take_hit_slot();
-            if hit_slot == 0 {
+            let hit_slot = if self.count_hits {
+                self.take_hit_slot()
+            } else {
+                0
+            };
+            if hit_slot == 0 && self.count_hits {
                 tracing::debug!(pid, "no slot left in HITS: its probe hits are not counted");
             }
             let hits_at_attach = self.slot_hits(hit_slot).unwrap_or_default();

@@ -107,6 +107,13 @@ impl Profiler {
         Some(self.slot_hits(t.hit_slot)?.since(t.hits_at_attach))
     }
 
+    /// Counts the probe hits of targets attached from now on (a slot in
+    /// `HITS` each); without it (`attach`, `run`: no budget) probes carry
+    /// slot 0 and count nothing.
+    pub fn count_hits(&mut self) {
+        self.count_hits = true;
+    }
+
     /// Turns on the kernel's run-time statistics of BPF programs for as
     /// long as this profiler lives (a little cost on every BPF program of
     /// the machine: two clock reads a run). `false` when the kernel refuses.

@@ -222,6 +222,7 @@ impl Profiler {
             retire: super::retire::RetireState::new(),
             exec_watched: false,
             run_stats_fd: None,
+            count_hits: false,
         };
         profiler.configure_sampling()?;
         profiler.watch_oom();

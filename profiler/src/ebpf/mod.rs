@@ -215,6 +215,8 @@ pub struct Profiler {
     exec_watched: bool,
     /// Keeps BPF run-time statistics on ([`Profiler::enable_run_stats`]).
     run_stats_fd: Option<OwnedFd>,
+    /// Targets get a slot in `HITS` ([`Profiler::count_hits`]).
+    count_hits: bool,
 }
 
 impl Profiler {

@@ -168,15 +168,21 @@ impl Engine {
         })?;
         let mut profiler = profiler;
         let cost = cfg.max_overhead.map(|_| {
-            let traps = profiler.calibrate_traps().unwrap_or_else(|e| {
-                tracing::warn!("cannot calibrate the cost of a trap ({e}); assuming {} ns an entry, {} ns a return", FALLBACK_TRAPS.entry_ns, FALLBACK_TRAPS.return_ns);
-                FALLBACK_TRAPS
+            profiler.count_hits();
+            // Once per process: the agent loads an engine per busy spell.
+            static CALIBRATED: std::sync::OnceLock<ebpf::TrapCost> = std::sync::OnceLock::new();
+            let traps = *CALIBRATED.get_or_init(|| {
+                let traps = profiler.calibrate_traps().unwrap_or_else(|e| {
+                    tracing::warn!("cannot calibrate the cost of a trap ({e}); assuming {} ns an entry, {} ns a return", FALLBACK_TRAPS.entry_ns, FALLBACK_TRAPS.return_ns);
+                    FALLBACK_TRAPS
+                });
+                tracing::info!(
+                    entry_ns = traps.entry_ns.round(),
+                    return_ns = traps.return_ns.round(),
+                    "trap cost calibrated (an empty uprobe, and uretprobe, on heapbpf's own code)"
+                );
+                traps
             });
-            tracing::info!(
-                entry_ns = traps.entry_ns.round(),
-                return_ns = traps.return_ns.round(),
-                "trap cost calibrated (an empty uprobe, and uretprobe, on heapbpf's own code)"
-            );
             let stats = profiler
                 .enable_run_stats()
                 .then(|| profiler.run_stats())
