@@ -223,7 +223,7 @@ pub fn parse_agent_listening(line: &str) -> Option<std::net::SocketAddr> {
 }
 
 /// A share as people read it: `14.2%`, `0.5%`, `2%`.
-fn percent(share: f64) -> String {
+pub fn percent(share: f64) -> String {
     let p = share * 100.0;
     let text = if p >= 10.0 {
         format!("{p:.1}")

@@ -23,7 +23,7 @@ fn an_expensive_target_is_profiled_in_windows_and_its_leak_still_shows() {
 
     let select = format!("pid={pid}");
     // The agent's own default sampling: what a node runs.
-    let (mut h, _) = Heapbpf::agent(
+    let (mut h, addr) = Heapbpf::agent(
         dir.path(),
         &[
             "--select",
@@ -48,6 +48,35 @@ fn an_expensive_target_is_profiled_in_windows_and_its_leak_still_shows() {
         budget.overhead > 0.01,
         "windowed at {} of its CPU time, under the 1% budget: {line}",
         budget.overhead
+    );
+
+    // /targets says it too: windowed, with the duty cycle and what full
+    // attachment costs.
+    // (The view is published at the end of the loop's turn that said it.)
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let t = loop {
+        let targets = http_get(addr, "/targets");
+        let targets: serde_json::Value = serde_json::from_str(&targets).expect("/targets is JSON");
+        let t = targets
+            .as_array()
+            .and_then(|a| a.iter().find(|t| t["pid"] == pid).cloned())
+            .unwrap_or_else(|| panic!("pid {pid} in /targets: {targets}"));
+        if t["state"] == "windowed" || std::time::Instant::now() > deadline {
+            break t;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    eprintln!("/targets: {t}");
+    assert_eq!(t["state"], "windowed", "{t}");
+    let reason = t["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.starts_with("over --max-overhead 1%: allocation probes on ")
+            && reason.contains(" of every "),
+        "{t}"
+    );
+    assert!(
+        t["coverage"].as_f64().is_some_and(|c| c > 0.0 && c < 1.0),
+        "{t}"
     );
 
     let with_1 = ops_per_second(&mut f, 3000);
@@ -117,4 +146,19 @@ fn an_expensive_target_is_profiled_in_windows_and_its_leak_still_shows() {
         "the fixture ran at {ratio:.3}x of its speed under a 1% budget"
     );
     f.command("exit");
+}
+
+/// The body of `GET target` (HTTP/1.0, no token: the agent listens on loopback).
+fn http_get(addr: std::net::SocketAddr, target: &str) -> String {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(addr).expect("connect to the agent");
+    write!(conn, "GET {target} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut reply = String::new();
+    conn.read_to_string(&mut reply).unwrap();
+    let (head, body) = reply.split_once("\r\n\r\n").expect("an HTTP reply");
+    assert!(
+        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
+        "{head}"
+    );
+    body.to_string()
 }

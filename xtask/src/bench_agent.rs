@@ -347,19 +347,28 @@ pub fn run(heapbpf: &Path, runs: usize, requests: u64, leak_seconds: u64) -> Res
         "redis-server (jemalloc) at full load, redis-benchmark -t set -n {requests} -d 256 -r 50000 after {warmup} requests of warm-up, a leak of 100 x 4 KiB keys every 100 ms (DEBUG POPULATE)"
     );
     println!(
-        "{:<42} {:>12} {:>8} {:>10} {:>14}",
-        "configuration", "SET/s", "ratio", "coverage", "leak rank"
+        "{:<42} {:>12} {:>8} {:>8} {:>10} {:>14}",
+        "configuration", "SET/s", "ratio", "paired", "coverage", "leak rank"
     );
     let base = median(results[0].iter().map(|r| r.set_per_s).collect()).unwrap_or(1.0);
     for (cfg, rs) in configs.iter().zip(&results) {
         let m = median(rs.iter().map(|r| r.set_per_s).collect()).unwrap_or(0.0);
+        // Each round's ratio to the no-profiler run of the same round: the
+        // machine's drift between rounds cancels out.
+        let paired = median(
+            rs.iter()
+                .zip(&results[0])
+                .map(|(r, n)| r.set_per_s / n.set_per_s)
+                .collect(),
+        )
+        .unwrap_or(0.0);
         let cov = median(rs.iter().filter_map(|r| r.coverage).collect());
         let ranks: Vec<String> = rs
             .iter()
             .map(|r| r.leak.map_or("-".into(), |(rank, _)| format!("#{rank}")))
             .collect();
         println!(
-            "{:<42} {m:>12.0} {:>8.3} {:>10} {:>14}",
+            "{:<42} {m:>12.0} {:>8.3} {paired:>8.3} {:>10} {:>14}",
             cfg.name,
             m / base,
             cov.map_or("-".into(), |c| format!("{c:.3}")),

@@ -544,7 +544,7 @@ impl Agent {
                     } else {
                         State::Attached
                     },
-                    reason: None,
+                    reason: s.windows,
                     attached_at: Some(s.attached_at),
                     live_bytes: s.totals.live_bytes,
                     live_allocations: s.totals.live_allocations,

@@ -258,7 +258,9 @@ impl Governor {
     /// What the probes cost the target lately, whatever was attached: the
     /// figure to hold against the budget.
     pub fn overhead(&self) -> f64 {
-        overhead(self.all.cost_ns, self.all.cpu_ns)
+        // Not before enough CPU time is seen: a first period of a few clock
+        // ticks says nothing.
+        self.all.overhead(self.min_cpu_ns()).unwrap_or(0.0)
     }
 
     /// What full attachment costs, as measured lately (`None` until enough

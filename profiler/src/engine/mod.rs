@@ -133,6 +133,8 @@ pub struct TargetStatus {
     pub coverage: f64,
     /// Profiled in windows (over its CPU budget).
     pub windowed: bool,
+    /// When windowed: the budget and the duty cycle, in words.
+    pub windows: Option<String>,
     pub last_snapshot: Option<String>,
 }
 
@@ -592,6 +594,31 @@ impl Engine {
                     .as_ref()
                     .map_or(1.0, |b| b.governor.coverage(Instant::now())),
                 windowed: t.budget.as_ref().is_some_and(|b| b.governor.windowed()),
+                windows: t
+                    .budget
+                    .as_ref()
+                    .filter(|b| b.governor.windowed())
+                    .map(|b| {
+                        let plan = b.governor.plan();
+                        let ms = |d: std::time::Duration| {
+                            humantime::format_duration(std::time::Duration::from_millis(
+                                d.as_millis() as u64,
+                            ))
+                        };
+                        format!(
+                            "over --max-overhead {}: allocation probes on {} of every {}{}",
+                            lines::percent(b.governor.budget()),
+                            ms(plan.on),
+                            ms(plan.on + b.governor.follow() + plan.off),
+                            b.governor
+                                .full_overhead()
+                                .map(|a| format!(
+                                    " (all attached, they cost {} of its CPU time)",
+                                    lines::percent(a)
+                                ))
+                                .unwrap_or_default()
+                        )
+                    }),
                 last_snapshot: t.last_snapshot.clone(),
             })
             .collect()
