@@ -105,6 +105,10 @@ pub struct AgentArgs {
     pub quiet: bool,
 }
 
+/// The most targets an agent profiles at once: each has a slot in the
+/// kernel's per-target hit counters (`HIT_SLOTS`, slot 0 unused).
+pub const MAX_AGENT_TARGETS: usize = heapbpf_common::HIT_SLOTS as usize - 1;
+
 /// The agent's `--max-live-blocks` when sampling: the live-block map's
 /// buckets take 16 bytes a block whether used or not (8 MiB here, against
 /// 32 MiB for 2 Mi), and at the default 64 KiB a sampled block stands for
@@ -143,8 +147,11 @@ impl AgentArgs {
             ))
         })?;
         let max_overhead = parse_overhead(&self.max_overhead)?;
-        if self.max_targets == 0 {
-            return Err(Error::BadInput("--max-targets must be at least 1".into()));
+        if !(1..=MAX_AGENT_TARGETS).contains(&self.max_targets) {
+            return Err(Error::BadInput(format!(
+                "--max-targets {}: expected 1 to {MAX_AGENT_TARGETS}",
+                self.max_targets
+            )));
         }
         if self.discover_every.is_zero() {
             return Err(Error::BadInput(

@@ -204,6 +204,13 @@ pub fn dropped_events(totals: &Totals, limits: Option<(u32, u32)>) -> String {
     )
 }
 
+/// A windowed target whose probes cannot be attached again: it is let go.
+pub fn probes_lost(pid: u32, comm: &str, e: &dyn std::fmt::Display) -> String {
+    format!(
+        "pid {pid} ({comm}): cannot attach its probes again after a window ({e}): final snapshot written, detached"
+    )
+}
+
 /// The agent's first line, once its API is listening: the address it
 /// really listens on (`--listen 127.0.0.1:0` picks a free port). Without
 /// the prefix, as every line [`say`] prints (which adds it and escapes).

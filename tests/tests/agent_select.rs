@@ -533,3 +533,36 @@ fn container_and_cgroup_rules_on_a_cgroup_v1_docker_path() {
     drop(inside);
     drop(cgroups);
 }
+
+#[test]
+fn a_data_dir_others_can_write_is_refused() {
+    require_root();
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new("agent-open-data");
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    // World-writable (as /tmp is): anyone could plant files the agent
+    // would serve or count against --max-disk.
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let d = data.to_str().unwrap();
+    let (code, _, err) = run_heapbpf(&[
+        "agent",
+        "--select",
+        "pid=1",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        d,
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains(&format!(
+            "cannot write snapshots to {d}: its mode 777 lets others write in it"
+        )) && err.contains("--data-dir"),
+        "{err}"
+    );
+    // Made private, the same directory is taken.
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let (mut h, _) = Heapbpf::agent(&data, &["--select", "pid=1"]);
+    stop_agent(&mut h);
+}

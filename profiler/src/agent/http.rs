@@ -451,7 +451,21 @@ fn truncate(s: &str) -> String {
     s.chars().take(64).collect()
 }
 
-async fn healthz() -> Response {
+/// How long the loop may go without a turn before `/healthz` says it is
+/// stuck (a snapshot of a million blocks takes about a second).
+const STUCK_AFTER: std::time::Duration = std::time::Duration::from_secs(30);
+
+async fn healthz(State(app): State<App>) -> Response {
+    let since = app.shared.since_beat();
+    if since > STUCK_AFTER {
+        return plain(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!(
+                "the profiling loop has not turned for {} s",
+                since.as_secs()
+            ),
+        );
+    }
     plain(StatusCode::OK, "ok")
 }
 

@@ -179,6 +179,14 @@ fn open_data_dir(path: &std::path::Path) -> Result<OutputDir> {
             })?;
     }
     let out = OutputDir::open(path)?;
+    if let Some(why) = out.writable_by_others() {
+        return Err(Error::OutputDir {
+            path: path.to_path_buf(),
+            why: format!(
+                "{why}; the agent serves and deletes the files it finds there: use a directory only it can write (chmod go-w, or another --data-dir)"
+            ),
+        });
+    }
     let stale = out.remove_stale_temps();
     if !stale.is_empty() {
         say(&lines::stale_temps_removed(out.path(), stale.len()));
@@ -225,6 +233,8 @@ struct Agent {
     idle_since: Option<Instant>,
     /// Snapshots that could not be written by engines unloaded since.
     failed_snapshots: usize,
+    /// Why the engine could not be loaded, as last said.
+    engine_error: Option<String>,
     out: OutputDir,
     shared: Arc<Shared>,
     /// Selected processes that wait for a slot (oldest first) or failed,
@@ -244,6 +254,7 @@ impl Agent {
             engine: None,
             idle_since: None,
             failed_snapshots: 0,
+            engine_error: None,
             out,
             shared,
             idle: Vec::new(),
@@ -296,6 +307,7 @@ impl Agent {
                     }
                     self.unload_when_idle(now);
                     self.publish();
+                    self.shared.beat();
                 }
             }
         }
@@ -377,12 +389,26 @@ impl Agent {
             .snapshot_seconds
             .observe(started.elapsed().as_secs_f64());
         if let Some(max) = self.cfg.max_disk {
-            crate::output::writer::trim_to_disk(&self.out, max);
+            let keep: Vec<String> = paths
+                .iter()
+                .flatten()
+                .filter_map(|p| p.file_name())
+                .map(|n| n.to_string_lossy().into_owned())
+                .collect();
+            crate::output::writer::trim_to_disk(&self.out, max, &keep);
         }
         paths
     }
 
     fn answer(&mut self, request: Request) {
+        // A client that gave up (timeout, gone) costs no snapshot.
+        let abandoned = match &request {
+            Request::Heap { reply, .. } => reply.is_closed(),
+            Request::Snapshot { reply, .. } => reply.is_closed(),
+        };
+        if abandoned {
+            return;
+        }
         match request {
             Request::Heap { pid, reply } => {
                 let result = if let Some(engine) = self
@@ -460,6 +486,20 @@ impl Agent {
         self.idle.retain(|i| {
             procfs::read_stat(i.process.pid).is_some_and(|s| s.start_ticks == i.process.start_ticks)
         });
+        // One that failed is tried again once it runs another program.
+        for idle in self.idle.iter_mut().filter(|i| i.state == State::Failed) {
+            if let Some(p) = select::read_process(idle.process.pid) {
+                if p.start_ticks == idle.process.start_ticks
+                    && (p.exe != idle.process.exe || p.comm != idle.process.comm)
+                {
+                    *idle = Idle {
+                        process: p,
+                        state: State::Waiting,
+                        reason: None,
+                    };
+                }
+            }
+        }
         let own = std::process::id();
         for pid in select::pids() {
             if pid == own
@@ -495,9 +535,35 @@ impl Agent {
                 i += 1;
                 continue;
             }
-            let process = self.idle[i].process.clone();
-            let attached = procfs::process_info(process.pid)
-                .and_then(|info| self.engine().and_then(|engine| engine.attach(info)));
+            // It may have waited long: still the same process, still selected?
+            let before = &self.idle[i].process;
+            let now = select::read_process(before.pid)
+                .filter(|p| p.start_ticks == before.start_ticks)
+                .filter(|p| self.cfg.rules.iter().any(|r| r.matches(p)));
+            let Some(process) = now else {
+                self.idle.remove(i);
+                continue;
+            };
+            // The programs are the agent's, not the process's: when they
+            // cannot be loaded, everything selected keeps waiting.
+            if let Err(e) = self.engine() {
+                let why = e.to_string().replace('\n', "; ");
+                if self.engine_error.as_deref() != Some(why.as_str()) {
+                    say(&format!("cannot load the eBPF programs: {why}"));
+                    self.engine_error = Some(why.clone());
+                }
+                for idle in self.idle.iter_mut().filter(|w| w.state == State::Waiting) {
+                    idle.reason = Some(format!("the eBPF programs cannot be loaded: {why}"));
+                }
+                break;
+            }
+            self.engine_error = None;
+            let attached = procfs::process_info(process.pid).and_then(|info| {
+                self.engine
+                    .as_mut()
+                    .ok_or_else(|| Error::Runtime("no engine".into()))
+                    .and_then(|engine| engine.attach(info))
+            });
             match attached {
                 Ok(()) => {
                     self.idle.remove(i);
@@ -507,14 +573,16 @@ impl Agent {
                     self.idle.remove(i);
                 }
                 Err(e) => {
+                    let why = e.to_string().replace('\n', "; ");
                     say(&format!(
-                        "cannot profile pid {} ({}): {}",
-                        process.pid,
-                        lines::escape(&process.comm),
-                        e.to_string().replace('\n', "; ")
+                        "cannot profile pid {} ({}): {why}",
+                        process.pid, process.comm
                     ));
-                    self.idle[i].state = State::Failed;
-                    self.idle[i].reason = Some(e.to_string().replace('\n', "; "));
+                    self.idle[i] = Idle {
+                        process,
+                        state: State::Failed,
+                        reason: Some(why),
+                    };
                     i += 1;
                 }
             }

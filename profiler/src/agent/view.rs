@@ -3,7 +3,13 @@
 //! the server (its own thread and runtime). The server reads [`Shared`]
 //! without ever waiting on the engine; what needs the engine (a heap
 //! profile now, a snapshot now) goes as a [`Request`] with a reply channel.
-use std::{sync::Mutex, time::Instant};
+use std::{
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Mutex,
+    },
+    time::{Duration, Instant},
+};
 
 use prometheus_client::metrics::{counter::Counter, histogram::Histogram};
 use serde::Serialize;
@@ -78,6 +84,8 @@ pub struct Shared {
     /// Pushes to a profile store that failed (issue 15 pushes).
     pub push_failures: Counter,
     pub started: Instant,
+    /// Milliseconds after `started` of the loop's last turn.
+    heartbeat_ms: AtomicU64,
 }
 
 impl Default for Shared {
@@ -89,6 +97,7 @@ impl Default for Shared {
             ]),
             push_failures: Counter::default(),
             started: Instant::now(),
+            heartbeat_ms: AtomicU64::new(0),
         }
     }
 }
@@ -97,6 +106,20 @@ impl Shared {
     /// A copy of the targets (the lock is held only for the copy).
     pub fn targets(&self) -> Vec<TargetView> {
         self.targets.lock().map(|t| t.clone()).unwrap_or_default()
+    }
+
+    /// The loop says it is alive (each turn).
+    pub fn beat(&self) {
+        let ms = self.started.elapsed().as_millis() as u64;
+        self.heartbeat_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// How long since the loop's last turn.
+    pub fn since_beat(&self) -> Duration {
+        let ms = self.heartbeat_ms.load(Ordering::Relaxed);
+        self.started
+            .elapsed()
+            .saturating_sub(Duration::from_millis(ms))
     }
 
     pub fn publish(&self, targets: Vec<TargetView>) {

@@ -113,6 +113,9 @@ const RUN_STATS_EVERY: Duration = Duration::from_secs(1);
 
 /// A trap's cost when it cannot be calibrated: about what this VM measured
 /// (entry ~1 µs, uretprobe return ~1.5 µs), rounded up.
+/// Less than this a trap cannot cost: a calibration below it is not believed.
+const MIN_TRAP_NS: f64 = 200.0;
+
 const FALLBACK_TRAPS: ebpf::TrapCost = ebpf::TrapCost {
     entry_ns: 1500.0,
     return_ns: 2500.0,
@@ -174,10 +177,24 @@ impl Engine {
             // Once per process: the agent loads an engine per busy spell.
             static CALIBRATED: std::sync::OnceLock<ebpf::TrapCost> = std::sync::OnceLock::new();
             let traps = *CALIBRATED.get_or_init(|| {
-                let traps = profiler.calibrate_traps().unwrap_or_else(|e| {
-                    tracing::warn!("cannot calibrate the cost of a trap ({e}); assuming {} ns an entry, {} ns a return", FALLBACK_TRAPS.entry_ns, FALLBACK_TRAPS.return_ns);
-                    FALLBACK_TRAPS
-                });
+                let traps = profiler
+                    .calibrate_traps()
+                    .and_then(|t| {
+                        // A trap costs hundreds of ns on any machine: less
+                        // means the calibration's probe was never hit.
+                        if t.entry_ns >= MIN_TRAP_NS && t.return_ns >= MIN_TRAP_NS {
+                            Ok(t)
+                        } else {
+                            Err(Error::Runtime(format!(
+                                "it measured {:.0} ns an entry, {:.0} ns a return",
+                                t.entry_ns, t.return_ns
+                            )))
+                        }
+                    })
+                    .unwrap_or_else(|e| {
+                        tracing::warn!("cannot calibrate the cost of a trap ({e}); assuming {} ns an entry, {} ns a return", FALLBACK_TRAPS.entry_ns, FALLBACK_TRAPS.return_ns);
+                        FALLBACK_TRAPS
+                    });
                 tracing::info!(
                     entry_ns = traps.entry_ns.round(),
                     return_ns = traps.return_ns.round(),
@@ -357,6 +374,7 @@ impl Engine {
         let entry_ns = cost.traps.entry_ns + cost.program_ns;
         let return_ns = cost.traps.return_ns + cost.program_ns;
         let tick_ns = 1e9 / cost.ticks_per_second;
+        let mut lost = Vec::new();
         for t in &mut self.targets {
             let pid = t.info.pid;
             let Some(b) = t.budget.as_mut() else {
@@ -416,11 +434,32 @@ impl Engine {
                 Ok(())
             };
             if let Err(e) = result {
-                tracing::warn!(pid, "cannot attach the probes again: {e}");
-                continue;
+                // The files it was hooked in may be mapped elsewhere now (an
+                // exec that kept its allocator, a library unloaded): hook
+                // what it maps now, keeping what the kernel holds of it.
+                tracing::info!(
+                    pid,
+                    "cannot attach the probes again ({e}); planning them afresh"
+                );
+                let info = t.info.clone();
+                let replanned = procfs::read_maps(pid)
+                    .and_then(|maps| allocator::plan(&info, &maps, &self.cfg.allocator))
+                    .and_then(|plan| self.profiler.rehook(pid, &plan));
+                if let Err(e) = replanned {
+                    lost.push((pid, e));
+                    continue;
+                }
             }
             if want != ebpf::Which::ALL {
                 self.profiler.pause(pid, want.frees);
+            }
+        }
+        // Probes that cannot be attached again: its last snapshot, then let
+        // it go (a front end that selects it again attaches it afresh).
+        for (pid, e) in lost {
+            if let Some(i) = self.index(pid) {
+                say(&lines::probes_lost(pid, &self.targets[i].info.comm, &e));
+                self.finish(i, Trigger::Stop);
             }
         }
     }
@@ -730,7 +769,8 @@ impl Engine {
         // The last snapshot of an image that exec'd: its own blocks and
         // figures, as of the exec, with the modules it had.
         let exec = self.targets[i].image.exec;
-        if procfs::is_alive(pid) && exec.is_none() {
+        // Not the maps of a later process given the same pid.
+        if self.is_same_process_alive(i) && exec.is_none() {
             self.refresh_maps(pid);
             if let Some(rss) = procfs::rss_bytes(pid) {
                 self.targets[i].rss_bytes = rss;

@@ -179,6 +179,23 @@ impl OutputDir {
         }
     }
 
+    /// Why others could plant files here (the agent serves and deletes
+    /// what it finds in its data directory): `None` when only heapbpf's own
+    /// user can write it.
+    pub fn writable_by_others(&self) -> Option<String> {
+        let meta = self.dir.metadata().ok()?;
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        if meta.uid() != me {
+            return Some(format!(
+                "it belongs to uid {}, not to heapbpf's ({me})",
+                meta.uid()
+            ));
+        }
+        let mode = meta.mode();
+        (mode & 0o022 != 0).then(|| format!("its mode {:o} lets others write in it", mode & 0o7777))
+    }
+
     /// Another handle on the same directory (its own descriptor), for a
     /// reader on another thread.
     pub fn try_clone(&self) -> io::Result<OutputDir> {
@@ -411,10 +428,19 @@ impl OutputDir {
             &cstring(name)?,
             libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY,
         )?;
-        if !file.metadata()?.is_file() {
+        let meta = file.metadata()?;
+        if !meta.is_file() {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "not a regular file",
+            ));
+        }
+        // heapbpf links each file it writes once: a second name is someone
+        // else's doing (a hard link to a file heapbpf must not serve).
+        if meta.nlink() != 1 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a file with other names (hard links)",
             ));
         }
         Ok(file)

@@ -43,7 +43,7 @@ impl Body<'_> {
 /// files named exactly as heapbpf names snapshots count or go; nothing is
 /// followed, and a file replaced since it was listed is left alone.
 /// Returns the names removed.
-pub fn trim_to_disk(dir: &OutputDir, max_bytes: u64) -> Vec<String> {
+pub fn trim_to_disk(dir: &OutputDir, max_bytes: u64, keep: &[String]) -> Vec<String> {
     let files = match dir.regular_files(|n| SnapshotName::parse(n).is_some()) {
         Ok(f) => f,
         Err(e) => {
@@ -67,6 +67,10 @@ pub fn trim_to_disk(dir: &OutputDir, max_bytes: u64) -> Vec<String> {
     for set in sets.into_values() {
         if total <= max_bytes {
             break;
+        }
+        // The snapshot just written stays, even alone over the limit.
+        if set.iter().any(|f| keep.contains(&f.name)) {
+            continue;
         }
         for f in set {
             match dir.remove_own(&f.name, f.id) {
@@ -410,18 +414,20 @@ mod tests {
         fs::create_dir(path.join(file_name(9, t1, 1, "svg"))).unwrap();
 
         // 700 bytes of snapshots: within 700, nothing goes.
-        assert!(trim_to_disk(&dir, 700).is_empty());
+        assert!(trim_to_disk(&dir, 700, &[]).is_empty());
         // 450: a (200) and b (200) go, together, oldest first.
-        let mut removed = trim_to_disk(&dir, 450);
+        let mut removed = trim_to_disk(&dir, 450, &[]);
         removed.sort();
         let mut want: Vec<String> = a.iter().chain(&b).cloned().collect();
         want.sort();
         assert_eq!(removed, want);
         // 250: c goes; d alone is 200.
-        assert_eq!(trim_to_disk(&dir, 250), c.to_vec());
-        assert!(trim_to_disk(&dir, 200).is_empty());
+        assert_eq!(trim_to_disk(&dir, 250, &[]), c.to_vec());
+        assert!(trim_to_disk(&dir, 200, &[]).is_empty());
+        // The snapshot just written stays, even alone over the limit.
+        assert!(trim_to_disk(&dir, 0, &[d[0].clone()]).is_empty());
         // 0: everything of heapbpf's goes, nothing else.
-        assert_eq!(trim_to_disk(&dir, 0).len(), 2);
+        assert_eq!(trim_to_disk(&dir, 0, &[]).len(), 2);
         let mut left = names(&path);
         left.sort();
         let mut want = vec![
