@@ -9,6 +9,7 @@
 //! touches it but through [`view::Request`]s, answered between ticks, and
 //! reads what the loop publishes ([`view::Shared`]).
 pub mod http;
+pub mod metrics;
 pub mod select;
 pub mod view;
 

@@ -163,3 +163,27 @@ pub enum Request {
 
 /// The sending half the server holds.
 pub type Requests = mpsc::Sender<Request>;
+
+/// A profiled target with round figures, for the tests of what reads the view.
+#[cfg(test)]
+pub(crate) fn sample_target(pid: u32, comm: &str, state: State) -> TargetView {
+    TargetView {
+        pid,
+        comm: comm.into(),
+        exe: "/bin/x".into(),
+        container: Some("0123456789abcdef".into()),
+        pod: None,
+        namespace: None,
+        service_name: None,
+        state,
+        reason: None,
+        attached_at: None,
+        live_bytes: 4096,
+        live_allocations: 2,
+        allocated_bytes: 10_000,
+        dropped_events: 3,
+        overhead: 0.013,
+        coverage: 1.0,
+        last_snapshot: None,
+    }
+}

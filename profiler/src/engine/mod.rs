@@ -111,11 +111,11 @@ struct CostModel {
 /// How often the programs' run time per run is read again.
 const RUN_STATS_EVERY: Duration = Duration::from_secs(1);
 
-/// A trap's cost when it cannot be calibrated: about what this VM measured
-/// (entry ~1 µs, uretprobe return ~1.5 µs), rounded up.
 /// Less than this a trap cannot cost: a calibration below it is not believed.
 const MIN_TRAP_NS: f64 = 200.0;
 
+/// A trap's cost when it cannot be calibrated: about what this VM measured
+/// (entry ~1 µs, uretprobe return ~1.5 µs), rounded up.
 const FALLBACK_TRAPS: ebpf::TrapCost = ebpf::TrapCost {
     entry_ns: 1500.0,
     return_ns: 2500.0,
