@@ -201,8 +201,29 @@ impl AgentArgs {
             max_targets: self.max_targets,
             max_disk: Some(self.max_disk),
             discover_every: self.discover_every,
+            node: node_name(),
         })
     }
+}
+
+/// This node's name: `NODE_NAME` (the DaemonSet sets it from
+/// `spec.nodeName`), else the host name.
+fn node_name() -> String {
+    if let Some(name) = std::env::var("NODE_NAME")
+        .ok()
+        .filter(|n| !n.trim().is_empty())
+    {
+        return name.trim().to_string();
+    }
+    // SAFETY: uname fills the struct it is given; all-zero is a valid value.
+    let mut uts: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: `uts` is a valid, writable utsname.
+    if unsafe { libc::uname(&mut uts) } != 0 {
+        return String::new();
+    }
+    // SAFETY: the kernel NUL-terminates nodename.
+    let name = unsafe { std::ffi::CStr::from_ptr(uts.nodename.as_ptr()) };
+    name.to_string_lossy().into_owned()
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

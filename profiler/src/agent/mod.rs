@@ -28,7 +28,7 @@ use tokio::{
 
 use self::{
     select::{Process, Rule},
-    view::{ApiError, Request, Shared, State, TargetView},
+    view::{ApiError, PodMeta, Request, Shared, State, TargetView},
 };
 use crate::{
     engine::{Config, Engine},
@@ -54,6 +54,8 @@ pub struct AgentConfig {
     pub max_targets: usize,
     pub max_disk: Option<u64>,
     pub discover_every: Duration,
+    /// This node's name (`NODE_NAME`, else the host name): the `node` label.
+    pub node: String,
 }
 
 /// How often targets are checked for exits, execs and OOM kills.
@@ -320,6 +322,11 @@ impl Agent {
             )));
         }
         Ok(())
+    }
+
+    /// What Kubernetes says of a process (issue 15 fills it).
+    fn meta(&self, _pid: u32) -> Option<PodMeta> {
+        None
     }
 
     /// The pids profiled now.
@@ -600,14 +607,15 @@ impl Agent {
             .into_iter()
             .map(|s| {
                 let p = self.profiled.get(&s.pid);
+                let meta = self.meta(s.pid);
                 TargetView {
                     pid: s.pid,
                     comm: s.comm,
                     exe: s.exe,
                     container: p.and_then(|p| p.container.clone()),
-                    pod: None,
-                    namespace: None,
-                    service_name: None,
+                    pod: meta.as_ref().map(|m| m.pod.clone()),
+                    namespace: meta.as_ref().map(|m| m.namespace.clone()),
+                    service_name: meta.map(|m| m.service_name),
                     state: if s.windowed {
                         State::Windowed
                     } else {
@@ -625,24 +633,27 @@ impl Agent {
                 }
             })
             .collect();
-        views.extend(self.idle.iter().map(|i| TargetView {
-            pid: i.process.pid,
-            comm: i.process.comm.clone(),
-            exe: i.process.exe.clone(),
-            container: i.process.container.clone(),
-            pod: None,
-            namespace: None,
-            service_name: None,
-            state: i.state,
-            reason: i.reason.clone(),
-            attached_at: None,
-            live_bytes: 0,
-            live_allocations: 0,
-            allocated_bytes: 0,
-            dropped_events: 0,
-            overhead: 0.0,
-            coverage: 0.0,
-            last_snapshot: None,
+        views.extend(self.idle.iter().map(|i| {
+            let meta = self.meta(i.process.pid);
+            TargetView {
+                pid: i.process.pid,
+                comm: i.process.comm.clone(),
+                exe: i.process.exe.clone(),
+                container: i.process.container.clone(),
+                pod: meta.as_ref().map(|m| m.pod.clone()),
+                namespace: meta.as_ref().map(|m| m.namespace.clone()),
+                service_name: meta.map(|m| m.service_name),
+                state: i.state,
+                reason: i.reason.clone(),
+                attached_at: None,
+                live_bytes: 0,
+                live_allocations: 0,
+                allocated_bytes: 0,
+                dropped_events: 0,
+                overhead: 0.0,
+                coverage: 0.0,
+                last_snapshot: None,
+            }
         }));
         self.shared.publish(views);
     }

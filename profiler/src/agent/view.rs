@@ -47,6 +47,19 @@ impl State {
     }
 }
 
+/// What Kubernetes says of a target's container (with `--kubernetes`): the
+/// labels every target, metric, snapshot and pushed profile carries.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct PodMeta {
+    pub namespace: String,
+    pub pod: String,
+    /// The container's name in the pod spec.
+    pub container: String,
+    /// `heapbpf.io/service-name`, else the pod's `app.kubernetes.io/name`
+    /// or `app` label, else the container name.
+    pub service_name: String,
+}
+
 /// One entry of `/targets` (field names are the contract's).
 #[derive(Clone, Debug, Serialize)]
 pub struct TargetView {
