@@ -1048,6 +1048,134 @@ mod tests {
         assert!(describe_failure(500, &long).len() < 250);
     }
 
+    /// A loopback server that answers each request with the next of
+    /// `answers` (then 200), one request per connection; the bodies it got.
+    fn canned_server(
+        answers: Vec<(u16, &'static str)>,
+    ) -> (std::net::SocketAddr, Arc<Mutex<Vec<Vec<u8>>>>) {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let bodies = got.clone();
+        std::thread::spawn(move || {
+            let mut answers = answers.into_iter();
+            for s in listener.incoming() {
+                let Ok(mut s) = s else { break };
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 8192];
+                let end = loop {
+                    if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break p;
+                    }
+                    match s.read(&mut chunk) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                };
+                let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                let mut body = buf[end + 4..].to_vec();
+                while body.len() < len {
+                    match s.read(&mut chunk) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => body.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                bodies.lock().unwrap().push(body);
+                let (status, text) = answers.next().unwrap_or((200, ""));
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
+                    text.len()
+                );
+            }
+        });
+        (addr, got)
+    }
+
+    fn wait_until(what: &str, pred: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !pred() {
+            assert!(Instant::now() < deadline, "waited for {what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[test]
+    fn a_failed_push_is_retried_before_the_next_and_counted() {
+        let (addr, got) = canned_server(vec![(
+            503,
+            r#"{"code":"unavailable","message":"ingester \u001b down"}"#,
+        )]);
+        let cfg = PushConfig {
+            pyroscope: Some(format!("http://{addr}")),
+            ..PushConfig::default()
+        };
+        let shared = Arc::new(Shared::default());
+        let pusher = Pusher::start(&cfg, shared.clone()).unwrap().unwrap();
+        let profile = |id: &str| Profile {
+            labels: vec![("pid".into(), "1".into())],
+            pprof: vec![1, 2, 3],
+            id: id.into(),
+        };
+        pusher.push(profile("first"));
+        pusher.push(profile("second"));
+        wait_until("three requests", || got.lock().unwrap().len() >= 3);
+        wait_until("an empty queue", || shared.push_queue.get() == 0);
+        let ids: Vec<String> = got
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|b| {
+                proto::PushRequest::decode(&b[..]).unwrap().series[0].samples[0]
+                    .id
+                    .clone()
+            })
+            .collect();
+        assert_eq!(ids, ["first", "first", "second"]);
+        assert_eq!(shared.push_failures.get(), 1);
+        assert_eq!(shared.push_dropped.get(), 0);
+        pusher.stop();
+    }
+
+    #[test]
+    fn an_https_url_is_spoken_tls_to() {
+        use std::io::Read;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let first = Arc::new(Mutex::new(Vec::new()));
+        let seen = first.clone();
+        std::thread::spawn(move || {
+            if let Some(Ok(mut s)) = listener.incoming().next() {
+                let mut b = [0u8; 3];
+                if s.read_exact(&mut b).is_ok() {
+                    seen.lock().unwrap().extend_from_slice(&b);
+                }
+            }
+        });
+        let cfg = PushConfig {
+            parca: Some(format!("https://{addr}")),
+            ..PushConfig::default()
+        };
+        let shared = Arc::new(Shared::default());
+        let pusher = Pusher::start(&cfg, shared.clone()).unwrap().unwrap();
+        pusher.push(Profile {
+            labels: vec![],
+            pprof: vec![1],
+            id: "x".into(),
+        });
+        wait_until("a failed TLS handshake", || shared.push_failures.get() >= 1);
+        // A TLS handshake record (0x16), version 3.x: a ClientHello.
+        assert_eq!(&first.lock().unwrap()[..2], &[0x16, 0x03]);
+        assert_eq!(shared.push_queue.get(), 1, "kept for the next try");
+        pusher.stop();
+    }
+
     #[test]
     fn profile_ids_are_uuids() {
         let a = random_uuid();
