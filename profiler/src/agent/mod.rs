@@ -378,7 +378,7 @@ impl Agent {
                 meta.as_ref(),
                 &self.cfg.node,
             );
-            pusher.push(push::Profile::from_snapshot(&snapshot, labels));
+            pusher.push_snapshot(snapshot, labels);
         }
     }
 

@@ -5,10 +5,10 @@
 //! mapping of `ProfileStoreService.WriteRaw`), as gzipped pprof with the
 //! contract's labels.
 //!
-//! Delivery never holds the agent's loop: [`Pusher::push`] only appends to a
-//! bounded queue per store ([`Queue`]: when full the oldest profile goes,
-//! counted), and a thread of its own with a current-thread runtime sends
-//! them in order, one at a time, retrying a failed one with a doubling
+//! Delivery never holds the agent's loop: [`Pusher::push_snapshot`] only
+//! hands the snapshot to a thread of its own (a current-thread runtime),
+//! which encodes it and appends it to a bounded queue per store ([`Queue`]:
+//! when full the oldest profile goes, counted), and sends them in order, one at a time, retrying a failed one with a doubling
 //! backoff ([`Backoff`]) before the next. Every failed attempt counts in
 //! `heapbpf_push_failures_total`.
 //!
@@ -31,7 +31,7 @@ use hyper::{
     HeaderMap, Uri,
 };
 use prost::Message;
-use tokio::sync::{watch, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 
 use super::view::{PodMeta, Shared};
 use crate::{
@@ -484,9 +484,14 @@ struct Lane {
 pub struct Pusher {
     lanes: Vec<Arc<Lane>>,
     shared: Arc<Shared>,
-    stop: watch::Sender<bool>,
+    /// Snapshots to encode on the pusher's thread (closed at stop).
+    snapshots: Option<mpsc::Sender<(Snapshot, Vec<(String, String)>)>>,
     thread: Option<JoinHandle<()>>,
 }
+
+/// Snapshots waiting to be encoded at most (the loop never waits for the
+/// pusher: past it, the newest is dropped and counted).
+const ENCODE_BACKLOG: usize = 16;
 
 type Client = hyper_util::client::legacy::Client<
     hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
@@ -537,6 +542,7 @@ impl Pusher {
                 .pool_idle_timeout(Duration::from_secs(30))
                 .build(https);
         let (stop, stopped) = watch::channel(false);
+        let (snapshots, mut inbox) = mpsc::channel(ENCODE_BACKLOG);
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -548,7 +554,8 @@ impl Pusher {
             .spawn(move || {
                 runtime.block_on(async move {
                     let tasks: Vec<_> = thread_lanes
-                        .into_iter()
+                        .iter()
+                        .cloned()
                         .map(|lane| {
                             tokio::spawn(run_lane(
                                 lane,
@@ -559,6 +566,13 @@ impl Pusher {
                             ))
                         })
                         .collect();
+                    // pprof encoding here, off the profiling loop.
+                    while let Some((snapshot, labels)) = inbox.recv().await {
+                        let p = Profile::from_snapshot(&snapshot, labels);
+                        enqueue(&thread_lanes, &thread_shared, p);
+                    }
+                    // Closed: the agent stops; the lanes drain and end.
+                    let _ = stop.send(true);
                     for t in tasks {
                         let _ = t.await;
                     }
@@ -571,41 +585,34 @@ impl Pusher {
         Ok(Some(Pusher {
             lanes,
             shared,
-            stop,
+            snapshots: Some(snapshots),
             thread: Some(thread),
         }))
     }
 
+    /// Hands a snapshot written to the pusher's thread, which encodes it
+    /// and queues it for every store; never waits.
+    pub fn push_snapshot(&self, snapshot: Snapshot, labels: Vec<(String, String)>) {
+        let Some(tx) = &self.snapshots else { return };
+        if tx.try_send((snapshot, labels)).is_err() {
+            self.shared.push_dropped.inc_by(self.lanes.len() as u64);
+            tracing::warn!(
+                "{ENCODE_BACKLOG} snapshots wait to be encoded for pushing: the newest dropped"
+            );
+        }
+    }
+
     /// Queues `p` for every store; never waits.
     pub fn push(&self, p: Profile) {
-        let p = Arc::new(p);
-        for lane in &self.lanes {
-            let dropped = match lane.queue.lock() {
-                Ok(mut q) => q.push(p.clone()),
-                Err(_) => continue,
-            };
-            self.shared.push_queue.inc();
-            if dropped > 0 {
-                self.shared.push_queue.dec_by(dropped as i64);
-                self.shared.push_dropped.inc_by(dropped as u64);
-                tracing::warn!(
-                    store = lane.store.as_str(),
-                    dropped,
-                    "push queue full ({QUEUE_PROFILES} profiles or {} MiB): the oldest dropped",
-                    QUEUE_BYTES >> 20
-                );
-            }
-            lane.wake.notify_one();
-        }
+        enqueue(&self.lanes, &self.shared, p);
     }
 
     /// Sends what is queued (each profile tried once more) for at most
     /// [`DRAIN_AT_EXIT`], then stops the thread.
     pub fn stop(mut self) {
-        let _ = self.stop.send(true);
-        for lane in &self.lanes {
-            lane.wake.notify_one();
-        }
+        // Closing the channel: what it holds is encoded and queued, then
+        // the lanes are told to drain and end.
+        self.snapshots = None;
         let deadline = Instant::now() + DRAIN_AT_EXIT;
         if let Some(thread) = self.thread.take() {
             while !thread.is_finished() && Instant::now() < deadline {
@@ -625,6 +632,29 @@ impl Pusher {
                 ));
             }
         }
+    }
+}
+
+/// Queues `p` for every store, counting what a full queue drops.
+fn enqueue(lanes: &[Arc<Lane>], shared: &Shared, p: Profile) {
+    let p = Arc::new(p);
+    for lane in lanes {
+        let dropped = match lane.queue.lock() {
+            Ok(mut q) => q.push(p.clone()),
+            Err(_) => continue,
+        };
+        shared.push_queue.inc();
+        if dropped > 0 {
+            shared.push_queue.dec_by(dropped as i64);
+            shared.push_dropped.inc_by(dropped as u64);
+            tracing::warn!(
+                store = lane.store.as_str(),
+                dropped,
+                "push queue full ({QUEUE_PROFILES} profiles or {} MiB): the oldest dropped",
+                QUEUE_BYTES >> 20
+            );
+        }
+        lane.wake.notify_one();
     }
 }
 
