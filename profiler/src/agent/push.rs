@@ -485,9 +485,12 @@ pub struct Pusher {
     lanes: Vec<Arc<Lane>>,
     shared: Arc<Shared>,
     /// Snapshots to encode on the pusher's thread (closed at stop).
-    snapshots: Option<mpsc::Sender<(Snapshot, Vec<(String, String)>)>>,
+    snapshots: Option<mpsc::Sender<Labelled>>,
     thread: Option<JoinHandle<()>>,
 }
+
+/// A snapshot written, with the labels it is pushed with.
+type Labelled = (Snapshot, Vec<(String, String)>);
 
 /// Snapshots waiting to be encoded at most (the loop never waits for the
 /// pusher: past it, the newest is dropped and counted).
