@@ -544,7 +544,7 @@ fn parca_gets_writeraw_with_the_profile_and_labels() {
     let receiver = Receiver::start("127.0.0.1:0".parse().unwrap(), got.clone());
     let url = format!("http://{}", receiver.addr);
     let mut fx = Fixture::spawn("grow");
-    let (_hb, _api) = agent_on(&fx, data.path(), &["--push-parca", &url]);
+    let (mut hb, _api) = agent_on(&fx, data.path(), &["--push-parca", &url]);
     fx.command("leak 12 1048576 0");
     let with_leak = |g: &Got| pprof_total(&decode_writeraw(g).1, "inuse_space").1 >= 12 * MIB;
     let all = receiver.wait("a WriteRaw with the 12 MiB leak", |g| {
@@ -566,6 +566,28 @@ fn parca_gets_writeraw_with_the_profile_and_labels() {
         pprof_top_bytes(home.path(), &raw, "inuse_space", "grow_leak"),
         12 * MIB
     );
+
+    // The snapshots the engine writes by itself go too: the target
+    // exits, its `exit` snapshot is the last profile received, and every
+    // snapshot written arrived.
+    let pid = fx.pid;
+    fx.command("exit");
+    fx.wait_exit();
+    hb.wait_snapshot("exit", pid);
+    let written: Vec<u64> = hb
+        .stderr
+        .iter()
+        .filter_map(|l| lines::parse_snapshot(l))
+        .filter(|s| s.pid == pid)
+        .map(|s| s.live_bytes)
+        .collect();
+    let got = receiver.wait("every snapshot written", |g| g.len() >= written.len());
+    let pushed: Vec<u64> = got
+        .iter()
+        .map(|g| pprof_total(&decode_writeraw(g).1, "inuse_space").1)
+        .collect();
+    assert_eq!(pushed, written);
+    assert_eq!(pushed.last(), Some(&(12 * MIB)), "the exit snapshot");
 }
 
 #[test]
