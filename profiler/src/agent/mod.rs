@@ -92,10 +92,6 @@ pub fn run_agent(mut cfg: AgentConfig) -> Result<()> {
     }
     let out = open_data_dir(&cfg.engine.output_dir)?;
     crate::ebpf::preflight()?;
-    let shared = Arc::new(Shared::default());
-    // Reads --push-basic-auth (bad input: exit 2) and starts its thread.
-    let pusher = push::Pusher::start(&cfg.push, shared.clone())?;
-    cfg.engine.keep_written = pusher.is_some();
     let listener = TcpListener::bind(cfg.listen).map_err(|e| {
         Error::BadInput(format!(
             "--listen {}: cannot listen there: {} (pick another address or port)",
@@ -106,6 +102,10 @@ pub fn run_agent(mut cfg: AgentConfig) -> Result<()> {
     let local = listener
         .local_addr()
         .map_err(|e| Error::runtime("cannot read the address listened on", e))?;
+    let shared = Arc::new(Shared::default());
+    // Reads --push-basic-auth (bad input: exit 2) and starts its thread.
+    let pusher = push::Pusher::start(&cfg.push, shared.clone())?;
+    cfg.engine.keep_written = pusher.is_some();
     let (requests, inbox) = mpsc::channel(REQUEST_QUEUE);
     let server_dir = out
         .try_clone()

@@ -109,8 +109,8 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// The first wait after a failed push; it doubles up to [`BACKOFF_MAX`].
 pub const BACKOFF_MIN: Duration = Duration::from_secs(1);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
-/// At exit, how long the queues may take to drain (each profile is tried
-/// once more, without backoff).
+/// At exit, how long the queues may take to drain (in order, until a push
+/// fails, without backoff).
 pub const DRAIN_AT_EXIT: Duration = Duration::from_secs(10);
 /// A label value is cut at this many bytes (Pyroscope refuses values over
 /// 2048 by default; Kubernetes names are at most 253).
@@ -610,8 +610,8 @@ impl Pusher {
         enqueue(&self.lanes, &self.shared, p);
     }
 
-    /// Sends what is queued (each profile tried once more) for at most
-    /// [`DRAIN_AT_EXIT`], then stops the thread.
+    /// Sends what is queued (in order, until a push fails, without
+    /// backoff) for at most [`DRAIN_AT_EXIT`], then stops the thread.
     pub fn stop(mut self) {
         // Closing the channel: what it holds is encoded and queued, then
         // the lanes are told to drain and end.
@@ -717,8 +717,8 @@ fn request_headers(cfg: &PushConfig) -> Result<HeaderMap> {
 }
 
 /// One store's loop: the oldest profile, sent until it goes (or the queue
-/// drops it), backing off between failures; at stop, each profile left is
-/// tried once.
+/// drops it), backing off between failures; at stop, what is left is sent
+/// until a push fails.
 async fn run_lane(
     lane: Arc<Lane>,
     client: Client,
