@@ -97,6 +97,21 @@ pub struct AgentArgs {
     /// Distinct call stacks the kernel maps can hold at once (all targets together).
     #[arg(long, value_name = "N", default_value_t = crate::ebpf::DEFAULT_MAX_STACKS)]
     pub max_stacks: u32,
+    /// Push each snapshot to a Grafana Pyroscope server at URL (URL/push.v1.PusherService/Push).
+    #[arg(long, value_name = "URL")]
+    pub push: Option<String>,
+    /// Push each snapshot to a Parca server at URL (URL/profiles/writeraw).
+    #[arg(long, value_name = "URL")]
+    pub push_parca: Option<String>,
+    /// An HTTP header sent with every push, as NAME:VALUE (repeatable).
+    #[arg(long, value_name = "K:V")]
+    pub push_header: Vec<String>,
+    /// A file whose first line is user:password, sent as HTTP basic auth with every push.
+    #[arg(long, value_name = "FILE")]
+    pub push_basic_auth: Option<PathBuf>,
+    /// The tenant pushed profiles belong to (the X-Scope-OrgID header).
+    #[arg(long, value_name = "ID")]
+    pub push_tenant: Option<String>,
     /// More on stderr.
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -166,6 +181,7 @@ impl AgentArgs {
             .iter()
             .map(|r| crate::agent::select::Rule::parse(r).map_err(Error::BadInput))
             .collect::<Result<Vec<_>>>()?;
+        let push = self.push_config()?;
         let mut engine = ProfileArgs {
             output_dir: self.data_dir,
             format: self.format,
@@ -202,7 +218,48 @@ impl AgentArgs {
             max_disk: Some(self.max_disk),
             discover_every: self.discover_every,
             node: node_name(),
+            push,
         })
+    }
+
+    /// `--push*`, every value checked (the basic-auth file is read at start).
+    fn push_config(&self) -> Result<crate::agent::push::PushConfig> {
+        use crate::agent::push;
+        let cfg = push::PushConfig {
+            pyroscope: self
+                .push
+                .as_deref()
+                .map(|u| push::parse_url("--push", u))
+                .transpose()
+                .map_err(Error::BadInput)?,
+            parca: self
+                .push_parca
+                .as_deref()
+                .map(|u| push::parse_url("--push-parca", u))
+                .transpose()
+                .map_err(Error::BadInput)?,
+            headers: self
+                .push_header
+                .iter()
+                .map(|h| push::parse_header(h))
+                .collect::<std::result::Result<_, _>>()
+                .map_err(Error::BadInput)?,
+            basic_auth_file: self.push_basic_auth.clone(),
+            tenant: self
+                .push_tenant
+                .as_deref()
+                .map(push::parse_tenant)
+                .transpose()
+                .map_err(Error::BadInput)?,
+        };
+        let options =
+            !cfg.headers.is_empty() || cfg.basic_auth_file.is_some() || cfg.tenant.is_some();
+        if options && !cfg.enabled() {
+            return Err(Error::BadInput(
+                "--push-header, --push-basic-auth and --push-tenant go with --push URL or --push-parca URL (where to push)".into(),
+            ));
+        }
+        Ok(cfg)
     }
 }
 
@@ -484,6 +541,7 @@ impl ProfileArgs {
             allocator,
             sessions: !self.no_uprobe_sessions,
             exec_tracepoint: !self.no_exec_tracepoint,
+            keep_written: false,
             max_overhead: None,
         })
     }
@@ -640,6 +698,63 @@ mod tests {
         assert_eq!(a.max_overhead, "2%");
         // The selection is required: an agent profiles nothing by surprise.
         assert!(agent(&[]).is_err());
+    }
+
+    #[test]
+    fn agent_push_flags_are_checked() {
+        let cfg = |args: &[&str]| {
+            let mut all = vec!["--select", "pid=1"];
+            all.extend(args);
+            agent(&all).and_then(AgentArgs::into_config)
+        };
+        let c = cfg(&[
+            "--push",
+            "http://127.0.0.1:4040/",
+            "--push-parca",
+            "https://parca.example:7070",
+            "--push-header",
+            "X-Extra: one",
+            "--push-header",
+            "X-Other:two",
+            "--push-tenant",
+            "team-a",
+        ])
+        .unwrap();
+        assert_eq!(c.push.pyroscope.as_deref(), Some("http://127.0.0.1:4040"));
+        assert_eq!(c.push.parca.as_deref(), Some("https://parca.example:7070"));
+        assert_eq!(
+            c.push.headers,
+            [
+                ("X-Extra".to_string(), "one".to_string()),
+                ("X-Other".to_string(), "two".to_string())
+            ]
+        );
+        assert_eq!(c.push.tenant.as_deref(), Some("team-a"));
+        assert!(!cfg(&[]).unwrap().push.enabled());
+        for (args, starts) in [
+            (&["--push", "localhost:4040"][..], "--push localhost:4040"),
+            (&["--push-parca", "ftp://x"][..], "--push-parca ftp://x"),
+            (
+                &["--push", "http://a", "--push-header", "bad"][..],
+                "--push-header bad",
+            ),
+            (
+                &["--push", "http://a", "--push-header", "X:\u{1}"][..],
+                "--push-header",
+            ),
+            (
+                &["--push", "http://a", "--push-tenant", ""][..],
+                "--push-tenant",
+            ),
+            (
+                &["--push-tenant", "t"][..],
+                "--push-header, --push-basic-auth and --push-tenant",
+            ),
+        ] {
+            let e = cfg(args).unwrap_err();
+            assert_eq!(e.exit_code(), 2, "{args:?}");
+            assert!(e.to_string().starts_with(starts), "{args:?}: {e}");
+        }
     }
 
     #[test]

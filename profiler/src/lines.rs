@@ -221,6 +221,37 @@ pub fn agent_listening(addr: std::net::SocketAddr, data_dir: &Path) -> String {
     )
 }
 
+/// The agent pushes each snapshot to a profile store (`--push`, `--push-parca`).
+pub fn push_to(store: &str, url: &str) -> String {
+    format!("pushing profiles to {store} at {}", escape(url))
+}
+
+/// A push to a store failed; said once until one succeeds again.
+pub fn push_failing(store: &str, url: &str, why: &str) -> String {
+    format!(
+        "cannot push to {store} at {}: {why}; profiles are queued (the oldest dropped past the bound) and retried",
+        escape(url)
+    )
+}
+
+/// Pushes to a store work again after `failed` failed attempts.
+pub fn push_recovered(store: &str, url: &str, failed: u64) -> String {
+    format!(
+        "pushing to {store} at {} works again (after {failed} failed attempt{})",
+        escape(url),
+        if failed == 1 { "" } else { "s" }
+    )
+}
+
+/// At exit, profiles that could not be pushed.
+pub fn push_left_unsent(store: &str, url: &str, left: usize) -> String {
+    format!(
+        "{left} profile{} not pushed to {store} at {} before exit",
+        if left == 1 { "" } else { "s" },
+        escape(url)
+    )
+}
+
 /// An [`agent_listening`] line read back as stderr shows it: the address.
 pub fn parse_agent_listening(line: &str) -> Option<std::net::SocketAddr> {
     let rest = line

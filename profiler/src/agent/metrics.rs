@@ -187,6 +187,16 @@ fn encode_metrics(
         "Pushes to a profile store that failed",
         shared.push_failures.clone(),
     );
+    registry.register(
+        "heapbpf_push_queue_profiles",
+        "Profiles waiting to be pushed",
+        shared.push_queue.clone(),
+    );
+    registry.register(
+        "heapbpf_push_dropped",
+        "Profiles dropped from a full push queue",
+        shared.push_dropped.clone(),
+    );
     let cpu = Counter::<f64, std::sync::atomic::AtomicU64>::default();
     cpu.inc_by(own.cpu_seconds);
     registry.register(
@@ -271,6 +281,8 @@ mod tests {
         for name in [
             "heapbpf_snapshot_seconds_count 1",
             "heapbpf_push_failures_total 0",
+            "heapbpf_push_queue_profiles 0",
+            "heapbpf_push_dropped_total 0",
             "process_cpu_seconds_total ",
             "process_resident_memory_bytes ",
             "process_virtual_memory_bytes ",

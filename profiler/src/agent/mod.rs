@@ -10,6 +10,7 @@
 //! reads what the loop publishes ([`view::Shared`]).
 pub mod http;
 pub mod metrics;
+pub mod push;
 pub mod select;
 pub mod view;
 
@@ -56,6 +57,8 @@ pub struct AgentConfig {
     pub discover_every: Duration,
     /// This node's name (`NODE_NAME`, else the host name): the `node` label.
     pub node: String,
+    /// `--push`, `--push-parca` and their options.
+    pub push: push::PushConfig,
 }
 
 /// How often targets are checked for exits, execs and OOM kills.
@@ -71,7 +74,7 @@ const UNLOAD_AFTER: Duration = Duration::from_secs(30);
 const MAX_TOKEN_BYTES: u64 = 4096;
 
 /// `heapbpf agent`.
-pub fn run_agent(cfg: AgentConfig) -> Result<()> {
+pub fn run_agent(mut cfg: AgentConfig) -> Result<()> {
     if cfg.rules.iter().any(|r| matches!(r, Rule::K8s)) {
         return Err(Error::BadInput(
             "--select k8s needs --kubernetes (pod metadata from the API server), which this build does not have yet; select by container=ID or cgroup=GLOB meanwhile".into(),
@@ -100,6 +103,9 @@ pub fn run_agent(cfg: AgentConfig) -> Result<()> {
         .local_addr()
         .map_err(|e| Error::runtime("cannot read the address listened on", e))?;
     let shared = Arc::new(Shared::default());
+    // Reads --push-basic-auth (bad input: exit 2) and starts its thread.
+    let pusher = push::Pusher::start(&cfg.push, shared.clone())?;
+    cfg.engine.keep_written = pusher.is_some();
     let (requests, inbox) = mpsc::channel(REQUEST_QUEUE);
     let server_dir = out
         .try_clone()
@@ -121,7 +127,9 @@ pub fn run_agent(cfg: AgentConfig) -> Result<()> {
             rt.block_on(async {
                 let signals = Signals::new()?;
                 say(&lines::agent_listening(local, out.path()));
-                Agent::new(cfg, out, shared).run(signals, inbox).await
+                Agent::new(cfg, out, shared, pusher)
+                    .run(signals, inbox)
+                    .await
             })
         });
     server.stop();
@@ -131,10 +139,16 @@ pub fn run_agent(cfg: AgentConfig) -> Result<()> {
 /// The token file: its first line, trimmed; refused when empty, too large,
 /// or not a regular file (never through a symlink).
 fn read_token(path: &std::path::Path) -> Result<Vec<u8>> {
+    read_first_line("--token-file", path)
+}
+
+/// A secret file given with `flag`: its first line, trimmed; refused when
+/// empty, too large, or not a regular file (never through a symlink).
+pub(crate) fn read_first_line(flag: &str, path: &std::path::Path) -> Result<Vec<u8>> {
     use std::{io::Read, os::unix::fs::OpenOptionsExt};
     let bad = |why: String| {
         Error::BadInput(format!(
-            "--token-file {}: {why}",
+            "{flag} {}: {why}",
             lines::escape(&path.display().to_string())
         ))
     };
@@ -248,10 +262,17 @@ struct Agent {
     /// Targets whose interval snapshot is due, taken one per loop turn so
     /// that requests and ticks go on between them.
     due: VecDeque<u32>,
+    /// With `--push` or `--push-parca`: where each snapshot written goes.
+    pusher: Option<push::Pusher>,
 }
 
 impl Agent {
-    fn new(cfg: AgentConfig, out: OutputDir, shared: Arc<Shared>) -> Self {
+    fn new(
+        cfg: AgentConfig,
+        out: OutputDir,
+        shared: Arc<Shared>,
+        pusher: Option<push::Pusher>,
+    ) -> Self {
         Agent {
             cfg,
             engine: None,
@@ -263,6 +284,7 @@ impl Agent {
             idle: Vec::new(),
             profiled: HashMap::new(),
             due: VecDeque::new(),
+            pusher,
         }
     }
 
@@ -286,6 +308,9 @@ impl Agent {
                         engine.tick(None);
                         engine.check_steps();
                     }
+                    // Before forget_finished: an exit snapshot's process
+                    // is still known (its container).
+                    self.push_written();
                     self.forget_finished();
                     if now >= next_discovery {
                         self.discover();
@@ -316,6 +341,9 @@ impl Agent {
         }
         self.snapshot_all(Trigger::Stop);
         self.unload();
+        if let Some(pusher) = self.pusher.take() {
+            pusher.stop();
+        }
         if self.failed_snapshots > 0 {
             return Err(Error::Runtime(lines::snapshots_failed(
                 self.failed_snapshots,
@@ -327,6 +355,31 @@ impl Agent {
     /// What Kubernetes says of a process (issue 15 fills it).
     fn meta(&self, _pid: u32) -> Option<PodMeta> {
         None
+    }
+
+    /// Hands the snapshots the engine wrote since the last call (any
+    /// trigger) to the pusher, labelled.
+    fn push_written(&mut self) {
+        let written = match self.engine.as_mut() {
+            Some(engine) => engine.take_written(),
+            None => return,
+        };
+        let Some(pusher) = &self.pusher else { return };
+        for snapshot in written {
+            let container = self
+                .profiled
+                .get(&snapshot.pid)
+                .and_then(|p| p.container.as_deref());
+            let meta = self.meta(snapshot.pid);
+            let labels = push::labels(
+                snapshot.pid,
+                &snapshot.comm,
+                container,
+                meta.as_ref(),
+                &self.cfg.node,
+            );
+            pusher.push_snapshot(snapshot, labels);
+        }
     }
 
     /// The pids profiled now.
@@ -371,6 +424,7 @@ impl Agent {
 
     /// Detaches every target and unloads the programs and maps.
     fn unload(&mut self) {
+        self.push_written();
         if let Some(mut engine) = self.engine.take() {
             engine.detach_all();
             self.failed_snapshots += engine.failed_snapshots();
@@ -393,6 +447,7 @@ impl Agent {
         let engine = self.engine.as_mut()?;
         let started = Instant::now();
         let paths = engine.snapshot_pid(pid, trigger).ok();
+        self.push_written();
         self.shared
             .snapshot_seconds
             .observe(started.elapsed().as_secs_f64());

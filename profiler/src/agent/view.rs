@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use prometheus_client::metrics::{counter::Counter, histogram::Histogram};
+use prometheus_client::metrics::{counter::Counter, gauge::Gauge, histogram::Histogram};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
@@ -94,8 +94,12 @@ pub struct Shared {
     pub targets: Mutex<Vec<TargetView>>,
     /// How long each snapshot took (kernel read, symbolization, files).
     pub snapshot_seconds: Histogram,
-    /// Pushes to a profile store that failed (issue 15 pushes).
+    /// Push attempts to a profile store that failed.
     pub push_failures: Counter,
+    /// Profiles waiting to be pushed (all stores together).
+    pub push_queue: Gauge,
+    /// Profiles dropped from a full push queue.
+    pub push_dropped: Counter,
     pub started: Instant,
     /// Milliseconds after `started` of the loop's last turn.
     heartbeat_ms: AtomicU64,
@@ -109,6 +113,8 @@ impl Default for Shared {
                 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
             ]),
             push_failures: Counter::default(),
+            push_queue: Gauge::default(),
+            push_dropped: Counter::default(),
             started: Instant::now(),
             heartbeat_ms: AtomicU64::new(0),
         }

@@ -35,4 +35,7 @@ pub struct Config {
     /// it, the target is profiled in windows ([`super::budget`]). `None`
     /// (`attach`, `run`): no budget, every probe attached all the time.
     pub max_overhead: Option<f64>,
+    /// Keep each snapshot written for [`super::Engine::take_written`] (the
+    /// agent pushes them to a profile store).
+    pub keep_written: bool,
 }

@@ -152,7 +152,14 @@ pub struct Engine {
     targets: Vec<Target>,
     /// With a CPU budget: what a probe hit costs.
     cost: Option<CostModel>,
+    /// With [`Config::keep_written`]: the snapshots written since the last
+    /// [`Engine::take_written`], at most [`MAX_KEPT_WRITTEN`] (the oldest go).
+    written: std::collections::VecDeque<Snapshot>,
 }
+
+/// Snapshots kept for [`Engine::take_written`] at most: the agent drains
+/// them every loop turn, so more would mean a front end that never does.
+const MAX_KEPT_WRITTEN: usize = 64;
 
 fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
@@ -222,6 +229,7 @@ impl Engine {
             symbolizer: Symbolizer::new(),
             targets: Vec::new(),
             cost,
+            written: std::collections::VecDeque::new(),
         })
     }
 
@@ -237,6 +245,13 @@ impl Engine {
     /// How many snapshots could not be written so far.
     pub fn failed_snapshots(&self) -> usize {
         self.failed_snapshots
+    }
+
+    /// The snapshots written since the last call, oldest first (with
+    /// [`Config::keep_written`]; else none): every trigger's, the `exit`,
+    /// `oom`, `exec` and step snapshots [`Engine::tick`] writes included.
+    pub fn take_written(&mut self) -> Vec<Snapshot> {
+        self.written.drain(..).collect()
     }
 
     /// Whether no target is left.
@@ -760,6 +775,12 @@ impl Engine {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "snapshot statistics"
         );
+        if self.cfg.keep_written {
+            if self.written.len() >= MAX_KEPT_WRITTEN {
+                self.written.pop_front();
+            }
+            self.written.push_back(snapshot);
+        }
         Ok(paths)
     }
 
