@@ -853,3 +853,71 @@ fn the_pod_template_plays_as_a_deployment_beside_a_leaking_container() {
     eprintln!("kube play: agent {}", footprint(agent_pid));
     eprintln!("kube play test: {:.1}s", started.elapsed().as_secs_f64());
 }
+
+/// The ConfigMap reaches the agent as `HEAPBPF_*` variables: a value is the
+/// flag's, an empty one is the flag left out (the default), a bad one is
+/// refused naming the flag, and a flag on the command line wins.
+#[test]
+fn settings_come_from_the_environment_as_the_configmap_sets_them() {
+    require_root();
+    let data = TempDir::new("kube-env");
+    let fx = Fixture::spawn("grow");
+    let agent = |env: &[(&str, &str)], args: &[&str]| {
+        let mut cmd = Command::new(heapbpf_bin());
+        cmd.args(["agent", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data.path())
+            .args(["--discover-every", "200ms"])
+            .args(args)
+            .env_remove("HEAPBPF_SAMPLE_BYTES");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd
+    };
+    let select = format!("pid={}", fx.pid);
+    // Empty HEAPBPF_SAMPLE_BYTES (the ConfigMap's default): the agent's
+    // sampling default, as without it; a bad HEAPBPF_INTERVAL does not
+    // matter beside --interval on the command line.
+    let mut child = agent(
+        &[
+            ("HEAPBPF_SELECT", &select),
+            ("HEAPBPF_SAMPLE_BYTES", ""),
+            ("HEAPBPF_INTERVAL", "soon"),
+        ],
+        &["--interval", "1h"],
+    )
+    .stderr(Stdio::piped())
+    .stdout(Stdio::null())
+    .spawn()
+    .unwrap();
+    let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    let line = loop {
+        let mut l = String::new();
+        if std::io::BufRead::read_line(&mut err, &mut l).unwrap() == 0 {
+            panic!("the agent ended before attaching:\n{seen}");
+        }
+        seen.push_str(&l);
+        if lines::parse_attached(l.trim_end()).is_some_and(|(p, _)| p == fx.pid) {
+            break l;
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(line.contains("sampling 64KiB"), "{line}");
+    // Alone, a bad value is refused naming its flag, exit 2.
+    let out = agent(
+        &[("HEAPBPF_SELECT", &select), ("HEAPBPF_INTERVAL", "soon")],
+        &[],
+    )
+    .output()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--interval"), "{stderr}");
+    // No rule at all (HEAPBPF_SELECT empty): the usage error of a missing --select.
+    let out = agent(&[("HEAPBPF_SELECT", "")], &[]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--select"), "{stderr}");
+}
