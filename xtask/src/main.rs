@@ -216,7 +216,7 @@ pub fn bootstrap() -> Result<()> {
             .status();
     }
     eprintln!(
-        "xtask: toolchain ready (nightly rust-src, bpf-linker {BPF_LINKER_VERSION}, gcc, musl-gcc, go, redis, bpftrace, heaptrack)"
+        "xtask: toolchain ready (nightly rust-src, bpf-linker {BPF_LINKER_VERSION}, gcc, musl-gcc, go, redis, bpftrace, heaptrack, podman, runc, kubectl, kubernetes-validate)"
     );
     Ok(())
 }

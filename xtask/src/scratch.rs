@@ -44,6 +44,13 @@ pub fn ldd_files(binary: &Path) -> Result<Vec<PathBuf>, String> {
             String::from_utf8_lossy(&out.stderr).trim()
         ));
     }
+    parse_ldd(&text).map_err(|e| format!("ldd {}: {e}", binary.display()))
+}
+
+/// The absolute paths in `ldd`'s output; a library it could not find is
+/// an error, and so is a program that needs none (static: nothing to
+/// assemble around it).
+pub fn parse_ldd(text: &str) -> Result<Vec<PathBuf>, String> {
     let mut files = Vec::new();
     for line in text.lines() {
         // "libz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x...)",
@@ -54,20 +61,14 @@ pub fn ldd_files(binary: &Path) -> Result<Vec<PathBuf>, String> {
             None => line.split(" (").next().unwrap_or("").trim(),
         };
         if path == "not found" {
-            return Err(format!(
-                "ldd {}: a library is missing: {line}",
-                binary.display()
-            ));
+            return Err(format!("a library is missing: {line}"));
         }
         if path.starts_with('/') {
             files.push(PathBuf::from(path));
         }
     }
     if files.is_empty() {
-        return Err(format!(
-            "ldd {} names no library: a static program needs no scratch assembly of libraries, copy it alone",
-            binary.display()
-        ));
+        return Err("names no library: a static program needs no libraries beside it".into());
     }
     Ok(files)
 }
@@ -160,4 +161,30 @@ pub fn size(tag: &str) -> Result<u64, String> {
                 String::from_utf8_lossy(&out.stderr).trim()
             )
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ldd_output_gives_the_libraries_and_the_loader() {
+        let text = "\tlinux-vdso.so.1 (0x00007ffd5a5f2000)
+\tlibgcc_s.so.1 => /lib/x86_64-linux-gnu/libgcc_s.so.1 (0x00007f1c2a000000)
+\tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f1c29e00000)
+\t/lib64/ld-linux-x86-64.so.2 (0x00007f1c2a100000)
+";
+        assert_eq!(
+            parse_ldd(text).unwrap(),
+            [
+                PathBuf::from("/lib/x86_64-linux-gnu/libgcc_s.so.1"),
+                PathBuf::from("/lib/x86_64-linux-gnu/libc.so.6"),
+                PathBuf::from("/lib64/ld-linux-x86-64.so.2"),
+            ]
+        );
+        let missing =
+            "\tlibfoo.so.1 => not found\n\tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x1)\n";
+        assert!(parse_ldd(missing).unwrap_err().contains("libfoo.so.1"));
+        assert!(parse_ldd("\tstatically linked\n").is_err());
+    }
 }
