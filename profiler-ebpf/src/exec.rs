@@ -25,7 +25,7 @@ use crate::{
 pub fn sched_process_exec(ctx: RawTracePointContext) -> i32 {
     // The exec'ing thread has taken the process's id (the kernel swaps it
     // in when a thread other than the leader execs).
-    let pid_tgid = bpf_get_current_pid_tgid();
+    let pid_tgid = crate::state::current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     let Some(state) = target(tgid) else {
         return 0;
@@ -35,7 +35,8 @@ pub fn sched_process_exec(ctx: RawTracePointContext) -> i32 {
     // TP_PROTO(struct task_struct *p, pid_t old_pid, struct linux_binprm *bprm):
     // the id the exec'ing thread had.
     let old_pid = ctx.arg::<u64>(1) as u32;
-    let leader_replaced = (old_pid != tgid) as u64;
+    // old_pid is the kernel's number, whatever namespace user space sees.
+    let leader_replaced = (old_pid != (bpf_get_current_pid_tgid() >> 32) as u32) as u64;
     match EXECS.get_ptr_mut(tgid) {
         Some(seen) => {
             // Exec'd again before user space looked: the image between

@@ -12,7 +12,7 @@
 //! walks; nothing below this module and `session.rs` calls into the walk.
 
 use aya_ebpf::{
-    helpers::{bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_probe_read_user},
+    helpers::{bpf_get_attach_cookie, bpf_probe_read_user},
     macros::{uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext},
     EbpfContext,
@@ -118,7 +118,7 @@ pub(crate) fn enter(call: Call, session: bool) -> Return {
     if session && leaf && !picked {
         return Return::Skip;
     }
-    let pid_tgid = bpf_get_current_pid_tgid();
+    let pid_tgid = state::current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     let Some(state) = target(tgid) else {
         return Return::Skip;
@@ -286,7 +286,7 @@ pub fn free_enter(ctx: ProbeContext) -> u32 {
     if ptr == 0 {
         return 0;
     }
-    let pid_tgid = bpf_get_current_pid_tgid();
+    let pid_tgid = state::current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     let key = AllocKey {
         tgid,
@@ -364,7 +364,7 @@ pub fn alloc_return(ctx: RetProbeContext) -> u32 {
 /// The return of an allocating call: the result becomes a live block.
 #[inline(always)]
 pub(crate) fn alloc_exit(ctx: &RetProbeContext) -> u32 {
-    let pid_tgid = bpf_get_current_pid_tgid();
+    let pid_tgid = state::current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     let Some(state) = target(tgid) else { return 0 };
     let Some(pending) = PENDING.get_ptr_mut(pid_tgid) else {

@@ -6,10 +6,7 @@
 //! leaf call's size from entry to return. User space loads and attaches
 //! them with its own loader (`profiler/src/ebpf/multi.rs`).
 
-use aya_ebpf::{
-    helpers::bpf_get_current_pid_tgid,
-    programs::{ProbeContext, RetProbeContext},
-};
+use aya_ebpf::programs::{ProbeContext, RetProbeContext};
 
 use heapbpf_common::hit;
 
@@ -77,7 +74,7 @@ fn session_exit(ctx: &RetProbeContext) -> u32 {
     if carried & CARRIED == 0 {
         return alloc_exit(ctx);
     }
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let tgid = (state::current_pid_tgid() >> 32) as u32;
     let Some(state) = target(tgid) else { return 0 };
     let ret: u64 = ctx.ret();
     if ret != 0 {

@@ -8,7 +8,40 @@ use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use heapbpf_common::{hit, info_counter, probe_cookie, TargetState, HIT_SLOTS};
 
-use crate::maps::{HITS, TARGETS};
+use aya_ebpf::{
+    bindings::bpf_pidns_info,
+    helpers::{bpf_get_current_pid_tgid, bpf_get_ns_current_pid_tgid},
+};
+use heapbpf_common::config;
+
+use crate::maps::{CONFIG, HITS, TARGETS};
+
+/// The current thread's ids (tgid << 32 | pid) as user space numbers them:
+/// the kernel's own, or, when user space lives in a pid namespace of its
+/// own (`config::PIDNS_INO` set), that namespace's. A thread outside it
+/// gets 0, which is no target.
+#[inline(always)]
+pub(crate) fn current_pid_tgid() -> u64 {
+    let ino = CONFIG.get(config::PIDNS_INO).copied().unwrap_or(0);
+    if ino == 0 {
+        return bpf_get_current_pid_tgid();
+    }
+    let dev = CONFIG.get(config::PIDNS_DEV).copied().unwrap_or(0);
+    let mut info = bpf_pidns_info { pid: 0, tgid: 0 };
+    // SAFETY: `info` is a valid, writable bpf_pidns_info of the size given.
+    let r = unsafe {
+        bpf_get_ns_current_pid_tgid(
+            dev,
+            ino,
+            &mut info,
+            core::mem::size_of::<bpf_pidns_info>() as u32,
+        )
+    };
+    if r != 0 {
+        return 0;
+    }
+    (u64::from(info.tgid) << 32) | u64::from(info.pid)
+}
 
 /// Adds `value` to a figure of a map value, atomically.
 #[inline(always)]

@@ -36,11 +36,19 @@ pub enum Command {
     Agent(AgentArgs),
 }
 
-/// `heapbpf agent`.
+/// `heapbpf agent`. The flags a deployment tunes also read `HEAPBPF_*`
+/// environment variables (a flag on the command line wins; an empty one is
+/// unset): the DaemonSet's ConfigMap sets them, as a `FROM scratch` image has
+/// no shell to build a command line (deploy/kubernetes/configmap.yaml).
 #[derive(Debug, Args)]
 pub struct AgentArgs {
     /// Which processes: pid=N, comm=REGEX, exe=GLOB, cgroup=GLOB, container=ID, k8s (repeatable; any rule selects).
-    #[arg(long = "select", value_name = "RULE", required = true)]
+    #[arg(
+        long = "select",
+        value_name = "RULE",
+        required = true,
+        env = "HEAPBPF_SELECT"
+    )]
     pub select: Vec<String>,
     /// How often new processes are looked for.
     #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "5s")]
@@ -52,22 +60,37 @@ pub struct AgentArgs {
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
     /// A snapshot per target every DUR.
-    #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "60s")]
+    #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "60s", env = "HEAPBPF_INTERVAL")]
     pub interval: Duration,
     /// CPU time the probes may add to a target, as a share of its own (2%, 0.5%).
-    #[arg(long, value_name = "PCT", default_value = "2%")]
+    #[arg(
+        long,
+        value_name = "PCT",
+        default_value = "2%",
+        env = "HEAPBPF_MAX_OVERHEAD"
+    )]
     pub max_overhead: String,
     /// At most N targets at once; the rest wait.
-    #[arg(long, value_name = "N", default_value_t = 16)]
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 16,
+        env = "HEAPBPF_MAX_TARGETS"
+    )]
     pub max_targets: usize,
     /// Where snapshots are kept.
     #[arg(long, value_name = "DIR", default_value = "/var/lib/heapbpf")]
     pub data_dir: PathBuf,
     /// Keep the newest N snapshots per target.
-    #[arg(long, value_name = "N", default_value_t = 100)]
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 100,
+        env = "HEAPBPF_MAX_SNAPSHOTS"
+    )]
     pub max_snapshots: usize,
     /// Keep at most SIZE of snapshots in the data directory (the oldest go first).
-    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "1GiB")]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "1GiB", env = "HEAPBPF_MAX_DISK")]
     pub max_disk: u64,
     /// Comma list of snapshot formats: json, pprof, collapsed, svg [default: json,pprof].
     #[arg(long, value_name = "LIST")]
@@ -79,7 +102,7 @@ pub struct AgentArgs {
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub heap_step: Option<u64>,
     /// Mean bytes between sampled allocations (Poisson by bytes); 0 tracks every allocation exactly.
-    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = DEFAULT_SAMPLE_BYTES)]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = DEFAULT_SAMPLE_BYTES, env = "HEAPBPF_SAMPLE_BYTES")]
     pub sample_bytes: u64,
     /// Keep only allocations at least DUR old in snapshots (leak suspects).
     #[arg(long, value_name = "DUR", value_parser = parse_duration)]

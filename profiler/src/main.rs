@@ -9,6 +9,13 @@ use heapbpf::{
 };
 
 fn main() {
+    // An empty HEAPBPF_* setting (a ConfigMap's blank value) is the flag
+    // left out, not an empty value. Still one thread here.
+    for (key, value) in std::env::vars_os() {
+        if value.is_empty() && key.to_str().is_some_and(|k| k.starts_with("HEAPBPF_")) {
+            std::env::remove_var(key);
+        }
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

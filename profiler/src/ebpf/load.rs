@@ -245,6 +245,12 @@ impl Profiler {
         let mut cfg = aya::maps::Array::<_, u64>::try_from(map).map_err(err)?;
         cfg.set(config::SAMPLE_BYTES, sample_bytes, 0)
             .map_err(err)?;
+        // In a pid namespace of its own (a pod without hostPID), heapbpf
+        // numbers processes as that namespace does: the programs must too.
+        if let Some((dev, ino)) = own_pid_namespace() {
+            cfg.set(config::PIDNS_DEV, dev, 0).map_err(err)?;
+            cfg.set(config::PIDNS_INO, ino, 0).map_err(err)?;
+        }
         let map = self.map_mut(maps::SAMPLE_P)?;
         let mut table = aya::maps::Array::<_, u32>::try_from(map).map_err(err)?;
         for i in 0..SAMPLE_TABLE_LEN {
@@ -344,6 +350,17 @@ impl Profiler {
             }
         }
     }
+}
+
+/// The kernel's initial pid namespace's inode (`PROC_PID_INIT_INO`).
+const INIT_PID_NS_INO: u64 = 0xEFFF_FFFC;
+
+/// The device and inode of heapbpf's pid namespace when it is not the
+/// initial one.
+fn own_pid_namespace() -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata("/proc/self/ns/pid").ok()?;
+    (meta.ino() != INIT_PID_NS_INO).then(|| (meta.dev(), meta.ino()))
 }
 
 #[cfg(test)]
