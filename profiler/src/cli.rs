@@ -45,6 +45,9 @@ pub struct AgentArgs {
     /// How often new processes are looked for.
     #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "5s")]
     pub discover_every: Duration,
+    /// Read pod metadata (and the k8s rule's annotations) from the API server; NODE_NAME names the node.
+    #[arg(long)]
+    pub kubernetes: bool,
     /// Address of the HTTP API; a non-loopback one needs --token-file.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7077")]
     pub listen: String,
@@ -166,6 +169,7 @@ impl AgentArgs {
             .iter()
             .map(|r| crate::agent::select::Rule::parse(r).map_err(Error::BadInput))
             .collect::<Result<Vec<_>>>()?;
+        check_kubernetes(self.kubernetes, &rules, std::env::var("NODE_NAME").ok())?;
         let mut engine = ProfileArgs {
             output_dir: self.data_dir,
             format: self.format,
@@ -202,8 +206,32 @@ impl AgentArgs {
             max_disk: Some(self.max_disk),
             discover_every: self.discover_every,
             node: node_name(),
+            kubernetes: self.kubernetes,
         })
     }
+}
+
+/// `--select k8s` needs `--kubernetes`, which needs `NODE_NAME` (the pods
+/// watched are this node's: a host name guessed wrong would watch none).
+fn check_kubernetes(
+    kubernetes: bool,
+    rules: &[crate::agent::select::Rule],
+    node_name: Option<String>,
+) -> Result<()> {
+    let k8s_rule = rules
+        .iter()
+        .any(|r| matches!(r, crate::agent::select::Rule::K8s));
+    if k8s_rule && !kubernetes {
+        return Err(Error::BadInput(
+            "--select k8s needs --kubernetes (the pods' annotations come from the API server); add --kubernetes, or select by container=ID or cgroup=GLOB".into(),
+        ));
+    }
+    if kubernetes && node_name.is_none_or(|n| n.trim().is_empty()) {
+        return Err(Error::BadInput(
+            "--kubernetes needs NODE_NAME, the name of this node (set it from spec.nodeName with the downward API, as deploy/kubernetes does)".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// This node's name: `NODE_NAME` (the DaemonSet sets it from

@@ -9,6 +9,7 @@
 //! touches it but through [`view::Request`]s, answered between ticks, and
 //! reads what the loop publishes ([`view::Shared`]).
 pub mod http;
+pub mod kube;
 pub mod metrics;
 pub mod select;
 pub mod view;
@@ -56,6 +57,8 @@ pub struct AgentConfig {
     pub discover_every: Duration,
     /// This node's name (`NODE_NAME`, else the host name): the `node` label.
     pub node: String,
+    /// `--kubernetes`: pod metadata from the API server ([`kube`]).
+    pub kubernetes: bool,
 }
 
 /// How often targets are checked for exits, execs and OOM kills.
@@ -72,9 +75,10 @@ const MAX_TOKEN_BYTES: u64 = 4096;
 
 /// `heapbpf agent`.
 pub fn run_agent(cfg: AgentConfig) -> Result<()> {
-    if cfg.rules.iter().any(|r| matches!(r, Rule::K8s)) {
+    if cfg.rules.iter().any(|r| matches!(r, Rule::K8s)) && !cfg.kubernetes {
         return Err(Error::BadInput(
-            "--select k8s needs --kubernetes (pod metadata from the API server), which this build does not have yet; select by container=ID or cgroup=GLOB meanwhile".into(),
+            "--select k8s needs --kubernetes (the pods' annotations come from the API server)"
+                .into(),
         ));
     }
     let token = match &cfg.token_file {
@@ -113,6 +117,11 @@ pub fn run_agent(cfg: AgentConfig) -> Result<()> {
         shared.clone(),
         requests,
     )?;
+    let pods = cfg.kubernetes.then(|| Arc::new(kube::PodIndex::default()));
+    let watch = match &pods {
+        Some(index) => Some(kube::start(cfg.node.clone(), index.clone())?),
+        None => None,
+    };
     let result = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -121,10 +130,13 @@ pub fn run_agent(cfg: AgentConfig) -> Result<()> {
             rt.block_on(async {
                 let signals = Signals::new()?;
                 say(&lines::agent_listening(local, out.path()));
-                Agent::new(cfg, out, shared).run(signals, inbox).await
+                Agent::new(cfg, out, shared, pods).run(signals, inbox).await
             })
         });
     server.stop();
+    if let Some(watch) = watch {
+        watch.stop();
+    }
     result
 }
 
@@ -248,10 +260,19 @@ struct Agent {
     /// Targets whose interval snapshot is due, taken one per loop turn so
     /// that requests and ticks go on between them.
     due: VecDeque<u32>,
+    /// With `--kubernetes`: this node's containers, as the watch publishes
+    /// them, and the generation of it the targets were last checked against.
+    pods: Option<Arc<kube::PodIndex>>,
+    pods_seen: u64,
 }
 
 impl Agent {
-    fn new(cfg: AgentConfig, out: OutputDir, shared: Arc<Shared>) -> Self {
+    fn new(
+        cfg: AgentConfig,
+        out: OutputDir,
+        shared: Arc<Shared>,
+        pods: Option<Arc<kube::PodIndex>>,
+    ) -> Self {
         Agent {
             cfg,
             engine: None,
@@ -263,6 +284,8 @@ impl Agent {
             idle: Vec::new(),
             profiled: HashMap::new(),
             due: VecDeque::new(),
+            pods,
+            pods_seen: 0,
         }
     }
 
@@ -287,6 +310,7 @@ impl Agent {
                         engine.check_steps();
                     }
                     self.forget_finished();
+                    self.recheck_pods();
                     if now >= next_discovery {
                         self.discover();
                         next_discovery = now + self.cfg.discover_every;
@@ -324,9 +348,101 @@ impl Agent {
         Ok(())
     }
 
-    /// What Kubernetes says of a process (issue 15 fills it).
-    fn meta(&self, _pid: u32) -> Option<PodMeta> {
-        None
+    /// What Kubernetes says of a process: the pod its container is in.
+    fn meta(&self, pid: u32) -> Option<PodMeta> {
+        let process = self
+            .profiled
+            .get(&pid)
+            .or_else(|| self.idle.iter().map(|i| &i.process).find(|p| p.pid == pid))?;
+        self.container(process).map(|c| c.meta)
+    }
+
+    /// The container of this node's pods that `process` runs in.
+    fn container(&self, process: &Process) -> Option<kube::Container> {
+        self.pods.as_ref()?.get(process.container.as_deref()?)
+    }
+
+    /// Whether any rule selects `process`; `k8s` by its pod's annotations.
+    fn selects(&self, process: &Process) -> bool {
+        self.cfg.rules.iter().any(|r| match r {
+            Rule::K8s => self.container(process).is_some_and(|c| c.profiled),
+            r => r.matches(process),
+        })
+    }
+
+    /// The labels of `process`'s snapshots.
+    fn labels(&self, process: &Process) -> Option<crate::model::Kubernetes> {
+        self.container(process).map(|c| crate::model::Kubernetes {
+            namespace: c.meta.namespace,
+            pod: c.meta.pod,
+            container: c.meta.container,
+            node: self.cfg.node.clone(),
+            service_name: c.meta.service_name,
+        })
+    }
+
+    /// After a change of the pods: every target's labels again, and the
+    /// targets and waiting processes the rules no longer select (the `k8s`
+    /// rule's annotation removed, the pod gone) let go of: a last snapshot
+    /// (trigger `stop`), then detach.
+    fn recheck_pods(&mut self) {
+        let Some(generation) = self.pods.as_ref().map(|p| p.generation()) else {
+            return;
+        };
+        if generation == self.pods_seen {
+            return;
+        }
+        self.pods_seen = generation;
+        self.release_unselected();
+        // The labels of what is left (a pod's own may have changed).
+        let labels: Vec<(u32, Option<crate::model::Kubernetes>)> = self
+            .profiled
+            .values()
+            .map(|p| (p.pid, self.labels(p)))
+            .collect();
+        if let Some(engine) = &mut self.engine {
+            for (pid, labels) in labels {
+                engine.set_labels(pid, labels);
+            }
+        }
+    }
+
+    /// With the `k8s` rule: the targets the rules no longer select get a
+    /// last snapshot (with their labels as they were) and are let go of;
+    /// waiting processes are dropped.
+    fn release_unselected(&mut self) {
+        if !self.cfg.rules.iter().any(|r| matches!(r, Rule::K8s)) {
+            return;
+        }
+        let unselected: Vec<Process> = self
+            .profiled
+            .values()
+            .filter(|p| !self.selects(p))
+            .cloned()
+            .collect();
+        for process in unselected {
+            let why = match self.container(&process) {
+                Some(_) => {
+                    "its pod is no longer annotated heapbpf.io/profile: \"true\" for this container"
+                }
+                None => "its pod is gone from this node",
+            };
+            say(&lines::released(process.pid, &process.comm, why));
+            let started = Instant::now();
+            if let Some(engine) = &mut self.engine {
+                engine.release(process.pid, Trigger::Stop);
+            }
+            self.shared
+                .snapshot_seconds
+                .observe(started.elapsed().as_secs_f64());
+            self.profiled.remove(&process.pid);
+            self.due.retain(|&pid| pid != process.pid);
+        }
+        let idle = std::mem::take(&mut self.idle);
+        self.idle = idle
+            .into_iter()
+            .filter(|i| self.selects(&i.process))
+            .collect();
     }
 
     /// The pids profiled now.
@@ -519,7 +635,7 @@ impl Agent {
             let Some(process) = select::read_process(pid) else {
                 continue;
             };
-            if !self.cfg.rules.iter().any(|r| r.matches(&process)) {
+            if !self.selects(&process) {
                 continue;
             }
             self.idle.push(Idle {
@@ -547,7 +663,7 @@ impl Agent {
             let before = &self.idle[i].process;
             let now = select::read_process(before.pid)
                 .filter(|p| p.start_ticks == before.start_ticks)
-                .filter(|p| self.cfg.rules.iter().any(|r| r.matches(p)));
+                .filter(|p| self.selects(p));
             let Some(process) = now else {
                 self.idle.remove(i);
                 continue;
@@ -575,6 +691,10 @@ impl Agent {
             match attached {
                 Ok(()) => {
                     self.idle.remove(i);
+                    let labels = self.labels(&process);
+                    if let Some(engine) = &mut self.engine {
+                        engine.set_labels(process.pid, labels);
+                    }
                     self.profiled.insert(process.pid, process);
                 }
                 Err(Error::Exited { .. } | Error::NoSuchProcess { .. }) => {
@@ -613,6 +733,7 @@ impl Agent {
                     comm: s.comm,
                     exe: s.exe,
                     container: p.and_then(|p| p.container.clone()),
+                    container_name: meta.as_ref().map(|m| m.container.clone()),
                     pod: meta.as_ref().map(|m| m.pod.clone()),
                     namespace: meta.as_ref().map(|m| m.namespace.clone()),
                     service_name: meta.map(|m| m.service_name),
@@ -640,6 +761,7 @@ impl Agent {
                 comm: i.process.comm.clone(),
                 exe: i.process.exe.clone(),
                 container: i.process.container.clone(),
+                container_name: meta.as_ref().map(|m| m.container.clone()),
                 pod: meta.as_ref().map(|m| m.pod.clone()),
                 namespace: meta.as_ref().map(|m| m.namespace.clone()),
                 service_name: meta.map(|m| m.service_name),
