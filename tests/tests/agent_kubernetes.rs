@@ -4,9 +4,10 @@
 //! PodList` and then watch events, in the JSON `kubectl get pods -o json`
 //! and `kubectl get pods --watch -o json` print — the only part not run
 //! against the real thing. The processes are real fixtures in real cgroups
-//! named as the kubelet names them (cgroup v2, the systemd driver's
+//! named as the kubelet names them (cgroup v2: the systemd driver's
 //! `kubepods.slice/.../cri-containerd-ID.scope` and the cgroupfs driver's
-//! `kubepods/besteffort/podUID/ID`), profiled with real probes.
+//! `kubepods/besteffort/podUID/ID`; cgroup v1: docker's
+//! `kubepods/podUID/ID`), profiled with real probes.
 use std::{
     collections::BTreeMap,
     fs,
@@ -46,7 +47,10 @@ struct StandIn {
 
 impl StandIn {
     fn start(pods: Vec<Value>) -> StandIn {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        StandIn::start_on(TcpListener::bind("127.0.0.1:0").unwrap(), pods)
+    }
+
+    fn start_on(listener: TcpListener, pods: Vec<Value>) -> StandIn {
         let addr = listener.local_addr().unwrap();
         let cluster = Arc::new((Mutex::new(Cluster::default()), Condvar::new()));
         {
@@ -327,6 +331,8 @@ fn pod(p: &PodSpec) -> Value {
 // Cgroups and fixtures (as agent_select.rs makes them).
 
 const CGROUP_V2: &str = "/sys/fs/cgroup/unified";
+/// A v1 hierarchy whose limits a test process never reaches.
+const CGROUP_V1_PIDS: &str = "/sys/fs/cgroup/pids";
 
 struct Cgroups {
     root: PathBuf,
@@ -516,6 +522,15 @@ fn annotated_pods_are_profiled_with_their_labels_until_the_annotation_goes() {
     let batch = Fixture::spawn("allocs");
     web_cgroup.enter(web.pid);
     batch_cgroup.enter(batch.pid);
+    // A third pod's container, as docker's cgroupfs driver names it on the
+    // cgroup v1 pids hierarchy.
+    let (uid_worker, id_worker) = (random_uuid(), random_container_id());
+    let worker_cgroup = Cgroups::create(
+        CGROUP_V1_PIDS,
+        &format!("/kubepods/pod{uid_worker}/{id_worker}"),
+    );
+    let worker = Fixture::spawn("allocs");
+    worker_cgroup.enter(worker.pid);
     let cgroup = fs::read_to_string(format!("/proc/{}/cgroup", web.pid)).unwrap();
     assert!(
         cgroup.lines().any(|l| l == format!("0::{web_path}")),
@@ -557,7 +572,15 @@ fn annotated_pods_are_profiled_with_their_labels_until_the_annotation_goes() {
 
     let (mut h, addr) = Heapbpf::agent_env(
         &data,
-        &["--kubernetes", "--select", "k8s", "--interval", "3s"],
+        &[
+            "--kubernetes",
+            "--select",
+            "k8s",
+            "--interval",
+            "3s",
+            "--max-targets",
+            "1",
+        ],
         &[
             ("NODE_NAME", Some(&node)),
             ("KUBECONFIG", kubeconfig.to_str()),
@@ -611,9 +634,14 @@ fn annotated_pods_are_profiled_with_their_labels_until_the_annotation_goes() {
         );
     }
 
-    // The interval snapshot: the pod, and the leak exactly.
-    let s = h.wait_snapshot("interval", web.pid);
-    let snapshot = read_json(&s[0]);
+    // The interval snapshot: the pod, and the leak exactly. The first one
+    // may have been taken during the run (the interval counts from the
+    // agent's start); snapshots are taken one after another, so the next
+    // one is after it.
+    let mut snapshot = read_json(&h.wait_snapshot("interval", web.pid)[0]);
+    if site(&snapshot, "site_malloc") != site_malloc(1) {
+        snapshot = read_json(&h.wait_snapshot("interval", web.pid)[0]);
+    }
     assert_eq!(
         snapshot["kubernetes"],
         json!({"namespace": "shop", "pod": "web-7d4b9c8f6d-x2kqp", "container": "web",
@@ -633,6 +661,38 @@ fn annotated_pods_are_profiled_with_their_labels_until_the_annotation_goes() {
         "/debug/pprof/heap?namespace=shop&pod=batch-28861440-abcde",
     );
     assert_eq!(status, 404);
+
+    // An annotated pod more waits for the one slot, listed with its pod;
+    // its annotation removed, it is dropped without ever being attached.
+    let worker_containers = [("worker", format!("docker://{id_worker}"))];
+    let worker_pod = |annotated: bool| {
+        pod(&PodSpec {
+            name: "worker-0",
+            uid: &uid_worker,
+            annotations: if annotated {
+                json!({"heapbpf.io/profile": "true", "heapbpf.io/service-name": "queue-worker"})
+            } else {
+                json!({"heapbpf.io/service-name": "queue-worker"})
+            },
+            labels: json!({"app": "worker"}),
+            containers: &worker_containers,
+            node: &node,
+        })
+    };
+    api.event("ADDED", worker_pod(true));
+    wait_until("the worker waiting", || {
+        targets(addr).iter().any(|t| {
+            t["pid"] == worker.pid
+                && t["state"] == "waiting"
+                && t["pod"] == "worker-0"
+                && t["service_name"] == "queue-worker"
+                && t["container_name"] == "worker"
+        })
+    });
+    api.event("MODIFIED", worker_pod(false));
+    wait_until("the worker dropped", || {
+        targets(addr).iter().all(|t| t["pid"] != worker.pid)
+    });
 
     // The annotation removed: a last snapshot, then detached.
     let attached_fds = probe_fds(agent_pid);
@@ -678,13 +738,17 @@ fn annotated_pods_are_profiled_with_their_labels_until_the_annotation_goes() {
     assert_eq!(
         read_json(&s[0])["kubernetes"]["pod"],
         "web-7d4b9c8f6d-x2kqp",
-        "the last snapshot keeps the labels it had"
+        "the last snapshot keeps the labels it had: {}\n{}",
+        s[0].display(),
+        h.stderr.join("\n")
     );
 
     h.gather(ROUNDS);
     assert_eq!(h.attached_count(batch.pid), 0, "{}", h.stderr.join("\n"));
+    assert_eq!(h.attached_count(worker.pid), 0, "{}", h.stderr.join("\n"));
     h.signal(libc::SIGTERM);
     assert_eq!(h.wait_exit().code(), Some(0), "{}", h.stderr.join("\n"));
+    eprintln!("the agent said:\n{}", h.stderr.join("\n"));
 
     // What kube-rs asked of the stand-in: a list and a watch of this
     // node's pods, with the kubeconfig's token.
@@ -713,21 +777,23 @@ fn annotated_pods_are_profiled_with_their_labels_until_the_annotation_goes() {
     );
     drop(web);
     drop(batch);
+    drop(worker);
 }
 
 /// An API server that cannot be reached is said once; the agent runs on
-/// (healthy, nothing selected) and keeps trying.
+/// (healthy, nothing selected) and keeps trying: once the server is there,
+/// the pods are listed.
 #[test]
-fn an_unreachable_api_server_is_said_once_and_the_agent_runs_on() {
+fn an_unreachable_api_server_is_said_once_and_tried_again() {
     require_root();
     let dir = TempDir::new("agent-k8s-down");
-    // A port nothing listens on.
-    let closed = TcpListener::bind("127.0.0.1:0")
+    // A port nothing listens on, for now.
+    let port = TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap();
     let kubeconfig = StandIn {
-        addr: closed,
+        addr: port,
         cluster: Default::default(),
     }
     .kubeconfig(dir.path());
@@ -744,14 +810,21 @@ fn an_unreachable_api_server_is_said_once_and_the_agent_runs_on() {
         l.starts_with("heapbpf: cannot watch this node's pods: ")
     });
     h.gather(Duration::from_secs(4));
-    let said = h
-        .stderr
-        .iter()
-        .filter(|l| l.contains("cannot watch this node's pods"))
-        .count();
-    assert_eq!(said, 1, "{}", h.stderr.join("\n"));
+    let said = |h: &Heapbpf| {
+        h.stderr
+            .iter()
+            .filter(|l| l.contains("cannot watch this node's pods"))
+            .count()
+    };
+    assert_eq!(said(&h), 1, "{}", h.stderr.join("\n"));
     assert_eq!(http_get(addr, "/healthz").0, 200);
     assert_eq!(targets(addr), Vec::<Value>::new());
+    // The server comes up.
+    let _api = StandIn::start_on(TcpListener::bind(port).unwrap(), Vec::new());
+    h.wait_for("the first list", |l| {
+        l.contains("watching the pods of node node-down on") && l.ends_with(": 0 pods listed")
+    });
+    assert_eq!(said(&h), 1, "{}", h.stderr.join("\n"));
     h.signal(libc::SIGTERM);
     assert_eq!(h.wait_exit().code(), Some(0), "{}", h.stderr.join("\n"));
 }

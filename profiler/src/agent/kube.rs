@@ -311,17 +311,37 @@ impl Outage {
 /// can), then follows the pods of `node`.
 async fn watch(node: &str, index: &PodIndex) {
     let mut outage = Outage::default();
+    let mut listed = false;
     let mut retry = CLIENT_RETRY_MIN;
-    let (client, server) = loop {
-        match client().await {
-            Ok(c) => break c,
+    loop {
+        let (client, server) = match client().await {
+            Ok(c) => c,
             Err(why) => {
                 outage.failed(&why);
                 tokio::time::sleep(retry).await;
                 retry = (retry * 2).min(CLIENT_RETRY_MAX);
+                continue;
             }
-        }
-    };
+        };
+        follow(node, index, client, &server, &mut outage, &mut listed).await;
+        // The watcher retries for ever; should it give up all the same,
+        // start again rather than leave the index as it is for good.
+        outage.failed(&format!("{server}: the watch of the pods ended"));
+        tokio::time::sleep(retry).await;
+        retry = (retry * 2).min(CLIENT_RETRY_MAX);
+    }
+}
+
+/// Follows the pods of `node` with `client` into `index` for as long as
+/// the watcher runs.
+async fn follow(
+    node: &str,
+    index: &PodIndex,
+    client: kube::Client,
+    server: &str,
+    outage: &mut Outage,
+    listed: &mut bool,
+) {
     let api: kube::Api<Pod> = kube::Api::all(client);
     let cfg = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
     // The watcher lists, then watches from the list's version; on an error
@@ -330,7 +350,6 @@ async fn watch(node: &str, index: &PodIndex) {
     let mut events = std::pin::pin!(events);
     let mut pods: HashMap<String, Vec<(String, Container)>> = HashMap::new();
     let mut listing: Option<HashMap<String, Vec<(String, Container)>>> = None;
-    let mut listed = false;
     while let Some(event) = events.next().await {
         match event {
             Err(e) => outage.failed(&format!("{server}: {e}")),
@@ -343,11 +362,11 @@ async fn watch(node: &str, index: &PodIndex) {
             Ok(watcher::Event::InitDone) => {
                 pods = listing.take().unwrap_or_default();
                 index.replace(index_of(&pods));
-                if outage.said || !listed {
-                    say(&lines::pods_watched(node, &server, pods.len()));
+                if outage.said || !*listed {
+                    say(&lines::pods_watched(node, server, pods.len()));
                 }
                 outage.said = false;
-                listed = true;
+                *listed = true;
             }
             Ok(watcher::Event::Apply(pod)) => {
                 pods.insert(key(&pod), pod_containers(&pod, node));

@@ -682,6 +682,9 @@ impl Agent {
                 break;
             }
             self.engine_error = None;
+            // Its pod as it was when selected: the watch may change it
+            // while the probes go in.
+            let labels = self.labels(&process);
             let attached = procfs::process_info(process.pid).and_then(|info| {
                 self.engine
                     .as_mut()
@@ -691,7 +694,6 @@ impl Agent {
             match attached {
                 Ok(()) => {
                     self.idle.remove(i);
-                    let labels = self.labels(&process);
                     if let Some(engine) = &mut self.engine {
                         engine.set_labels(process.pid, labels);
                     }
