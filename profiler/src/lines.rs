@@ -147,6 +147,14 @@ pub fn pods_unreachable(why: &str) -> String {
     )
 }
 
+/// `--kubernetes`: the watch could not even start (no runtime): for good.
+pub fn pods_not_watched(why: &str) -> String {
+    format!(
+        "cannot watch this node's pods: {}; the k8s rule selects nothing and targets carry no pod labels",
+        escape(why)
+    )
+}
+
 /// `--kubernetes`: the first list of this node's pods (and after an outage).
 pub fn pods_watched(node: &str, server: &str, pods: usize) -> String {
     format!(

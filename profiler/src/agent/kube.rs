@@ -214,17 +214,26 @@ pub struct Watch {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-/// Starts watching the pods of `node` into `index`.
+/// Starts watching the pods of `node` into `index`, on a thread of its own
+/// with a runtime of its own (built there: nothing of it touches the
+/// caller's).
 pub fn start(node: String, index: Arc<PodIndex>) -> Result<Watch> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .thread_name("heapbpf-kube")
-        .enable_all()
-        .build()
-        .map_err(|e| Error::runtime("cannot start the pod watch's runtime", e))?;
     let (stop, stopped) = oneshot::channel();
     let thread = std::thread::Builder::new()
         .name("heapbpf-kube".into())
         .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    say(&lines::pods_not_watched(&format!(
+                        "cannot start the pod watch's runtime: {e}"
+                    )));
+                    return;
+                }
+            };
             runtime.block_on(async {
                 tokio::select! {
                     _ = stopped => {}

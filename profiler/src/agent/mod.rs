@@ -118,10 +118,7 @@ pub fn run_agent(cfg: AgentConfig) -> Result<()> {
         requests,
     )?;
     let pods = cfg.kubernetes.then(|| Arc::new(kube::PodIndex::default()));
-    let watch = match &pods {
-        Some(index) => Some(kube::start(cfg.node.clone(), index.clone())?),
-        None => None,
-    };
+    let mut watch = None;
     let result = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -130,6 +127,10 @@ pub fn run_agent(cfg: AgentConfig) -> Result<()> {
             rt.block_on(async {
                 let signals = Signals::new()?;
                 say(&lines::agent_listening(local, out.path()));
+                // After the listening line: what the watch says comes after it.
+                if let Some(index) = &pods {
+                    watch = Some(kube::start(cfg.node.clone(), index.clone())?);
+                }
                 Agent::new(cfg, out, shared, pods).run(signals, inbox).await
             })
         });
