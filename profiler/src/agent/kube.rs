@@ -275,20 +275,36 @@ impl Drop for Watch {
 async fn client() -> std::result::Result<(kube::Client, String), String> {
     let (config, source) = if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {
         let c = kube::Config::incluster()
-            .map_err(|e| format!("cannot read the in-cluster service account: {e}"))?;
+            .map_err(|e| format!("cannot read the in-cluster service account: {}", chain(&e)))?;
         (c, "the in-cluster service account".to_string())
     } else {
         let c = kube::Config::from_kubeconfig(&kube::config::KubeConfigOptions::default())
             .await
             .map_err(|e| {
-                format!("no in-cluster service account (KUBERNETES_SERVICE_HOST unset) and no usable kubeconfig (KUBECONFIG): {e}")
+                format!("no in-cluster service account (KUBERNETES_SERVICE_HOST unset) and no usable kubeconfig (KUBECONFIG): {}", chain(&e))
             })?;
         (c, "the kubeconfig".to_string())
     };
     let url = config.cluster_url.to_string();
     let client = kube::Client::try_from(config)
-        .map_err(|e| format!("cannot make a client for {url}: {e}"))?;
+        .map_err(|e| format!("cannot make a client for {url}: {}", chain(&e)))?;
     Ok((client, format!("{url} ({source})")))
+}
+
+/// An error with its causes (kube-rs's own says "client error (Connect)"
+/// and leaves the why — a certificate, a refused connection — to them).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let c_text = c.to_string();
+        if !text.contains(&c_text) {
+            text.push_str(": ");
+            text.push_str(&c_text);
+        }
+        cause = c.source();
+    }
+    text
 }
 
 /// Said once per outage: the first failure, then nothing until the watch
@@ -361,7 +377,7 @@ async fn follow(
     let mut listing: Option<HashMap<String, Vec<(String, Container)>>> = None;
     while let Some(event) = events.next().await {
         match event {
-            Err(e) => outage.failed(&format!("{server}: {e}")),
+            Err(e) => outage.failed(&format!("{server}: {}", chain(&e))),
             Ok(watcher::Event::Init) => listing = Some(HashMap::new()),
             Ok(watcher::Event::InitApply(pod)) => {
                 listing
