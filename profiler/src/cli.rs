@@ -671,6 +671,36 @@ mod tests {
     }
 
     #[test]
+    fn the_k8s_rule_needs_kubernetes_which_needs_node_name() {
+        use crate::agent::select::Rule;
+        let k8s = [Rule::K8s];
+        let pid = [Rule::Pid(1)];
+        let node = || Some("node-a".to_string());
+        assert!(check_kubernetes(false, &pid, None).is_ok());
+        assert!(check_kubernetes(true, &k8s, node()).is_ok());
+        assert!(check_kubernetes(true, &pid, node()).is_ok(), "labels only");
+        let e = check_kubernetes(false, &k8s, node()).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        assert!(
+            e.to_string().starts_with("--select k8s needs --kubernetes"),
+            "{e}"
+        );
+        for missing in [None, Some(String::new()), Some(" ".into())] {
+            let e = check_kubernetes(true, &pid, missing).unwrap_err();
+            assert_eq!(e.exit_code(), 2);
+            assert!(
+                e.to_string().starts_with("--kubernetes needs NODE_NAME"),
+                "{e}"
+            );
+        }
+        assert!(
+            agent(&["--select", "k8s", "--kubernetes"])
+                .unwrap()
+                .kubernetes
+        );
+    }
+
+    #[test]
     fn agent_sizes_the_live_block_map_to_sampling() {
         let cfg = |args: &[&str]| {
             let a = agent(args).unwrap();
