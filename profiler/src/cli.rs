@@ -53,6 +53,9 @@ pub struct AgentArgs {
     /// How often new processes are looked for.
     #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "5s")]
     pub discover_every: Duration,
+    /// Read pod metadata (and the k8s rule's annotations) from the API server; NODE_NAME names the node.
+    #[arg(long, env = "HEAPBPF_KUBERNETES")]
+    pub kubernetes: bool,
     /// Address of the HTTP API; a non-loopback one needs --token-file.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7077")]
     pub listen: String,
@@ -205,6 +208,7 @@ impl AgentArgs {
             .map(|r| crate::agent::select::Rule::parse(r).map_err(Error::BadInput))
             .collect::<Result<Vec<_>>>()?;
         let push = self.push_config()?;
+        check_kubernetes(self.kubernetes, &rules, std::env::var("NODE_NAME").ok())?;
         let mut engine = ProfileArgs {
             output_dir: self.data_dir,
             format: self.format,
@@ -242,6 +246,7 @@ impl AgentArgs {
             discover_every: self.discover_every,
             node: node_name(),
             push,
+            kubernetes: self.kubernetes,
         })
     }
 
@@ -284,6 +289,29 @@ impl AgentArgs {
         }
         Ok(cfg)
     }
+}
+
+/// `--select k8s` needs `--kubernetes`, which needs `NODE_NAME` (the pods
+/// watched are this node's: a host name guessed wrong would watch none).
+fn check_kubernetes(
+    kubernetes: bool,
+    rules: &[crate::agent::select::Rule],
+    node_name: Option<String>,
+) -> Result<()> {
+    let k8s_rule = rules
+        .iter()
+        .any(|r| matches!(r, crate::agent::select::Rule::K8s));
+    if k8s_rule && !kubernetes {
+        return Err(Error::BadInput(
+            "--select k8s needs --kubernetes (the pods' annotations come from the API server); add --kubernetes, or select by container=ID or cgroup=GLOB".into(),
+        ));
+    }
+    if kubernetes && node_name.is_none_or(|n| n.trim().is_empty()) {
+        return Err(Error::BadInput(
+            "--kubernetes needs NODE_NAME, the name of this node (set it from spec.nodeName with the downward API, as deploy/kubernetes does)".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// This node's name: `NODE_NAME` (the DaemonSet sets it from
@@ -778,6 +806,36 @@ mod tests {
             assert_eq!(e.exit_code(), 2, "{args:?}");
             assert!(e.to_string().starts_with(starts), "{args:?}: {e}");
         }
+    }
+
+    #[test]
+    fn the_k8s_rule_needs_kubernetes_which_needs_node_name() {
+        use crate::agent::select::Rule;
+        let k8s = [Rule::K8s];
+        let pid = [Rule::Pid(1)];
+        let node = || Some("node-a".to_string());
+        assert!(check_kubernetes(false, &pid, None).is_ok());
+        assert!(check_kubernetes(true, &k8s, node()).is_ok());
+        assert!(check_kubernetes(true, &pid, node()).is_ok(), "labels only");
+        let e = check_kubernetes(false, &k8s, node()).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        assert!(
+            e.to_string().starts_with("--select k8s needs --kubernetes"),
+            "{e}"
+        );
+        for missing in [None, Some(String::new()), Some(" ".into())] {
+            let e = check_kubernetes(true, &pid, missing).unwrap_err();
+            assert_eq!(e.exit_code(), 2);
+            assert!(
+                e.to_string().starts_with("--kubernetes needs NODE_NAME"),
+                "{e}"
+            );
+        }
+        assert!(
+            agent(&["--select", "k8s", "--kubernetes"])
+                .unwrap()
+                .kubernetes
+        );
     }
 
     #[test]

@@ -139,6 +139,42 @@ pub fn stale_temps_removed(dir: &Path, count: usize) -> String {
     )
 }
 
+/// `--kubernetes`: the API server cannot be reached (said once per outage).
+pub fn pods_unreachable(why: &str) -> String {
+    format!(
+        "cannot watch this node's pods: {}; retrying (the k8s rule selects nothing until the first list)",
+        escape(why)
+    )
+}
+
+/// `--kubernetes`: the watch could not even start (no runtime): for good.
+pub fn pods_not_watched(why: &str) -> String {
+    format!(
+        "cannot watch this node's pods: {}; the k8s rule selects nothing and targets carry no pod labels",
+        escape(why)
+    )
+}
+
+/// `--kubernetes`: the first list of this node's pods (and after an outage).
+pub fn pods_watched(node: &str, server: &str, pods: usize) -> String {
+    format!(
+        "watching the pods of node {} on {}: {pods} pod{} listed",
+        escape(node),
+        escape(server),
+        if pods == 1 { "" } else { "s" }
+    )
+}
+
+/// The agent lets go of a target its rules no longer select (a pod's
+/// `heapbpf.io/profile` annotation removed, or the pod gone).
+pub fn released(pid: u32, comm: &str, why: &str) -> String {
+    format!(
+        "detaching from pid {pid} ({}): {}",
+        escape(comm),
+        escape(why)
+    )
+}
+
 /// Why heapbpf exits 1 at the end: snapshots that could not be written.
 pub fn snapshots_failed(count: usize) -> String {
     format!(

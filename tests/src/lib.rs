@@ -253,8 +253,37 @@ impl Heapbpf {
     /// `heapbpf agent ARGS...` (exact unless `args` say otherwise), once
     /// its API listens: the agent and the address it listens on.
     pub fn agent_args(args: &[&str]) -> (Heapbpf, std::net::SocketAddr) {
+        Heapbpf::agent_args_env(args, &[])
+    }
+
+    /// [`Heapbpf::agent`] with environment variables set (`Some`) or
+    /// removed (`None`).
+    pub fn agent_env(
+        data_dir: &Path,
+        extra: &[&str],
+        env: &[(&str, Option<&str>)],
+    ) -> (Heapbpf, std::net::SocketAddr) {
+        let dir = data_dir.to_str().expect("a UTF-8 data directory");
+        let mut args = vec!["--listen", "127.0.0.1:0", "--data-dir", dir];
+        args.extend_from_slice(extra);
+        if !extra.contains(&"--discover-every") {
+            args.extend(["--discover-every", "200ms"]);
+        }
+        Heapbpf::agent_args_env(&args, env)
+    }
+
+    fn agent_args_env(
+        args: &[&str],
+        env: &[(&str, Option<&str>)],
+    ) -> (Heapbpf, std::net::SocketAddr) {
         let mut cmd = Command::new(heapbpf_bin());
         cmd.arg("agent").args(args);
+        for (k, v) in env {
+            match v {
+                Some(v) => cmd.env(k, v),
+                None => cmd.env_remove(k),
+            };
+        }
         if !args.contains(&"--sample-bytes") {
             cmd.args(["--sample-bytes", "0"]);
         }

@@ -493,7 +493,11 @@ fn resolve_target(params: &Params, targets: &[TargetView]) -> std::result::Resul
         by_name.iter().all(|&(k, v)| match k {
             "namespace" => t.namespace.as_deref() == Some(v),
             "pod" => t.pod.as_deref() == Some(v),
-            _ => t.container.as_deref().is_some_and(|c| c.starts_with(v)),
+            // The container's name in its pod, or its id (or a prefix).
+            _ => {
+                t.container_name.as_deref() == Some(v)
+                    || t.container.as_deref().is_some_and(|c| c.starts_with(v))
+            }
         })
     };
     let found: Vec<u32> = targets
@@ -860,6 +864,7 @@ mod tests {
         b.container = Some("fedcba".into());
         a.namespace = Some("prod".into());
         a.pod = Some("web-1".into());
+        a.container_name = Some("web".into());
         let t = [a, b];
         let p = |q: &[(&str, &str)]| {
             Params(
@@ -874,6 +879,18 @@ mod tests {
         assert_eq!(ok(&[("container", "0123")]), Some(7));
         assert_eq!(ok(&[("container", "fed")]), Some(8));
         assert_eq!(ok(&[("namespace", "prod"), ("pod", "web-1")]), Some(7));
+        assert_eq!(
+            ok(&[
+                ("namespace", "prod"),
+                ("pod", "web-1"),
+                ("container", "web")
+            ]),
+            Some(7)
+        );
+        assert_eq!(
+            status(&[("namespace", "prod"), ("pod", "web-1"), ("container", "db")]),
+            Some(StatusCode::NOT_FOUND)
+        );
         assert_eq!(status(&[("namespace", "dev")]), Some(StatusCode::NOT_FOUND));
         for bad in [
             &[][..],

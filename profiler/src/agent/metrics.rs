@@ -43,7 +43,17 @@ fn target_labels(t: &TargetView) -> TargetLabels {
     vec![
         ("pid", Escaped(t.pid.to_string())),
         ("comm", Escaped(t.comm.clone())),
-        ("container", or_empty(&t.container)),
+        // The container's name in its pod when the agent knows it (as the
+        // kubelet's and kube-state-metrics' `container` label), else its id.
+        (
+            "container",
+            Escaped(
+                t.container_name
+                    .clone()
+                    .or_else(|| t.container.clone())
+                    .unwrap_or_default(),
+            ),
+        ),
         ("pod", or_empty(&t.pod)),
         ("namespace", or_empty(&t.namespace)),
         ("service_name", or_empty(&t.service_name)),
@@ -301,6 +311,18 @@ mod tests {
                 "{line:?}"
             );
         }
+    }
+
+    #[test]
+    fn pod_labels_with_the_container_name() {
+        let mut t = target(7, "web", TargetState::Attached);
+        t.container_name = Some("web".into());
+        t.pod = Some("web-1".into());
+        t.namespace = Some("shop".into());
+        t.service_name = Some("store\"front".into());
+        let text = encode_metrics(&[t], &Shared::default(), &OwnProcess::default()).unwrap();
+        let want = r#"heapbpf_target_live_bytes{pid="7",comm="web",container="web",pod="web-1",namespace="shop",service_name="store\"front"} 4096"#;
+        assert!(text.contains(want), "{text}");
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! touches it but through [`view::Request`]s, answered between ticks, and
 //! reads what the loop publishes ([`view::Shared`]).
 pub mod http;
+pub mod kube;
 pub mod metrics;
 pub mod push;
 pub mod select;
@@ -59,6 +60,8 @@ pub struct AgentConfig {
     pub node: String,
     /// `--push`, `--push-parca` and their options.
     pub push: push::PushConfig,
+    /// `--kubernetes`: pod metadata from the API server ([`kube`]).
+    pub kubernetes: bool,
 }
 
 /// How often targets are checked for exits, execs and OOM kills.
@@ -75,9 +78,10 @@ const MAX_TOKEN_BYTES: u64 = 4096;
 
 /// `heapbpf agent`.
 pub fn run_agent(mut cfg: AgentConfig) -> Result<()> {
-    if cfg.rules.iter().any(|r| matches!(r, Rule::K8s)) {
+    if cfg.rules.iter().any(|r| matches!(r, Rule::K8s)) && !cfg.kubernetes {
         return Err(Error::BadInput(
-            "--select k8s needs --kubernetes (pod metadata from the API server), which this build does not have yet; select by container=ID or cgroup=GLOB meanwhile".into(),
+            "--select k8s needs --kubernetes (the pods' annotations come from the API server)"
+                .into(),
         ));
     }
     let token = match &cfg.token_file {
@@ -119,6 +123,8 @@ pub fn run_agent(mut cfg: AgentConfig) -> Result<()> {
         shared.clone(),
         requests,
     )?;
+    let pods = cfg.kubernetes.then(|| Arc::new(kube::PodIndex::default()));
+    let mut watch = None;
     let result = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -127,12 +133,19 @@ pub fn run_agent(mut cfg: AgentConfig) -> Result<()> {
             rt.block_on(async {
                 let signals = Signals::new()?;
                 say(&lines::agent_listening(local, out.path()));
-                Agent::new(cfg, out, shared, pusher)
+                // After the listening line: what the watch says comes after it.
+                if let Some(index) = &pods {
+                    watch = Some(kube::start(cfg.node.clone(), index.clone())?);
+                }
+                Agent::new(cfg, out, shared, pusher, pods)
                     .run(signals, inbox)
                     .await
             })
         });
     server.stop();
+    if let Some(watch) = watch {
+        watch.stop();
+    }
     result
 }
 
@@ -264,6 +277,10 @@ struct Agent {
     due: VecDeque<u32>,
     /// With `--push` or `--push-parca`: where each snapshot written goes.
     pusher: Option<push::Pusher>,
+    /// With `--kubernetes`: this node's containers, as the watch publishes
+    /// them, and the generation of it the targets were last checked against.
+    pods: Option<Arc<kube::PodIndex>>,
+    pods_seen: u64,
 }
 
 impl Agent {
@@ -272,6 +289,7 @@ impl Agent {
         out: OutputDir,
         shared: Arc<Shared>,
         pusher: Option<push::Pusher>,
+        pods: Option<Arc<kube::PodIndex>>,
     ) -> Self {
         Agent {
             cfg,
@@ -285,6 +303,8 @@ impl Agent {
             profiled: HashMap::new(),
             due: VecDeque::new(),
             pusher,
+            pods,
+            pods_seen: 0,
         }
     }
 
@@ -312,6 +332,7 @@ impl Agent {
                     // is still known (its container).
                     self.push_written();
                     self.forget_finished();
+                    self.recheck_pods();
                     if now >= next_discovery {
                         self.discover();
                         next_discovery = now + self.cfg.discover_every;
@@ -352,9 +373,101 @@ impl Agent {
         Ok(())
     }
 
-    /// What Kubernetes says of a process (issue 15 fills it).
-    fn meta(&self, _pid: u32) -> Option<PodMeta> {
-        None
+    /// What Kubernetes says of a process: the pod its container is in.
+    fn meta(&self, pid: u32) -> Option<PodMeta> {
+        let process = self
+            .profiled
+            .get(&pid)
+            .or_else(|| self.idle.iter().map(|i| &i.process).find(|p| p.pid == pid))?;
+        self.container(process).map(|c| c.meta)
+    }
+
+    /// The container of this node's pods that `process` runs in.
+    fn container(&self, process: &Process) -> Option<kube::Container> {
+        self.pods.as_ref()?.get(process.container.as_deref()?)
+    }
+
+    /// Whether any rule selects `process`; `k8s` by its pod's annotations.
+    fn selects(&self, process: &Process) -> bool {
+        self.cfg.rules.iter().any(|r| match r {
+            Rule::K8s => self.container(process).is_some_and(|c| c.profiled),
+            r => r.matches(process),
+        })
+    }
+
+    /// The labels of `process`'s snapshots.
+    fn labels(&self, process: &Process) -> Option<crate::model::Kubernetes> {
+        self.container(process).map(|c| crate::model::Kubernetes {
+            namespace: c.meta.namespace,
+            pod: c.meta.pod,
+            container: c.meta.container,
+            node: self.cfg.node.clone(),
+            service_name: c.meta.service_name,
+        })
+    }
+
+    /// After a change of the pods: every target's labels again, and the
+    /// targets and waiting processes the rules no longer select (the `k8s`
+    /// rule's annotation removed, the pod gone) let go of: a last snapshot
+    /// (trigger `stop`), then detach.
+    fn recheck_pods(&mut self) {
+        let Some(generation) = self.pods.as_ref().map(|p| p.generation()) else {
+            return;
+        };
+        if generation == self.pods_seen {
+            return;
+        }
+        self.pods_seen = generation;
+        self.release_unselected();
+        // The labels of what is left (a pod's own may have changed).
+        let labels: Vec<(u32, Option<crate::model::Kubernetes>)> = self
+            .profiled
+            .values()
+            .map(|p| (p.pid, self.labels(p)))
+            .collect();
+        if let Some(engine) = &mut self.engine {
+            for (pid, labels) in labels {
+                engine.set_labels(pid, labels);
+            }
+        }
+    }
+
+    /// With the `k8s` rule: the targets the rules no longer select get a
+    /// last snapshot (with their labels as they were) and are let go of;
+    /// waiting processes are dropped.
+    fn release_unselected(&mut self) {
+        if !self.cfg.rules.iter().any(|r| matches!(r, Rule::K8s)) {
+            return;
+        }
+        let unselected: Vec<Process> = self
+            .profiled
+            .values()
+            .filter(|p| !self.selects(p))
+            .cloned()
+            .collect();
+        for process in unselected {
+            let why = match self.container(&process) {
+                Some(_) => {
+                    "its pod is no longer annotated heapbpf.io/profile: \"true\" for this container"
+                }
+                None => "its pod is gone from this node",
+            };
+            say(&lines::released(process.pid, &process.comm, why));
+            let started = Instant::now();
+            if let Some(engine) = &mut self.engine {
+                engine.release(process.pid, Trigger::Stop);
+            }
+            self.shared
+                .snapshot_seconds
+                .observe(started.elapsed().as_secs_f64());
+            self.profiled.remove(&process.pid);
+            self.due.retain(|&pid| pid != process.pid);
+        }
+        let idle = std::mem::take(&mut self.idle);
+        self.idle = idle
+            .into_iter()
+            .filter(|i| self.selects(&i.process))
+            .collect();
     }
 
     /// Hands the snapshots the engine wrote since the last call (any
@@ -574,7 +687,7 @@ impl Agent {
             let Some(process) = select::read_process(pid) else {
                 continue;
             };
-            if !self.cfg.rules.iter().any(|r| r.matches(&process)) {
+            if !self.selects(&process) {
                 continue;
             }
             self.idle.push(Idle {
@@ -602,7 +715,7 @@ impl Agent {
             let before = &self.idle[i].process;
             let now = select::read_process(before.pid)
                 .filter(|p| p.start_ticks == before.start_ticks)
-                .filter(|p| self.cfg.rules.iter().any(|r| r.matches(p)));
+                .filter(|p| self.selects(p));
             let Some(process) = now else {
                 self.idle.remove(i);
                 continue;
@@ -621,6 +734,9 @@ impl Agent {
                 break;
             }
             self.engine_error = None;
+            // Its pod as it was when selected: the watch may change it
+            // while the probes go in.
+            let labels = self.labels(&process);
             let attached = procfs::process_info(process.pid).and_then(|info| {
                 self.engine
                     .as_mut()
@@ -630,6 +746,9 @@ impl Agent {
             match attached {
                 Ok(()) => {
                     self.idle.remove(i);
+                    if let Some(engine) = &mut self.engine {
+                        engine.set_labels(process.pid, labels);
+                    }
                     self.profiled.insert(process.pid, process);
                 }
                 Err(Error::Exited { .. } | Error::NoSuchProcess { .. }) => {
@@ -668,6 +787,7 @@ impl Agent {
                     comm: s.comm,
                     exe: s.exe,
                     container: p.and_then(|p| p.container.clone()),
+                    container_name: meta.as_ref().map(|m| m.container.clone()),
                     pod: meta.as_ref().map(|m| m.pod.clone()),
                     namespace: meta.as_ref().map(|m| m.namespace.clone()),
                     service_name: meta.map(|m| m.service_name),
@@ -695,6 +815,7 @@ impl Agent {
                 comm: i.process.comm.clone(),
                 exe: i.process.exe.clone(),
                 container: i.process.container.clone(),
+                container_name: meta.as_ref().map(|m| m.container.clone()),
                 pod: meta.as_ref().map(|m| m.pod.clone()),
                 namespace: meta.as_ref().map(|m| m.namespace.clone()),
                 service_name: meta.map(|m| m.service_name),

@@ -68,6 +68,8 @@ pub struct TargetView {
     pub exe: String,
     /// The container id from the process's cgroup path, when it has one.
     pub container: Option<String>,
+    /// The container's name in its pod (with `--kubernetes`).
+    pub container_name: Option<String>,
     /// Kubernetes metadata (filled with `--kubernetes`; `null` until then).
     pub pod: Option<String>,
     pub namespace: Option<String>,
@@ -191,6 +193,7 @@ pub(crate) fn sample_target(pid: u32, comm: &str, state: State) -> TargetView {
         comm: comm.into(),
         exe: "/bin/x".into(),
         container: Some("0123456789abcdef".into()),
+        container_name: None,
         pod: None,
         namespace: None,
         service_name: None,

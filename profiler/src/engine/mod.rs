@@ -30,7 +30,10 @@ use crate::{
     ebpf::{self, LoadOptions, Profiler},
     error::{Error, Result},
     lines::{self, say},
-    model::{Coverage, CoverageWindow, RawSnapshot, RetiredStacks, Snapshot, TargetMeta, Trigger},
+    model::{
+        Coverage, CoverageWindow, Kubernetes, RawSnapshot, RetiredStacks, Snapshot, TargetMeta,
+        Trigger,
+    },
     output::{dir::OutputDir, writer::Series},
     procfs::{self, ProcessInfo},
     symbolize::Symbolizer,
@@ -61,6 +64,8 @@ struct Target {
     last_snapshot: Option<String>,
     /// Its CPU budget, when one is kept.
     budget: Option<Budget>,
+    /// The pod it runs in (the agent's `--kubernetes`), for its snapshots.
+    kubernetes: Option<Kubernetes>,
 }
 
 /// A target's CPU budget: its controller, and the figures last read.
@@ -326,6 +331,7 @@ impl Engine {
             image: exec::Image::new(pid),
             start_ticks: procfs::read_stat(pid).map(|s| s.start_ticks),
             last_snapshot: None,
+            kubernetes: None,
             budget: self.cfg.max_overhead.map(|b| Budget {
                 governor: budget::Governor::new(b, budget::Params::default(), Instant::now()),
                 attached: SystemTime::now(),
@@ -568,6 +574,27 @@ impl Engine {
             self.refresh_maps(pid);
             self.check_oom();
             self.finish(i, Trigger::Exit);
+        }
+    }
+
+    /// Lets go of target `pid` while it runs on (the agent no longer
+    /// selects it): its final snapshot with `trigger`, then detach. Whether
+    /// it was a target.
+    pub fn release(&mut self, pid: u32, trigger: Trigger) -> bool {
+        self.check_execs();
+        match self.index(pid) {
+            Some(i) => {
+                self.finish(i, trigger);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The pod target `pid` runs in, written into its snapshots from now on.
+    pub fn set_labels(&mut self, pid: u32, kubernetes: Option<Kubernetes>) {
+        if let Some(i) = self.index(pid) {
+            self.targets[i].kubernetes = kubernetes;
         }
     }
 
@@ -831,6 +858,7 @@ impl Engine {
             .budget
             .as_ref()
             .map(|b| b.coverage(Instant::now()));
+        snapshot.kubernetes = self.targets[i].kubernetes.clone();
         Ok(snapshot)
     }
 }

@@ -212,6 +212,7 @@ mod tests {
         Snapshot {
             mappings: Vec::new(),
             coverage: None,
+            kubernetes: None,
             format: SNAPSHOT_FORMAT.into(),
             version: 1,
             pid: 1,

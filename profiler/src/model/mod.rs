@@ -15,6 +15,6 @@ pub use diff::{diff, Diff, DiffEntry, Status};
 pub use retired::{RetiredStacks, DEFAULT_RETIRED_KEPT};
 pub use snapshot::{
     basename, is_truncated_frame, reaches_root, strip_allocator_frames, truncated_frame, Coverage,
-    CoverageWindow, Frame, MappingInfo, Snapshot, Stack, TargetMeta, Totals, Trigger,
+    CoverageWindow, Frame, Kubernetes, MappingInfo, Snapshot, Stack, TargetMeta, Totals, Trigger,
     SNAPSHOT_FORMAT, SNAPSHOT_VERSION, TRUNCATED_FRAME,
 };

@@ -64,6 +64,26 @@ pub struct Snapshot {
     /// the time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub coverage: Option<Coverage>,
+    /// Whose container the target is in, when the agent reads pod metadata
+    /// (`--kubernetes`); absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<Kubernetes>,
+}
+
+/// The pod a target runs in, as the API server described it when the
+/// snapshot was taken: the labels its profiles carry.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Kubernetes {
+    pub namespace: String,
+    pub pod: String,
+    /// The container's name in the pod spec.
+    pub container: String,
+    /// The node the agent runs on.
+    pub node: String,
+    /// `heapbpf.io/service-name`, else the pod's `app.kubernetes.io/name`
+    /// or `app` label, else the container name.
+    pub service_name: String,
 }
 
 /// What a snapshot taken under a CPU budget covers.
@@ -185,6 +205,7 @@ impl Snapshot {
             stacks,
             mappings: Vec::new(),
             coverage: None,
+            kubernetes: None,
         }
     }
 }

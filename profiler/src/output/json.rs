@@ -159,6 +159,7 @@ pub(crate) mod tests {
         Snapshot {
             mappings: Vec::new(),
             coverage: None,
+            kubernetes: None,
             format: SNAPSHOT_FORMAT.into(),
             version: SNAPSHOT_VERSION,
             pid: 1234,
@@ -207,6 +208,28 @@ pub(crate) mod tests {
         assert_eq!(v["trigger"], "signal");
         assert_eq!(v["stacks"][0]["frames"][0]["address"], "0x401136");
         assert_eq!(v["totals"]["dropped_events"], 0);
+        assert_eq!(from_bytes(Path::new("x"), &bytes).unwrap(), s);
+    }
+
+    #[test]
+    fn kubernetes_is_written_and_read_only_when_there_is_one() {
+        let plain = to_bytes(&sample());
+        assert!(!String::from_utf8_lossy(&plain).contains("kubernetes"));
+        let mut s = sample();
+        s.kubernetes = Some(crate::model::Kubernetes {
+            namespace: "shop".into(),
+            pod: "web-7d4b9c8f6d-x2kqp".into(),
+            container: "web".into(),
+            node: "node-a".into(),
+            service_name: "storefront".into(),
+        });
+        let bytes = to_bytes(&s);
+        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(
+            v["kubernetes"],
+            serde_json::json!({"namespace": "shop", "pod": "web-7d4b9c8f6d-x2kqp",
+                "container": "web", "node": "node-a", "service_name": "storefront"})
+        );
         assert_eq!(from_bytes(Path::new("x"), &bytes).unwrap(), s);
     }
 

@@ -510,4 +510,28 @@ mod tests {
         let back = pprof::from_bytes(Path::new("x"), &pprof::to_bytes(&s)).unwrap();
         assert_eq!(back.attached_at, s.attached_at);
     }
+
+    #[test]
+    fn the_pod_is_a_pprof_comment() {
+        let comments = |s: &Snapshot| {
+            let p = pprof::to_profile(s);
+            p.comment
+                .iter()
+                .map(|&i| p.string_table[i as usize].clone())
+                .collect::<Vec<_>>()
+        };
+        let mut s = golden();
+        assert_eq!(comments(&s).len(), 1);
+        s.kubernetes = Some(crate::model::Kubernetes {
+            namespace: "shop".into(),
+            pod: "web-1".into(),
+            container: "web".into(),
+            node: "node-a".into(),
+            service_name: "storefront".into(),
+        });
+        assert_eq!(
+            comments(&s)[1],
+            "kubernetes namespace=shop pod=web-1 container=web node=node-a service_name=storefront"
+        );
+    }
 }

@@ -347,7 +347,7 @@ pub fn to_profile(s: &Snapshot) -> Profile {
         "{HEADER_COMMENT}{}",
         serde_json::to_string(&header).unwrap_or_default()
     ));
-    let comment = vec![st.get(&format!(
+    let mut comment = vec![st.get(&format!(
         "heapbpf snapshot of pid {} ({}), trigger {}, sampling {}",
         s.pid,
         s.comm,
@@ -358,6 +358,14 @@ pub fn to_profile(s: &Snapshot) -> Profile {
             format!("every {} bytes", s.sample_bytes)
         }
     ))];
+    // pprof has no labels for a whole profile: the pod goes in a comment
+    // (`go tool pprof -comments`); profile stores get it as series labels.
+    if let Some(k) = &s.kubernetes {
+        comment.push(st.get(&format!(
+            "kubernetes namespace={} pod={} container={} node={} service_name={}",
+            k.namespace, k.pod, k.container, k.node, k.service_name
+        )));
+    }
 
     let time_nanos = nanos(&s.taken_at).unwrap_or(0);
     // Times come from a snapshot file too: never wrap around.
@@ -790,6 +798,7 @@ fn to_snapshot(p: &Profile, budget: &mut Budget) -> Result<Snapshot, String> {
             .collect(),
         // The JSON snapshot says what a windowed one covers; pprof does not.
         coverage: None,
+        kubernetes: None,
     };
     super::check_figures(&snapshot)?;
     Ok(snapshot)
