@@ -124,19 +124,19 @@ pub struct AgentArgs {
     #[arg(long, value_name = "N", default_value_t = crate::ebpf::DEFAULT_MAX_STACKS)]
     pub max_stacks: u32,
     /// Push each snapshot to a Grafana Pyroscope server at URL (URL/push.v1.PusherService/Push).
-    #[arg(long, value_name = "URL")]
+    #[arg(long, value_name = "URL", env = "HEAPBPF_PUSH")]
     pub push: Option<String>,
     /// Push each snapshot to a Parca server at URL (URL/profiles/writeraw).
-    #[arg(long, value_name = "URL")]
+    #[arg(long, value_name = "URL", env = "HEAPBPF_PUSH_PARCA")]
     pub push_parca: Option<String>,
     /// An HTTP header sent with every push, as NAME:VALUE (repeatable).
     #[arg(long, value_name = "K:V")]
     pub push_header: Vec<String>,
     /// A file whose first line is user:password, sent as HTTP basic auth with every push.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", env = "HEAPBPF_PUSH_BASIC_AUTH")]
     pub push_basic_auth: Option<PathBuf>,
     /// The tenant pushed profiles belong to (the X-Scope-OrgID header).
-    #[arg(long, value_name = "ID")]
+    #[arg(long, value_name = "ID", env = "HEAPBPF_PUSH_TENANT")]
     pub push_tenant: Option<String>,
     /// More on stderr.
     #[arg(short, long, action = clap::ArgAction::Count)]

@@ -483,7 +483,18 @@ impl Agent {
                 .profiled
                 .get(&snapshot.pid)
                 .and_then(|p| p.container.as_deref());
-            let meta = self.meta(snapshot.pid);
+            // The pod labels the snapshot was taken with: a target let go
+            // of (annotation removed, pod gone) is no longer known here.
+            let meta = snapshot
+                .kubernetes
+                .as_ref()
+                .map(|k| PodMeta {
+                    namespace: k.namespace.clone(),
+                    pod: k.pod.clone(),
+                    container: k.container.clone(),
+                    service_name: k.service_name.clone(),
+                })
+                .or_else(|| self.meta(snapshot.pid));
             let labels = push::labels(
                 snapshot.pid,
                 &snapshot.comm,
