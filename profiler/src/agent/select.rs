@@ -295,7 +295,9 @@ pub fn pids() -> Vec<u32> {
 /// - a systemd scope `RUNTIME-ID.scope`, `RUNTIME` one of `docker`,
 ///   `cri-containerd`, `crio`, `libpod` (`/system.slice/docker-ID.scope`,
 ///   `.../kubepods-burstable-podUID.slice/cri-containerd-ID.scope`,
-///   `/machine.slice/libpod-ID.scope`, podman's `.../libpod-ID.scope/container`);
+///   `/machine.slice/libpod-ID.scope`, podman's `.../libpod-ID.scope/container`),
+///   or the same without `.scope` with the cgroupfs driver
+///   (`/libpod_parent/PODID/libpod-ID`, `/kubepods/burstable/podUID/crio-ID`);
 /// - containerd's systemd form `SLICE:cri-containerd:ID`.
 ///
 /// The monitors of a container (`libpod-conmon-ID.scope`,
@@ -320,12 +322,15 @@ fn component_container_id(component: &str) -> Option<String> {
     if is_container_id(component) {
         return Some(component.to_ascii_lowercase());
     }
-    if let Some(scope) = component.strip_suffix(".scope") {
-        return SCOPE_PREFIXES
-            .iter()
-            .filter_map(|p| scope.strip_prefix(p))
-            .find(|id| is_container_id(id))
-            .map(str::to_ascii_lowercase);
+    // `RUNTIME-ID.scope` (systemd), or `RUNTIME-ID` as podman and CRI-O
+    // name it with the cgroupfs driver.
+    let scope = component.strip_suffix(".scope").unwrap_or(component);
+    if let Some(id) = SCOPE_PREFIXES
+        .iter()
+        .filter_map(|p| scope.strip_prefix(p))
+        .find(|id| is_container_id(id))
+    {
+        return Some(id.to_ascii_lowercase());
     }
     // SLICE:RUNTIME:ID, as containerd names a container's cgroup with the
     // systemd driver.
@@ -350,6 +355,8 @@ mod tests {
     const ID: &str = "3f5c1b2a9e8d7c6b5a4f3e2d1c0b9a8f7e6d5c4b3a2f1e0d9c8b7a6f5e4d3c2b";
     const UID: &str = "8d7c3e2a-1b4f-4c5d-9e6f-0a1b2c3d4e5f";
     const UID_: &str = "8d7c3e2a_1b4f_4c5d_9e6f_0a1b2c3d4e5f";
+    /// A podman pod's id (its cgroup's parent, also 64 hex digits).
+    const INFRA: &str = "e634d92658e6805d3774de8fc6399e1b1de834e276bfcbf7438efda6adedc15b";
 
     fn process() -> Process {
         Process {
@@ -384,6 +391,8 @@ mod tests {
             format!("/kubepods.slice/kubepods-pod{UID_}.slice/docker-{ID}.scope"),
             format!("/system.slice/containerd.service/kubepods-burstable-pod{UID_}.slice:cri-containerd:{ID}"),
             format!("/machine.slice/libpod-{ID}.scope"),
+            format!("/libpod_parent/{INFRA}/libpod-{ID}"),
+            format!("/kubepods/burstable/pod{UID}/crio-{ID}"),
             format!("/machine.slice/libpod-{ID}.scope/container"),
             format!("/user.slice/user-1000.slice/user@1000.service/user.slice/libpod-{ID}.scope/container"),
             format!("/actions_job/{ID}"),
