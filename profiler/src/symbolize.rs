@@ -43,7 +43,7 @@ pub struct TargetModules {
 }
 
 /// Which perf map file was read, up to where, and its state then.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct PerfMapRead {
     dev: u64,
     ino: u64,
@@ -51,6 +51,18 @@ struct PerfMapRead {
     mtime: (i64, i64),
     /// Bytes of it parsed: up to the last complete line.
     consumed: u64,
+    /// The first and the last bytes of what was parsed (at most
+    /// [`PERF_MAP_EDGE_BYTES`] each), to tell a file that was appended to
+    /// from one rewritten in place; `None` when the file changed while it
+    /// was read (it is then read anew).
+    edges: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl PerfMapRead {
+    /// The same file, in the same state (size and mtime).
+    fn unchanged(&self, now: &PerfMapRead) -> bool {
+        (self.dev, self.ino, self.len, self.mtime) == (now.dev, now.ino, now.len, now.mtime)
+    }
 }
 
 /// How much of a perf map is read. node writes ~100 bytes a symbol, so
@@ -62,6 +74,11 @@ const PERF_MAP_MAX_LINE: u64 = 64 << 10;
 /// How many symbols a perf map may give (each costs memory however short
 /// its line).
 pub const PERF_MAP_MAX_SYMBOLS: usize = 1 << 20;
+/// How much of the start and of the end of what was read of a perf map is
+/// kept to check, when it grew, that it was appended to (node) rather than
+/// rewritten (the JVM's `jcmd PID Compiler.perfmap` truncates the same
+/// file and writes every symbol again, new ones in the middle).
+const PERF_MAP_EDGE_BYTES: u64 = 512;
 
 impl TargetModules {
     pub fn new(pid: u32) -> Self {
@@ -136,13 +153,25 @@ impl TargetModules {
             len: meta.len(),
             mtime: (meta.mtime(), meta.mtime_nsec()),
             consumed: 0,
+            edges: None,
         };
-        let from = match self.perf_map_read {
-            Some(was) if PerfMapRead { consumed: 0, ..was } == now => return false,
-            // The same file, grown: node appends to it, so only the new
-            // lines are read. Anything else is read anew.
-            Some(was) if (was.dev, was.ino) == (now.dev, now.ino) && now.len > was.len => {
-                was.consumed
+        let from = match &self.perf_map_read {
+            Some(was) if was.unchanged(&now) => return false,
+            // The same file, grown, what was read still as it was: node
+            // appends to it, so only the new lines are read. Anything else
+            // (the JVM rewrites the same file) is read anew.
+            Some(PerfMapRead {
+                dev,
+                ino,
+                len,
+                consumed,
+                edges: Some(edges),
+                ..
+            }) if (*dev, *ino) == (now.dev, now.ino)
+                && now.len > *len
+                && perf_map_edges(&file, *consumed).as_ref().ok() == Some(edges) =>
+            {
+                *consumed
             }
             _ => 0,
         };
@@ -163,13 +192,12 @@ impl TargetModules {
         }
         let before = self.perf_map.len();
         if room > 0 && now.len > from {
-            let mut file = file;
-            if file.seek(SeekFrom::Start(from)).is_err() {
+            if (&file).seek(SeekFrom::Start(from)).is_err() {
                 return false;
             }
             let read = self
                 .perf_map
-                .extend_from(BufReader::new(file.take(room)), PERF_MAP_MAX_SYMBOLS);
+                .extend_from(BufReader::new((&file).take(room)), PERF_MAP_MAX_SYMBOLS);
             now.consumed = from + read;
             if self.perf_map.len() >= PERF_MAP_MAX_SYMBOLS {
                 self.warn_perf_map(
@@ -178,6 +206,14 @@ impl TargetModules {
                 );
             }
         }
+        // What was parsed, as it is now; unless the file changed while it
+        // was read, when its edges may not be what was parsed.
+        let same = file
+            .metadata()
+            .is_ok_and(|m| (m.len(), (m.mtime(), m.mtime_nsec())) == (now.len, now.mtime));
+        now.edges = same
+            .then(|| perf_map_edges(&file, now.consumed).ok())
+            .flatten();
         self.perf_map_read = Some(now);
         self.perf_map_path = Some(seen_as);
         from == 0 || self.perf_map.len() != before
@@ -233,6 +269,19 @@ impl TargetModules {
         let f = self.files.get(&(m.dev.clone(), m.inode))?;
         Some(PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd())))
     }
+}
+
+/// The first and the last [`PERF_MAP_EDGE_BYTES`] of the first `consumed`
+/// bytes of a perf map, read at their offsets (the file's position is left
+/// alone).
+fn perf_map_edges(file: &File, consumed: u64) -> std::io::Result<(Vec<u8>, Vec<u8>)> {
+    use std::os::unix::fs::FileExt;
+    let n = consumed.min(PERF_MAP_EDGE_BYTES);
+    let mut head = vec![0; n as usize];
+    file.read_exact_at(&mut head, 0)?;
+    let mut tail = vec![0; n as usize];
+    file.read_exact_at(&mut tail, consumed - n)?;
+    Ok((head, tail))
 }
 
 /// JIT symbols of a perf map (`START SIZE NAME` per line, hex), sorted by
@@ -600,6 +649,7 @@ mod tests {
 
     #[test]
     fn a_perf_map_is_read_again_only_when_it_changed() {
+        use std::io::Write as _;
         // This test process is the target: its perf map is in /tmp.
         let me = std::process::id();
         let path = format!("/tmp/perf-{me}.map");
@@ -611,11 +661,39 @@ mod tests {
         assert_eq!(t.perf_symbol(0x100), Some("first"));
         assert_eq!(t.perf_map_path.as_deref(), Some(&*path));
         assert!(!t.refresh_perf_map(), "unchanged: not read again");
-        // Appended to: only the new lines are read (the old ones are not
-        // read again: their text here changed, their symbols did not).
-        write("100 10 FIRST\n200 10 second\n");
+        // Appended to (node): only the new lines are read. Shown by a line
+        // between the edges that were kept changed in place: not read again.
+        let filler: String = (0..100)
+            .map(|i| format!("{:x} 1 filler{i:02}\n", 0x1000 + i))
+            .collect();
+        let mut text = format!("100 10 first\n{filler}");
+        write(&text);
         assert!(t.refresh_perf_map());
-        assert_eq!(t.perf_symbol(0x100), Some("first"));
+        assert_eq!(t.perf_symbol(0x1032), Some("filler50"));
+        text = text.replace("filler50", "FILLER50") + "200 10 second\n";
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+        assert!(t.refresh_perf_map());
+        assert_eq!(t.perf_symbol(0x200), Some("second"));
+        assert_eq!(t.perf_symbol(0x1032), Some("filler50"), "not read again");
+        // Rewritten in place, grown, a symbol added in the middle (the JVM:
+        // `jcmd PID Compiler.perfmap` truncates the same file and writes
+        // every symbol again): read anew, the inserted symbol is named.
+        let ino = std::fs::metadata(&path).unwrap().ino();
+        text = text.replacen("1000 1 filler00\n", "1000 1 filler00\n150 10 inserted\n", 1);
+        write(&text);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().ino(),
+            ino,
+            "the same file"
+        );
+        assert!(t.refresh_perf_map());
+        assert_eq!(t.perf_symbol(0x150), Some("inserted"));
+        assert_eq!(t.perf_symbol(0x1032), Some("FILLER50"));
         assert_eq!(t.perf_symbol(0x200), Some("second"));
         // Replaced by a shorter file: read anew.
         std::fs::remove_file(&path).unwrap();
