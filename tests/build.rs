@@ -2,7 +2,8 @@
 //! pointers and debug info, unoptimized, so each call site is its own
 //! `noinline` function with known figures; `deep` is optimized and without
 //! frame pointers, for the stack walk; `exec_b_musl` is linked against musl
-//! (musl-gcc), `exec_b_stripped` static and stripped.
+//! (musl-gcc), `exec_b_stripped` static and stripped; `Leak.java` with
+//! javac.
 use std::{env, path::PathBuf, process::Command};
 
 const FIXTURES: &[&str] = &[
@@ -174,6 +175,7 @@ fn main() {
         .expect("run gcc");
     assert!(status.success(), "gcc -static failed on fixtures/allocs.c");
     hardening_fixtures(&out);
+    java_fixture(&out);
     // The program exec_a execs, linked against musl: another C library
     // than the one heapbpf hooked before the exec.
     let status = Command::new("musl-gcc")
@@ -195,6 +197,28 @@ fn main() {
         "gcc -static -s failed on fixtures/exec_b.c"
     );
     println!("cargo:rustc-env=FIXTURE_DIR={}", out.display());
+}
+
+/// `Leak.java` (java.rs), compiled with the JDK's javac into `java/` (the
+/// class path the test runs it from). Built when a JDK is installed (`cargo
+/// xtask bootstrap` installs openjdk-17-jdk-headless); the test says so
+/// when it is missing.
+fn java_fixture(out: &std::path::Path) {
+    let src = "fixtures/Leak.java";
+    println!("cargo:rerun-if-changed={src}");
+    let classes = out.join("java");
+    std::fs::create_dir_all(&classes).expect("create the java fixture directory");
+    match Command::new("javac")
+        .arg("-d")
+        .arg(&classes)
+        .arg(src)
+        .status()
+    {
+        Ok(status) => assert!(status.success(), "javac failed on {src}"),
+        Err(e) => {
+            println!("cargo:warning=java fixture not built ({e}): install openjdk-17-jdk-headless")
+        }
+    }
 }
 
 /// The fixtures of `hardening_text.rs`: `hostile` (glibc, and static against

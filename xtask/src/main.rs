@@ -27,7 +27,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Install what building heapbpf needs (nightly rust-src, bpf-linker, gcc,
-    /// podman and runc, kubectl and kubernetes-validate).
+    /// podman and runc, kubectl and kubernetes-validate, a JDK).
     Bootstrap,
     /// Build, start a leaky demo service, attach, take two snapshots, report.
     Demo,
@@ -177,6 +177,10 @@ pub fn bootstrap() -> Result<()> {
         ("musl-gcc", "musl-tools"),
         // A real server scrapes the agent's /metrics (agent_http.rs).
         ("prometheus", "prometheus"),
+        // Java's native memory (java.rs): javac builds the fixture, jcmd
+        // asks the JVM for its perf map.
+        ("javac", "openjdk-17-jdk-headless"),
+        ("jcmd", "openjdk-17-jdk-headless"),
     ] {
         if output(Command::new("which").arg(tool)).is_none() {
             packages.push(package);
@@ -216,7 +220,7 @@ pub fn bootstrap() -> Result<()> {
             .status();
     }
     eprintln!(
-        "xtask: toolchain ready (nightly rust-src, bpf-linker {BPF_LINKER_VERSION}, gcc, musl-gcc, go, redis, bpftrace, heaptrack, podman, runc, kubectl, kubernetes-validate)"
+        "xtask: toolchain ready (nightly rust-src, bpf-linker {BPF_LINKER_VERSION}, gcc, musl-gcc, go, redis, bpftrace, heaptrack, openjdk-17, podman, runc, kubectl, kubernetes-validate)"
     );
     Ok(())
 }
