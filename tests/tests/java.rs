@@ -73,12 +73,23 @@ fn stacks_under<'a>(snap: &'a Value, name: &str) -> Vec<&'a Value> {
         .collect()
 }
 
+/// The JVM's perf map is left in the host's /tmp: removed however the
+/// test ends.
+struct RemoveOnDrop(String);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 #[test]
 fn direct_buffers_and_unsafe_memory_are_named_down_to_the_java_method() {
     require_root();
     let dir = TempDir::new("java");
     let mut fx = Fixture::from_command(&mut java(), |_, own| own);
     let perf_map = format!("/tmp/perf-{}.map", fx.pid);
+    let _remove = RemoveOnDrop(perf_map.clone());
     fx.command("warm 20000");
     let mut hb = Heapbpf::attach(&[fx.pid], dir.path(), &["--format", "json"]);
     fx.command("leak 64 1048576");
@@ -98,7 +109,6 @@ fn direct_buffers_and_unsafe_memory_are_named_down_to_the_java_method() {
     assert_eq!(hb.wait_exit().code(), Some(0));
     fx.command("exit");
     assert!(fx.wait_exit().success());
-    let _ = std::fs::remove_file(&perf_map);
 
     assert_eq!(first["totals"]["dropped_events"], 0, "{}", first["totals"]);
     // Exact: a direct buffer of N bytes is one malloc(N) (not page-aligned
