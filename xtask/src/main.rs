@@ -177,6 +177,10 @@ pub fn bootstrap() -> Result<()> {
         ("musl-gcc", "musl-tools"),
         // A real server scrapes the agent's /metrics (agent_http.rs).
         ("prometheus", "prometheus"),
+        // A real debuginfod server serves split debug info (debuginfo.rs);
+        // objcopy splits it (binutils, with gcc).
+        ("debuginfod", "debuginfod"),
+        ("objcopy", "binutils"),
     ] {
         if output(Command::new("which").arg(tool)).is_none() {
             packages.push(package);
@@ -216,7 +220,7 @@ pub fn bootstrap() -> Result<()> {
             .status();
     }
     eprintln!(
-        "xtask: toolchain ready (nightly rust-src, bpf-linker {BPF_LINKER_VERSION}, gcc, musl-gcc, go, redis, bpftrace, heaptrack, podman, runc, kubectl, kubernetes-validate)"
+        "xtask: toolchain ready (nightly rust-src, bpf-linker {BPF_LINKER_VERSION}, gcc, musl-gcc, go, redis, bpftrace, heaptrack, debuginfod, podman, runc, kubectl, kubernetes-validate)"
     );
     Ok(())
 }
