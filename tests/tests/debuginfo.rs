@@ -362,6 +362,7 @@ fn debuginfod_serves_what_is_missing_and_a_dead_server_never_stalls_a_snapshot()
     h.signal(libc::SIGUSR2);
     let second = read_json(&h.wait_snapshot("signal", target.pid)[0]);
     let took = asked.elapsed();
+    eprintln!("a snapshot with the server stopped took {took:?}");
     let budget = heapbpf::debuginfo::debuginfod::SNAPSHOT_WAIT;
     assert!(
         took < budget + Duration::from_secs(3),
