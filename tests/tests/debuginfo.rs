@@ -116,6 +116,11 @@ fn split_debug_info_names_frames_as_the_unstripped_build() {
         .join(&id[..2])
         .join(format!("{}.debug", &id[2..]));
     std::fs::create_dir_all(by_id.parent().unwrap()).unwrap();
+    let on_host = format!("/usr/lib/debug/.build-id/{}/{}.debug", &id[..2], &id[2..]);
+    assert!(
+        !Path::new(&on_host).exists(),
+        "{on_host} exists: the test needs the host without it"
+    );
     std::fs::copy(fixture_path("debuginfo.debug"), &by_id).unwrap();
     // By .gnu_debuglink: a stale file of that name beside the program (the
     // wrong CRC: never used), the right one in .debug/.
@@ -194,6 +199,9 @@ fn split_debug_info_names_frames_as_the_unstripped_build() {
             .strip_prefix(&debug_dir.display().to_string())
             .map_or(found_at.clone(), |rest| format!("/usr/lib/debug{rest}"));
         assert!(shown.starts_with(&found_at), "{shown} is not {found_at}");
+        if snapshot == &root_snap {
+            assert!(shown.ends_with(" (in the target's root)"), "{shown}");
+        }
     }
 
     // Nothing to be found: unresolved, never guessed, and said.
