@@ -427,3 +427,63 @@ fn debuginfod_serves_what_is_missing_and_a_dead_server_never_stalls_a_snapshot()
     h.signal(libc::SIGINT);
     assert!(h.wait_exit().success());
 }
+
+#[test]
+fn the_agent_keeps_downloaded_debug_info_in_its_data_dir() {
+    require_root();
+    let tmp = TempDir::new("debuginfod-agent");
+    let served = tmp.path().join("served");
+    std::fs::create_dir_all(&served).unwrap();
+    std::fs::copy(
+        fixture_path("debuginfo.debug"),
+        served.join("debuginfo.debug"),
+    )
+    .unwrap();
+    let exe = fixture_path("debuginfo-stripped");
+    let id = build_id(&exe);
+    let server = Debuginfod::start(&served, &tmp.path().join("db.sqlite"));
+    server.wait_served(&id);
+
+    let data = tmp.path().join("data");
+    let mut target = Fixture::spawn("debuginfo-stripped");
+    let select = format!("pid={}", target.pid);
+    let url = server.url();
+    let (mut h, _) = Heapbpf::agent_env(
+        &data,
+        &[
+            "--select",
+            &select,
+            "--interval",
+            "1s",
+            "--debuginfod",
+            &url,
+        ],
+        &[("DEBUGINFOD_URLS", None)],
+    );
+    h.wait_attached(target.pid);
+    target.command(&format!("leak {LEAKS}"));
+    let exe = exe.display().to_string();
+    let deadline = Instant::now() + TIMEOUT;
+    let snapshot = loop {
+        let paths = h.wait_snapshot("interval", target.pid);
+        let json = paths
+            .iter()
+            .find(|p| p.extension().is_some_and(|e| e == "json"));
+        let s = read_json(json.expect("a JSON snapshot"));
+        if s["totals"]["live_bytes"] == LEAKS * LEAK_BYTES {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "no snapshot with the leak");
+    };
+    let names: Vec<_> = named_frames(leak_stack(&snapshot, &exe))
+        .into_iter()
+        .map(|f| f.0)
+        .collect();
+    assert_eq!(names[1], "leak_site", "{names:?}");
+    let kept = data.join("debuginfod").join(&id).join("debuginfo");
+    assert!(kept.is_file(), "{} is missing", kept.display());
+    assert!(mapping(&snapshot, &exe)["debug_file"]
+        .as_str()
+        .unwrap()
+        .starts_with(&kept.display().to_string()));
+}
