@@ -176,6 +176,7 @@ fn main() {
     assert!(status.success(), "gcc -static failed on fixtures/allocs.c");
     hardening_fixtures(&out);
     java_fixture(&out);
+    debuginfo_fixtures(&out);
     // The program exec_a execs, linked against musl: another C library
     // than the one heapbpf hooked before the exec.
     let status = Command::new("musl-gcc")
@@ -264,4 +265,66 @@ fn hardening_fixtures(out: &std::path::Path) {
             Err(e) => println!("cargo:warning=go fixtures not built ({e}): install golang-go"),
         }
     }
+}
+
+/// The fixtures of `debuginfo.rs`, split as distributions ship programs:
+/// built with `-g`, the debug info copied off (`objcopy --only-keep-debug`:
+/// `debuginfo.debug`, `libdebuginfo.so.debug`), and stripped copies of the
+/// very same image (`objcopy --strip-all`, as `strip`): `debuginfo-stripped`
+/// and `libdebuginfo-stripped.so` with nothing left but a build id,
+/// `debuginfo-linked` with a `.gnu_debuglink` to `debuginfo.debug`.
+fn debuginfo_fixtures(out: &std::path::Path) {
+    let run = |cmd: &mut Command| {
+        let status = cmd.current_dir(out).status().unwrap_or_else(|e| {
+            panic!("run {cmd:?}: {e} (binutils and gcc: cargo xtask bootstrap)")
+        });
+        assert!(status.success(), "{cmd:?} failed");
+    };
+    let src = std::env::current_dir().unwrap().join("fixtures");
+    for f in ["debuginfo.c", "debuginfo_lib.c"] {
+        println!("cargo:rerun-if-changed=fixtures/{f}");
+    }
+    run(Command::new("gcc")
+        .args([
+            "-O0",
+            "-g",
+            "-fno-omit-frame-pointer",
+            "-Wall",
+            "-Wl,--build-id",
+            "-o",
+            "debuginfo",
+        ])
+        .arg(src.join("debuginfo.c"))
+        .arg("-ldl"));
+    run(Command::new("gcc")
+        .args([
+            "-O0",
+            "-g",
+            "-fno-omit-frame-pointer",
+            "-fPIC",
+            "-shared",
+            "-Wall",
+            "-Wl,--build-id",
+            "-o",
+            "libdebuginfo.so",
+        ])
+        .arg(src.join("debuginfo_lib.c")));
+    run(Command::new("objcopy").args(["--only-keep-debug", "debuginfo", "debuginfo.debug"]));
+    run(Command::new("objcopy").args(["--strip-all", "debuginfo", "debuginfo-stripped"]));
+    run(Command::new("objcopy").args([
+        "--strip-all",
+        "--add-gnu-debuglink=debuginfo.debug",
+        "debuginfo",
+        "debuginfo-linked",
+    ]));
+    run(Command::new("objcopy").args([
+        "--only-keep-debug",
+        "libdebuginfo.so",
+        "libdebuginfo.so.debug",
+    ]));
+    run(Command::new("objcopy").args([
+        "--strip-all",
+        "libdebuginfo.so",
+        "libdebuginfo-stripped.so",
+    ]));
 }

@@ -123,6 +123,9 @@ pub struct AgentArgs {
     /// Distinct call stacks the kernel maps can hold at once (all targets together).
     #[arg(long, value_name = "N", default_value_t = crate::ebpf::DEFAULT_MAX_STACKS)]
     pub max_stacks: u32,
+    /// Download the debug info of stripped modules that have none installed from this debuginfod server (repeatable) [default: $DEBUGINFOD_URLS].
+    #[arg(long, value_name = "URL")]
+    pub debuginfod: Vec<String>,
     /// Push each snapshot to a Grafana Pyroscope server at URL (URL/push.v1.PusherService/Push).
     #[arg(long, value_name = "URL", env = "HEAPBPF_PUSH")]
     pub push: Option<String>,
@@ -230,11 +233,16 @@ impl AgentArgs {
             probe_floor: None,
             no_uprobe_sessions: false,
             no_exec_tracepoint: false,
+            debuginfod: self.debuginfod.clone(),
             verbose: self.verbose,
             quiet: self.quiet,
         }
         .into_config()?;
         engine.max_overhead = Some(max_overhead);
+        // The agent keeps downloaded debug info beside its snapshots.
+        if let Some(d) = &mut engine.debuginfod {
+            d.cache_dir = engine.output_dir.join("debuginfod");
+        }
         Ok(crate::agent::AgentConfig {
             engine,
             rules,
@@ -452,6 +460,9 @@ pub struct ProfileArgs {
     /// tracepoint (for the tests of that fallback).
     #[arg(long, hide = true)]
     pub no_exec_tracepoint: bool,
+    /// Download the debug info of stripped modules that have none installed from this debuginfod server (repeatable) [default: $DEBUGINFOD_URLS].
+    #[arg(long, value_name = "URL")]
+    pub debuginfod: Vec<String>,
     /// More on stderr: where each probe went, per-snapshot statistics.
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -513,6 +524,21 @@ pub fn checked_top(top: usize) -> Result<usize> {
         return Err(Error::BadInput("--top must be at least 1".into()));
     }
     Ok(top)
+}
+
+/// The debuginfod servers of `--debuginfod` (else `DEBUGINFOD_URLS`) and
+/// the user's cache for their files; `None` without servers.
+fn debuginfod_config(flags: &[String]) -> Result<Option<crate::debuginfo::debuginfod::Config>> {
+    use crate::debuginfo::debuginfod;
+    let env = |k: &str| std::env::var(k).ok();
+    let urls = debuginfod::urls(flags, env("DEBUGINFOD_URLS").as_deref())?;
+    Ok((!urls.is_empty()).then(|| debuginfod::Config {
+        urls,
+        cache_dir: debuginfod::user_cache_dir(
+            env("XDG_CACHE_HOME").as_deref(),
+            env("HOME").as_deref(),
+        ),
+    }))
 }
 
 /// `--sample-bytes` when none is given; chosen by measurement (README,
@@ -594,6 +620,7 @@ impl ProfileArgs {
             exec_tracepoint: !self.no_exec_tracepoint,
             keep_written: false,
             max_overhead: None,
+            debuginfod: debuginfod_config(&self.debuginfod)?,
         })
     }
 }
@@ -749,6 +776,30 @@ mod tests {
         assert_eq!(a.max_overhead, "2%");
         // The selection is required: an agent profiles nothing by surprise.
         assert!(agent(&[]).is_err());
+    }
+
+    #[test]
+    fn debuginfod_servers_are_checked_and_cached_where_each_front_end_keeps_files() {
+        let c = attach(&["1", "--debuginfod", "http://127.0.0.1:8002/"]).unwrap();
+        let d = c.debuginfod.expect("a debuginfod config");
+        assert_eq!(d.urls, vec!["http://127.0.0.1:8002"]);
+        assert!(d.cache_dir.ends_with("heapbpf/debuginfod"), "{d:?}");
+        let e = attach(&["1", "--debuginfod", "ftp://x"]).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        assert!(e.to_string().starts_with("--debuginfod ftp://x"), "{e}");
+        let a = agent(&[
+            "--select",
+            "pid=1",
+            "--data-dir",
+            "/srv/hb",
+            "--debuginfod",
+            "https://debuginfod.debian.net",
+        ])
+        .and_then(AgentArgs::into_config)
+        .unwrap();
+        let d = a.engine.debuginfod.expect("the agent's debuginfod config");
+        assert_eq!(d.urls, vec!["https://debuginfod.debian.net"]);
+        assert_eq!(d.cache_dir, PathBuf::from("/srv/hb/debuginfod"));
     }
 
     #[test]

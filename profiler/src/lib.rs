@@ -14,8 +14,10 @@
 //!    as addresses with exact per-stack figures; [`symbolize`] (the only
 //!    module that names blazesym) turns addresses into frames, through file
 //!    handles kept open on every module the target mapped, so a target that
-//!    has exited is still fully symbolized; the result is the canonical
-//!    [`model::Snapshot`].
+//!    has exited is still fully symbolized; a stripped module is symbolized
+//!    from its separate debug info, which [`debuginfo`] finds (build id,
+//!    `.gnu_debuglink`) or downloads (debuginfod). The result is the
+//!    canonical [`model::Snapshot`].
 //! 4. [`output`] writes it in each format ([`output::writer`] owns names,
 //!    safe publishing and retention) and reads it back; [`report`] renders
 //!    snapshots and diffs for people.
@@ -34,6 +36,7 @@ pub mod agent;
 pub mod allocator;
 pub mod cli;
 pub mod commands;
+pub mod debuginfo;
 pub mod ebpf;
 pub mod elf;
 pub mod engine;

@@ -111,6 +111,9 @@ pub fn text(s: &Snapshot, top: usize, color: bool) -> String {
             human_bytes(bytes as i128)
         );
     }
+    for line in symbol_gaps(s) {
+        let _ = writeln!(o, "{}", c.warn(&line));
+    }
     let _ = writeln!(o);
     let shown: Vec<_> = s
         .stacks
@@ -183,6 +186,39 @@ pub fn text(s: &Snapshot, top: usize, color: bool) -> String {
         );
     }
     o
+}
+
+/// A line per module, once, whose frames in the snapshot lack names for
+/// want of debug info: none found, or still downloading when it was taken.
+pub fn symbol_gaps(s: &Snapshot) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut said = std::collections::BTreeSet::new();
+    for m in s.mappings.iter().filter(|m| m.lacks_symbols()) {
+        let used = s
+            .stacks
+            .iter()
+            .flat_map(|st| &st.frames)
+            .any(|f| f.module.as_deref() == Some(&m.path));
+        if !used || !said.insert(&m.path) {
+            continue;
+        }
+        let id = m.build_id.as_deref().map_or_else(
+            || "no build id".to_string(),
+            |b| format!("build id {}", escape(b)),
+        );
+        out.push(if m.symbols.as_deref() == Some(crate::model::SYMBOLS_PENDING) {
+            format!(
+                "no symbols yet for {} ({id}): its debug info was still downloading from debuginfod; a later snapshot names its frames",
+                escape(&m.path)
+            )
+        } else {
+            format!(
+                "no symbols for {} ({id}): install its debug info, or pass --debuginfod URL",
+                escape(&m.path)
+            )
+        });
+    }
+    out
 }
 
 pub fn json(s: &Snapshot, top: usize) -> String {
@@ -375,6 +411,40 @@ mod tests {
                 },
             ],
         }
+    }
+
+    #[test]
+    fn modules_without_symbols_are_named_once() {
+        use crate::model::{MappingInfo, SYMBOLS_NONE, SYMBOLS_PENDING};
+        let mut s = snap();
+        assert!(symbol_gaps(&s).is_empty());
+        let app = |symbols: Option<&str>, start| MappingInfo {
+            start: Address(start),
+            limit: Address(start + 0x1000),
+            path: "/usr/local/bin/app".into(),
+            build_id: Some("ab12".into()),
+            symbols: symbols.map(str::to_string),
+            ..Default::default()
+        };
+        // Two mappings of one module: one line.
+        s.mappings = vec![
+            app(Some(SYMBOLS_NONE), 0x401000),
+            app(Some(SYMBOLS_NONE), 0x402000),
+            MappingInfo {
+                path: "/lib/unused.so".into(),
+                symbols: Some(SYMBOLS_NONE.into()),
+                ..Default::default()
+            },
+        ];
+        assert_eq!(
+            symbol_gaps(&s),
+            vec!["no symbols for /usr/local/bin/app (build id ab12): install its debug info, or pass --debuginfod URL"]
+        );
+        assert!(text(&s, 10, false).contains("no symbols for /usr/local/bin/app (build id ab12)"));
+        s.mappings = vec![app(Some(SYMBOLS_PENDING), 0x401000)];
+        assert!(symbol_gaps(&s)[0].starts_with("no symbols yet for /usr/local/bin/app"));
+        s.mappings = vec![app(None, 0x401000)];
+        assert!(symbol_gaps(&s).is_empty(), "its own symbols");
     }
 
     #[test]

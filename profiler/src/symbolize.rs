@@ -7,6 +7,13 @@
 //! handles through `/proc/self/fd/N`, so a target that has exited is still
 //! fully symbolized. Misses are data (a frame without a function), never
 //! errors.
+//!
+//! A module without DWARF of its own is symbolized from its separate debug
+//! file when one is found ([`crate::debuginfo`]: by build id, by
+//! `.gnu_debuglink`, from debuginfod), by virtual address (the debug file's
+//! code sections are empty, its symbols and DWARF name addresses as
+//! linked). How each module is symbolized is decided once, when it is
+//! first seen, and said in the snapshot's `mappings`.
 use std::{
     collections::HashMap,
     fs::File,
@@ -18,9 +25,34 @@ use std::{
 use blazesym::symbolize::{self, source::Elf, source::Source, Input, Symbolized};
 
 use crate::{
+    debuginfo::{
+        self,
+        debuginfod::{self, Fetch},
+        ElfFacts,
+    },
     model::Frame,
     procfs::{self, Mapping},
 };
+
+/// How one executable module is symbolized.
+struct ModuleDebug {
+    /// `None`: not an ELF file heapbpf can read (blazesym tries anyway).
+    facts: Option<ElfFacts>,
+    source: DebugSource,
+}
+
+enum DebugSource {
+    /// Its own symbols (and DWARF when it has some).
+    Own,
+    /// A separate debug file, looked up by virtual address.
+    Separate { file: File, shown: String },
+    /// Stripped, nothing found: only its dynamic symbols. Why; and the
+    /// build id debuginfod failed to give, asked again once its failure
+    /// is old enough ([`debuginfod::RETRY_AFTER`]).
+    Missing { why: String, retry: Option<String> },
+    /// Stripped, its debug file downloading from debuginfod.
+    Downloading { build_id: String },
+}
 
 /// The memory map of one target, and handles that outlive it.
 #[derive(Default)]
@@ -40,6 +72,8 @@ pub struct TargetModules {
     perf_map_read: Option<PerfMapRead>,
     /// A warning about the perf map was given (once per target).
     perf_map_warned: bool,
+    /// How each executable module is symbolized, decided when first seen.
+    debug: HashMap<(String, u64), ModuleDebug>,
 }
 
 /// Which perf map file was read, up to where, and its state then.
@@ -91,7 +125,7 @@ impl TargetModules {
     /// Re-reads the target's maps (while it is alive) and opens new modules.
     /// Returns whether anything changed. Mappings of modules that were
     /// unmapped are kept: their blocks may still be live.
-    pub fn refresh(&mut self) -> bool {
+    pub fn refresh(&mut self, client: Option<&debuginfod::Client>) -> bool {
         let perf = self.refresh_perf_map();
         let Ok(fresh) = procfs::read_maps(self.pid) else {
             return perf;
@@ -113,6 +147,13 @@ impl TargetModules {
                 }
             }
         }
+        for m in fresh.iter().filter(|m| m.is_file() && m.is_exec()) {
+            let key = (m.dev.clone(), m.inode);
+            if !self.debug.contains_key(&key) {
+                let d = self.module_debug(&key, &m.path, client);
+                self.debug.insert(key, d);
+            }
+        }
         // New mappings win; old ones survive where nothing new overlaps them.
         let mut merged: Vec<Mapping> = self
             .mappings
@@ -123,6 +164,39 @@ impl TargetModules {
         merged.sort_by_key(|m| m.start);
         self.mappings = merged;
         true
+    }
+
+    /// How the module `key` (mapped from `path`, as the target sees it) is
+    /// to be symbolized: see [`crate::debuginfo`] for the lookup.
+    fn module_debug(
+        &self,
+        key: &(String, u64),
+        path: &str,
+        client: Option<&debuginfod::Client>,
+    ) -> ModuleDebug {
+        let facts = self.files.get(key).and_then(ElfFacts::read);
+        let source = match &facts {
+            None => DebugSource::Own,
+            Some(f) if f.has_dwarf => DebugSource::Own,
+            Some(f) => match debuginfo::find_local(self.pid, f, path, &debuginfo::default_dirs()) {
+                Some(found) => DebugSource::Separate {
+                    file: found.file,
+                    shown: found.shown,
+                },
+                None if !f.stripped() => DebugSource::Own,
+                None => match (client, &f.build_id) {
+                    (Some(c), Some(id)) => settled(c, id, c.request(id)),
+                    _ => DebugSource::Missing {
+                        why: not_found(f),
+                        retry: None,
+                    },
+                },
+            },
+        };
+        if let DebugSource::Separate { shown, .. } = &source {
+            tracing::debug!(pid = self.pid, module = %path, debug_file = %shown, "separate debug info");
+        }
+        ModuleDebug { facts, source }
     }
 
     /// Reads what is new in the target's perf map: only when its file,
@@ -237,13 +311,21 @@ impl TargetModules {
         (addr < m.end).then_some(m)
     }
 
-    /// Executable file mappings with their build ids, for pprof.
+    /// Executable file mappings with their build ids, for pprof, and where
+    /// their symbols came from.
     pub fn mapping_infos(&mut self) -> Vec<crate::model::MappingInfo> {
+        use crate::model::{SYMBOLS_DEBUG_FILE, SYMBOLS_NONE, SYMBOLS_PENDING};
         let mut out = Vec::new();
         for m in self.mappings.iter().filter(|m| m.is_file() && m.is_exec()) {
             let key = (m.dev.clone(), m.inode);
+            let debug = self.debug.get(&key);
+            let known = debug.and_then(|d| d.facts.as_ref()?.build_id.clone());
             let build_id = match self.build_ids.get(&key) {
                 Some(b) => b.clone(),
+                None if known.is_some() => {
+                    self.build_ids.insert(key.clone(), known.clone());
+                    known
+                }
                 None => {
                     let fd = self
                         .files
@@ -254,12 +336,30 @@ impl TargetModules {
                     b
                 }
             };
+            let (symbols, debug_file, symbols_note) = match debug.map(|d| &d.source) {
+                Some(DebugSource::Separate { shown, .. }) => {
+                    (Some(SYMBOLS_DEBUG_FILE), Some(shown.clone()), None)
+                }
+                Some(DebugSource::Missing { why, .. }) => (Some(SYMBOLS_NONE), None, Some(why.clone())),
+                Some(DebugSource::Downloading { .. }) => (
+                    Some(SYMBOLS_PENDING),
+                    None,
+                    Some(format!(
+                        "its debug info was still downloading from debuginfod after {} (frames left unresolved; the next snapshot has them)",
+                        humantime::format_duration(debuginfod::SNAPSHOT_WAIT)
+                    )),
+                ),
+                Some(DebugSource::Own) | None => (None, None, None),
+            };
             out.push(crate::model::MappingInfo {
                 start: crate::model::Address(m.start),
                 limit: crate::model::Address(m.end),
                 offset: crate::model::Address(m.offset),
                 path: m.path.clone(),
                 build_id,
+                symbols: symbols.map(str::to_string),
+                debug_file,
+                symbols_note,
             });
         }
         out
@@ -267,7 +367,67 @@ impl TargetModules {
 
     fn fd_path(&self, m: &Mapping) -> Option<PathBuf> {
         let f = self.files.get(&(m.dev.clone(), m.inode))?;
-        Some(PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd())))
+        Some(fd_path(f))
+    }
+}
+
+fn fd_path(f: &File) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd()))
+}
+
+/// A stripped module's source once debuginfod answered `fetch` (or not yet).
+fn settled(client: &debuginfod::Client, build_id: &str, fetch: Fetch) -> DebugSource {
+    match fetch {
+        Fetch::Pending => DebugSource::Downloading {
+            build_id: build_id.to_string(),
+        },
+        Fetch::Failed(why) => DebugSource::Missing {
+            why: format!(
+                "stripped; no debug info on this machine for build id {build_id}, nor from debuginfod ({why})"
+            ),
+            retry: Some(build_id.to_string()),
+        },
+        Fetch::Ready(path) => {
+            let opened = procfs::open_in_root(std::process::id(), &path.to_string_lossy())
+                .map_err(|e| e.to_string())
+                .and_then(|f| {
+                    debuginfo::proves(&f, &debuginfo::Proof::BuildId(build_id.to_string()))
+                        .map(|()| f)
+                });
+            match opened {
+                Ok(file) => DebugSource::Separate {
+                    file,
+                    shown: format!("{} (debuginfod {})", path.display(), client.servers()),
+                },
+                Err(why) => DebugSource::Missing {
+                    why: format!(
+                        "the debug file downloaded into {} is unusable: {why}",
+                        path.display()
+                    ),
+                    retry: None,
+                },
+            }
+        }
+    }
+}
+
+/// Why a stripped module has no symbols, when nothing was found locally and
+/// no debuginfod server was given.
+fn not_found(f: &ElfFacts) -> String {
+    let mut tried = Vec::new();
+    if let Some(id) = &f.build_id {
+        tried.push(format!("build id {id} under /usr/lib/debug/.build-id"));
+    }
+    if let Some((name, _)) = &f.debuglink {
+        tried.push(format!("its .gnu_debuglink {}", crate::lines::escape(name)));
+    }
+    if tried.is_empty() {
+        "stripped, with neither a build id nor a .gnu_debuglink to find its debug info by".into()
+    } else {
+        format!(
+            "stripped; no debug info found by {}",
+            tried.join(", nor by ")
+        )
     }
 }
 
@@ -402,6 +562,10 @@ pub struct Symbolizer {
     inner: symbolize::Symbolizer,
     tables: HashMap<u32, TargetModules>,
     cache: HashMap<(u32, u64), Vec<Frame>>,
+    /// Downloads of debug info, with `--debuginfod` / `DEBUGINFOD_URLS`.
+    debuginfod: Option<debuginfod::Client>,
+    /// Until when the snapshot being symbolized may wait for downloads.
+    wait_until: Option<std::time::Instant>,
 }
 
 impl Default for Symbolizer {
@@ -412,6 +576,11 @@ impl Default for Symbolizer {
 
 impl Symbolizer {
     pub fn new() -> Self {
+        Self::with_debuginfod(None)
+    }
+
+    /// A symbolizer that downloads missing debug info from debuginfod.
+    pub fn with_debuginfod(debuginfod: Option<debuginfod::Client>) -> Self {
         let inner = symbolize::Symbolizer::builder()
             .enable_code_info(true)
             .enable_inlined_fns(true)
@@ -421,13 +590,22 @@ impl Symbolizer {
             inner,
             tables: HashMap::new(),
             cache: HashMap::new(),
+            debuginfod,
+            wait_until: None,
         }
+    }
+
+    /// A snapshot is being built: from now it may wait up to
+    /// [`debuginfod::SNAPSHOT_WAIT`], all modules together, for debug info
+    /// still downloading.
+    pub fn begin_snapshot(&mut self) {
+        self.wait_until = Some(std::time::Instant::now() + debuginfod::SNAPSHOT_WAIT);
     }
 
     /// Starts keeping the modules of `pid`.
     pub fn track(&mut self, pid: u32) {
         let mut t = TargetModules::new(pid);
-        t.refresh();
+        t.refresh(self.debuginfod.as_ref());
         self.tables.insert(pid, t);
     }
 
@@ -440,7 +618,7 @@ impl Symbolizer {
     /// target's maps changed.
     pub fn refresh(&mut self, pid: u32) -> bool {
         if let Some(t) = self.tables.get_mut(&pid) {
-            if t.refresh() {
+            if t.refresh(self.debuginfod.as_ref()) {
                 self.cache.retain(|(p, _), _| *p != pid);
                 return true;
             }
@@ -464,11 +642,61 @@ impl Symbolizer {
                 out.extend(frames.iter().cloned());
                 continue;
             }
+            let settled = self.settle(pid, ip);
             let frames = self.symbolize_return_address(pid, ip);
             out.extend(frames.iter().cloned());
-            self.cache.insert((pid, ip), frames);
+            // Frames of a module still downloading are not kept: the next
+            // snapshot may have its debug info.
+            if settled {
+                self.cache.insert((pid, ip), frames);
+            }
         }
         out
+    }
+
+    /// Waits (within the snapshot's budget) for the debug info of the
+    /// module of `ip` when it is downloading, and asks debuginfod again for
+    /// one it failed to give once that failure is old enough. False while
+    /// the module's frames may still get names (not to be cached).
+    fn settle(&mut self, pid: u32, ip: u64) -> bool {
+        let Some(table) = self.tables.get_mut(&pid) else {
+            return true;
+        };
+        let Some(key) = table
+            .mapping(ip.saturating_sub(1))
+            .map(|m| (m.dev.clone(), m.inode))
+        else {
+            return true;
+        };
+        let Some(d) = table.debug.get_mut(&key) else {
+            return true;
+        };
+        let Some(client) = self.debuginfod.as_ref() else {
+            return true;
+        };
+        let build_id = match &d.source {
+            DebugSource::Downloading { build_id } => build_id.clone(),
+            DebugSource::Missing {
+                retry: Some(build_id),
+                ..
+            } => {
+                let build_id = build_id.clone();
+                match client.request(&build_id) {
+                    // Still remembered as failed: as it was.
+                    Fetch::Failed(_) => return false,
+                    fetch => d.source = settled(client, &build_id, fetch),
+                }
+                build_id
+            }
+            _ => return true,
+        };
+        if let (DebugSource::Downloading { .. }, Some(until)) = (&d.source, self.wait_until) {
+            d.source = settled(client, &build_id, client.wait(&build_id, until));
+        }
+        !matches!(
+            d.source,
+            DebugSource::Downloading { .. } | DebugSource::Missing { retry: Some(_), .. }
+        )
     }
 
     fn symbolize_return_address(&self, pid: u32, ip: u64) -> Vec<Frame> {
@@ -511,11 +739,33 @@ impl Symbolizer {
             return unresolved();
         };
         let file_offset = ip - 1 - m.start + m.offset;
-        let src = Source::Elf(Elf::new(path));
-        let sym = match self
-            .inner
-            .symbolize_single(&src, Input::FileOffset(file_offset))
-        {
+        let debug = table.debug.get(&(m.dev.clone(), m.inode));
+        let (src, input) = match debug {
+            Some(ModuleDebug {
+                facts: Some(facts),
+                source: DebugSource::Separate { file, .. },
+            }) => {
+                let Some(vaddr) = facts.vaddr_of(file_offset) else {
+                    return unresolved();
+                };
+                (Elf::new(fd_path(file)), Input::VirtOffset(vaddr))
+            }
+            _ => {
+                let mut elf = Elf::new(path);
+                // Its own DWARF when it has some. A module without, that
+                // names a debug link, is read for its symbols only: the
+                // link was followed above, inside the target's root
+                // (blazesym would look beside the /proc/self/fd path, and
+                // refuse the whole module over a stale link's CRC).
+                elf.debug_syms = match debug.and_then(|d| d.facts.as_ref()) {
+                    Some(f) => f.has_dwarf || f.debuglink.is_none(),
+                    None => true,
+                };
+                (elf, Input::FileOffset(file_offset))
+            }
+        };
+        let src = Source::Elf(src);
+        let sym = match self.inner.symbolize_single(&src, input) {
             Ok(Symbolized::Sym(sym)) => sym,
             Ok(Symbolized::Unknown(reason)) => {
                 tracing::trace!(ip, %reason, "unresolved frame");

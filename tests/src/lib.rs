@@ -180,7 +180,19 @@ pub struct Heapbpf {
 
 impl Heapbpf {
     pub fn attach(pids: &[u32], out_dir: &Path, extra: &[&str]) -> Heapbpf {
+        Heapbpf::attach_env(pids, out_dir, extra, &[])
+    }
+
+    /// [`Heapbpf::attach`] with environment variables set. Without one,
+    /// `DEBUGINFOD_URLS` is removed: no test asks a server it did not start.
+    pub fn attach_env(
+        pids: &[u32],
+        out_dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Heapbpf {
         let mut cmd = Command::new(heapbpf_bin());
+        cmd.env_remove("DEBUGINFOD_URLS").envs(env.iter().copied());
         cmd.arg("attach");
         for p in pids {
             cmd.arg(p.to_string());

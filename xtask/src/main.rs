@@ -181,6 +181,10 @@ pub fn bootstrap() -> Result<()> {
         // asks the JVM for its perf map.
         ("javac", "openjdk-17-jdk-headless"),
         ("jcmd", "openjdk-17-jdk-headless"),
+        // A real debuginfod server serves split debug info (debuginfo.rs);
+        // objcopy splits it (binutils, with gcc).
+        ("debuginfod", "debuginfod"),
+        ("objcopy", "binutils"),
     ] {
         if output(Command::new("which").arg(tool)).is_none() {
             packages.push(package);
@@ -220,7 +224,7 @@ pub fn bootstrap() -> Result<()> {
             .status();
     }
     eprintln!(
-        "xtask: toolchain ready (nightly rust-src, bpf-linker {BPF_LINKER_VERSION}, gcc, musl-gcc, go, redis, bpftrace, heaptrack, openjdk-17, podman, runc, kubectl, kubernetes-validate)"
+        "xtask: toolchain ready (nightly rust-src, bpf-linker {BPF_LINKER_VERSION}, gcc, musl-gcc, go, redis, bpftrace, heaptrack, openjdk-17, debuginfod, podman, runc, kubectl, kubernetes-validate)"
     );
     Ok(())
 }

@@ -855,7 +855,7 @@ pub fn describe_failure(status: u16, body: &[u8]) -> String {
 
 /// The innermost cause of a client error ("connection refused"), with
 /// the outer one when it says more.
-fn innermost(e: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn innermost(e: &(dyn std::error::Error + 'static)) -> String {
     let mut last = e;
     while let Some(next) = last.source() {
         last = next;

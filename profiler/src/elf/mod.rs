@@ -5,11 +5,8 @@ use std::path::Path;
 
 /// The GNU build id of an ELF file, as lowercase hex.
 pub fn build_id(path: &Path) -> Option<String> {
-    use object::Object;
-    let data = std::fs::read(path).ok()?;
-    let file = object::File::parse(&*data).ok()?;
-    let id = file.build_id().ok()??;
-    Some(id.iter().map(|b| format!("{b:02x}")).collect())
+    // Mapped, not read: a module can be gigabytes.
+    crate::debuginfo::ElfFacts::read(&std::fs::File::open(path).ok()?)?.build_id
 }
 
 /// What an executable is, for finding its allocator when no allocator

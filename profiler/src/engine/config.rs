@@ -38,4 +38,7 @@ pub struct Config {
     /// Keep each snapshot written for [`super::Engine::take_written`] (the
     /// agent pushes them to a profile store).
     pub keep_written: bool,
+    /// Where missing debug info is downloaded from (`--debuginfod`,
+    /// `DEBUGINFOD_URLS`), and kept; `None`: only what is installed.
+    pub debuginfod: Option<crate::debuginfo::debuginfod::Config>,
 }

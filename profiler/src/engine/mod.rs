@@ -226,12 +226,19 @@ impl Engine {
                 ticks_per_second: procfs::clock_ticks_per_second() as f64,
             }
         });
+        let symbolizer = Symbolizer::with_debuginfod(
+            cfg.debuginfod
+                .clone()
+                .map(crate::debuginfo::debuginfod::Client::start)
+                .transpose()?
+                .flatten(),
+        );
         Ok(Engine {
             cfg,
             out,
             failed_snapshots: 0,
             profiler,
-            symbolizer: Symbolizer::new(),
+            symbolizer,
             targets: Vec::new(),
             cost,
             written: std::collections::VecDeque::new(),
@@ -851,6 +858,7 @@ impl Engine {
             rss_bytes: t.rss_bytes,
         };
         let symbolizer = &mut self.symbolizer;
+        symbolizer.begin_snapshot();
         let mut snapshot =
             Snapshot::from_raw(&raw, meta, |ips| symbolizer.symbolize_stack(pid, ips));
         snapshot.mappings = self.symbolizer.mapping_infos(pid);

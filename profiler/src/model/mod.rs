@@ -16,5 +16,6 @@ pub use retired::{RetiredStacks, DEFAULT_RETIRED_KEPT};
 pub use snapshot::{
     basename, is_truncated_frame, reaches_root, strip_allocator_frames, truncated_frame, Coverage,
     CoverageWindow, Frame, Kubernetes, MappingInfo, Snapshot, Stack, TargetMeta, Totals, Trigger,
-    SNAPSHOT_FORMAT, SNAPSHOT_VERSION, TRUNCATED_FRAME,
+    SNAPSHOT_FORMAT, SNAPSHOT_VERSION, SYMBOLS_DEBUG_FILE, SYMBOLS_NONE, SYMBOLS_PENDING,
+    TRUNCATED_FRAME,
 };

@@ -223,6 +223,37 @@ pub struct MappingInfo {
     pub path: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub build_id: Option<String>,
+    /// Where the module's symbols came from when not from itself:
+    /// [`SYMBOLS_DEBUG_FILE`] (a separate debug file, `debug_file`),
+    /// [`SYMBOLS_NONE`] (stripped, no debug info found: its frames have no
+    /// function unless it exports one; `symbols_note` says what was
+    /// tried), [`SYMBOLS_PENDING`] (its debug info was still downloading:
+    /// frames unresolved, never guessed). Absent: its own symbols.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub symbols: Option<String>,
+    /// The separate debug file used, and where it was found.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub debug_file: Option<String>,
+    /// Why the module has no symbols (or not yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub symbols_note: Option<String>,
+}
+
+/// [`MappingInfo::symbols`]: from a separate debug file.
+pub const SYMBOLS_DEBUG_FILE: &str = "debug-file";
+/// [`MappingInfo::symbols`]: stripped, and no debug info found.
+pub const SYMBOLS_NONE: &str = "none";
+/// [`MappingInfo::symbols`]: debug info still downloading from debuginfod.
+pub const SYMBOLS_PENDING: &str = "pending";
+
+impl MappingInfo {
+    /// Its frames lack names for want of debug info (none, or not yet).
+    pub fn lacks_symbols(&self) -> bool {
+        matches!(
+            self.symbols.as_deref(),
+            Some(SYMBOLS_NONE) | Some(SYMBOLS_PENDING)
+        )
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

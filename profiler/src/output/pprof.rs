@@ -216,10 +216,10 @@ pub fn to_profile(s: &Snapshot) -> Profile {
             file_offset: m.offset.0,
             filename: st.get(&m.path),
             build_id: st.get(m.build_id.as_deref().unwrap_or("")),
-            has_functions: true,
-            has_filenames: true,
-            has_line_numbers: true,
-            has_inline_frames: true,
+            has_functions: !m.lacks_symbols(),
+            has_filenames: !m.lacks_symbols(),
+            has_line_numbers: !m.lacks_symbols(),
+            has_inline_frames: !m.lacks_symbols(),
         })
         .collect();
     let mapping_of = |addr: u64, module: Option<&str>| -> u64 {
@@ -794,6 +794,7 @@ fn to_snapshot(p: &Profile, budget: &mut Budget) -> Result<Snapshot, String> {
                 offset: Address(m.file_offset),
                 path: s(m.filename),
                 build_id: opt(s(m.build_id)),
+                ..Default::default()
             })
             .collect(),
         // The JSON snapshot says what a windowed one covers; pprof does not.
