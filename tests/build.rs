@@ -174,6 +174,7 @@ fn main() {
         .expect("run gcc");
     assert!(status.success(), "gcc -static failed on fixtures/allocs.c");
     hardening_fixtures(&out);
+    rust_fixtures(&out);
     // The program exec_a execs, linked against musl: another C library
     // than the one heapbpf hooked before the exec.
     let status = Command::new("musl-gcc")
@@ -195,6 +196,60 @@ fn main() {
         "gcc -static -s failed on fixtures/exec_b.c"
     );
     println!("cargo:rustc-env=FIXTURE_DIR={}", out.display());
+}
+
+/// The Rust fixtures of `rust_alloc.rs` (`fixtures/rust/`, its own cargo
+/// workspace): `rust-jemalloc`, `rust-mimalloc`, `rust-system`, built in
+/// release with `debug = 1` into `target/rust-fixtures` (kept between
+/// builds: jemalloc's C build is the slow part) and copied here. Offline
+/// once its crates are in cargo's cache (`Cargo.lock` pins them); the
+/// first build fetches them from crates.io.
+fn rust_fixtures(out: &std::path::Path) {
+    let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
+    let dir = manifest_dir.join("fixtures/rust");
+    for f in ["Cargo.toml", "Cargo.lock", "build.rs", "src"] {
+        println!("cargo:rerun-if-changed=fixtures/rust/{f}");
+    }
+    let target = manifest_dir.join("../target/rust-fixtures");
+    let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let build = |offline: bool| {
+        let mut cmd = Command::new(&cargo);
+        cmd.current_dir(&dir)
+            .args(["build", "--release", "--locked", "--bins", "--features", "jemalloc,mimalloc"])
+            .arg("--target-dir")
+            .arg(&target);
+        if offline {
+            cmd.arg("--offline");
+        }
+        // Not this build's settings: the fixtures are a program of their own.
+        for var in [
+            "RUSTFLAGS",
+            "CARGO_ENCODED_RUSTFLAGS",
+            "CARGO_TARGET_DIR",
+            "CARGO_BUILD_TARGET",
+            "RUSTC_WRAPPER",
+            "RUSTC_WORKSPACE_WRAPPER",
+            "CARGO_MANIFEST_DIR",
+            "CARGO_PKG_NAME",
+        ] {
+            cmd.env_remove(var);
+        }
+        cmd.status().expect("run cargo for the Rust fixtures")
+    };
+    // Offline first (the crates are cached after the first build), else
+    // fetch them.
+    if !build(true).success() {
+        let status = build(false);
+        assert!(
+            status.success(),
+            "cargo build failed for tests/fixtures/rust (its crates come from crates.io on the first build)"
+        );
+    }
+    for name in ["rust-jemalloc", "rust-mimalloc", "rust-system"] {
+        let built = target.join("release").join(name);
+        std::fs::copy(&built, out.join(name))
+            .unwrap_or_else(|e| panic!("copy {}: {e}", built.display()));
+    }
 }
 
 /// The fixtures of `hardening_text.rs`: `hostile` (glibc, and static against
