@@ -200,22 +200,25 @@ fn main() {
 
 /// The Rust fixtures of `rust_alloc.rs` (`fixtures/rust/`, its own cargo
 /// workspace): `rust-jemalloc`, `rust-mimalloc`, `rust-system`, built in
-/// release with `debug = 1` into `target/rust-fixtures` (kept between
+/// release with `debug = 1`, and `rust-jemalloc-lto` (fat LTO), into
+/// `target/rust-fixtures` (kept between
 /// builds: jemalloc's C build is the slow part) and copied here. Offline
 /// once its crates are in cargo's cache (`Cargo.lock` pins them); the
 /// first build fetches them from crates.io.
 fn rust_fixtures(out: &std::path::Path) {
-    let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
+    let manifest_dir =
+        PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
     let dir = manifest_dir.join("fixtures/rust");
     for f in ["Cargo.toml", "Cargo.lock", "build.rs", "src"] {
         println!("cargo:rerun-if-changed=fixtures/rust/{f}");
     }
     let target = manifest_dir.join("../target/rust-fixtures");
     let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let build = |offline: bool| {
+    let build = |args: &[&str], offline: bool| {
         let mut cmd = Command::new(&cargo);
         cmd.current_dir(&dir)
-            .args(["build", "--release", "--locked", "--bins", "--features", "jemalloc,mimalloc"])
+            .args(["build", "--locked"])
+            .args(args)
             .arg("--target-dir")
             .arg(&target);
         if offline {
@@ -236,17 +239,37 @@ fn rust_fixtures(out: &std::path::Path) {
         }
         cmd.status().expect("run cargo for the Rust fixtures")
     };
-    // Offline first (the crates are cached after the first build), else
-    // fetch them.
-    if !build(true).success() {
-        let status = build(false);
-        assert!(
-            status.success(),
-            "cargo build failed for tests/fixtures/rust (its crates come from crates.io on the first build)"
-        );
+    // Every allocator in release; jemalloc again with fat LTO, which
+    // inlines the shims into their callers.
+    let builds: [&[&str]; 2] = [
+        &["--release", "--bins", "--features", "jemalloc,mimalloc"],
+        &[
+            "--profile",
+            "release-lto",
+            "--bin",
+            "rust-jemalloc",
+            "--features",
+            "jemalloc",
+        ],
+    ];
+    for args in builds {
+        // Offline first (the crates are cached after the first build),
+        // else fetch them.
+        if !build(args, true).success() {
+            let status = build(args, false);
+            assert!(
+                status.success(),
+                "cargo build {args:?} failed for tests/fixtures/rust (its crates come from crates.io on the first build)"
+            );
+        }
     }
-    for name in ["rust-jemalloc", "rust-mimalloc", "rust-system"] {
-        let built = target.join("release").join(name);
+    for (built, name) in [
+        ("release/rust-jemalloc", "rust-jemalloc"),
+        ("release/rust-mimalloc", "rust-mimalloc"),
+        ("release/rust-system", "rust-system"),
+        ("release-lto/rust-jemalloc", "rust-jemalloc-lto"),
+    ] {
+        let built = target.join(built);
         std::fs::copy(&built, out.join(name))
             .unwrap_or_else(|e| panic!("copy {}: {e}", built.display()));
     }

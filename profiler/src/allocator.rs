@@ -349,7 +349,10 @@ fn carried_in(path: &str, open_path: &Path, symbols: &[(String, u64)]) -> Vec<Li
         .collect();
     let rust_shims = rust_shims(symbols);
     if !rust_shims.is_empty() {
-        found.push(Library { rust_shims, ..lib() });
+        found.push(Library {
+            rust_shims,
+            ..lib()
+        });
     }
     found
 }
@@ -989,7 +992,10 @@ mod tests {
         ]);
         assert_eq!(families(&rjem), ["_rjem_"]);
         // A known prefix needs only malloc and a free (vendored.c's je_).
-        assert_eq!(families(&symbols(&[("je_malloc", 1), ("je_free", 2)])), ["je_"]);
+        assert_eq!(
+            families(&symbols(&[("je_malloc", 1), ("je_free", 2)])),
+            ["je_"]
+        );
         // A project's own prefix: with a member only an allocator has.
         let own = symbols(&[
             ("acme_malloc", 1),
@@ -1043,7 +1049,10 @@ mod tests {
     fn rust_shims_by_any_of_their_names() {
         // rustc 1.95: v0-mangled under its `__rustc` crate.
         let v0 = |shim: &str| format!("_RNvCsfLfy6EI15iL_7___rustc{}_{shim}", shim.len());
-        assert_eq!(v0("__rust_alloc"), "_RNvCsfLfy6EI15iL_7___rustc12___rust_alloc");
+        assert_eq!(
+            v0("__rust_alloc"),
+            "_RNvCsfLfy6EI15iL_7___rustc12___rust_alloc"
+        );
         assert_eq!(rust_shim(&v0("__rust_alloc")), Some(Call::Size0));
         assert_eq!(rust_shim(&v0("__rust_alloc_zeroed")), Some(Call::Size0));
         assert_eq!(rust_shim(&v0("__rust_realloc")), Some(Call::RustRealloc));
@@ -1092,8 +1101,16 @@ mod tests {
         let lines = describe(&plan);
         assert_eq!(lines.len(), 3, "{lines:?}");
         assert!(lines[0].contains("hooked in /usr/lib/x86_64-linux-gnu/libc.so.6"));
-        assert!(lines[1].contains("the _rjem_* family hooked in /srv/app"), "{}", lines[1]);
-        assert!(lines[2].contains("Rust allocator shims hooked in /srv/app"), "{}", lines[2]);
+        assert!(
+            lines[1].contains("the _rjem_* family hooked in /srv/app"),
+            "{}",
+            lines[1]
+        );
+        assert!(
+            lines[2].contains("Rust allocator shims hooked in /srv/app"),
+            "{}",
+            lines[2]
+        );
         assert!(lines[2].contains("frames[0]"));
         // The shims are their own library to the attached line and to exec.
         assert_eq!(plan.extra[1].label(), "/srv/app (__rust_alloc & co)");

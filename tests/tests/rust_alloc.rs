@@ -27,9 +27,16 @@ const C_CHURN_BYTES: u64 = 100;
 /// `alloc::alloc::alloc`, `RawVec`, `Box::new`'s `exchange_malloc`), which
 /// sits between an allocating Rust function and the shim it calls.
 fn is_rust_alloc_code(function: &str) -> bool {
-    ["alloc::", "<alloc::", "core::", "<core::", "std::alloc", "__rust"]
-        .iter()
-        .any(|p| function.starts_with(p))
+    [
+        "alloc::",
+        "<alloc::",
+        "core::",
+        "<core::",
+        "std::alloc",
+        "__rust",
+    ]
+    .iter()
+    .any(|p| function.starts_with(p))
 }
 
 /// The figures of the stacks whose first frame outside Rust's allocation
@@ -123,7 +130,13 @@ fn assert_rust_sites(snap: &Value, exact: bool, what: &str) {
             "churn in {what}"
         );
     }
-    // The direct calls of `std::alloc`: the Rust function is the caller.
+    // The direct calls of `std::alloc`: the Rust function is frames[0]
+    // (the inlined `alloc::alloc::alloc` & co are left out), its caller next.
+    for (function, want) in checks {
+        if function != "rustalloc::leak_vec" {
+            assert_eq!(site(snap, function), want, "frames[0] {function} in {what}");
+        }
+    }
     for function in ["rustalloc::leak_raw", "rustalloc::leak_grown"] {
         let stack = snap["stacks"]
             .as_array()
@@ -147,7 +160,10 @@ const RUST_ALLOCATIONS: u64 = RAW_TIMES + 4 + CHURN;
 /// (the fixture allocates nothing else after `ready`).
 fn assert_totals(snap: &Value, live_bytes: u64, live_allocations: u64, what: &str) {
     let t = &snap["totals"];
-    assert_eq!(t["live_bytes"], live_bytes, "live bytes of {what}:\n{snap:#}");
+    assert_eq!(
+        t["live_bytes"], live_bytes,
+        "live bytes of {what}:\n{snap:#}"
+    );
     assert_eq!(
         t["live_allocations"], live_allocations,
         "live allocations of {what}:\n{snap:#}"
@@ -212,10 +228,18 @@ fn rust_with_jemalloc_as_global_allocator() {
 }
 
 /// The `mimalloc` crate: `mi_malloc_aligned`, `mi_free`, ... inside the
-/// executable.
+/// executable (no `mi_malloc`: the linker keeps what the crate calls).
 #[test]
 fn rust_with_mimalloc_as_global_allocator() {
-    check_rust_only("rust-mimalloc", "");
+    check_rust_only("rust-mimalloc", "mi_");
+}
+
+/// Fat LTO inlines the shims into their callers, which call
+/// `_rjem_mallocx` & co directly: those calls are counted at the family,
+/// the rest at the shims, each once, with the Rust function as frames[0].
+#[test]
+fn rust_with_jemalloc_and_lto() {
+    check_rust_only("rust-jemalloc-lto", "_rjem_");
 }
 
 /// The System allocator (glibc's malloc) and C code calling malloc in the

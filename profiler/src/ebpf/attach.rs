@@ -208,7 +208,8 @@ impl Profiler {
         // Allocating functions as uprobe sessions where the kernel has them.
         let mut in_session = HashSet::new();
         let sessions = self.sessions.is_some() && which.allocations;
-        for (key, call, target, image, name) in specs.iter().filter(|s| s.1.allocates() && sessions) {
+        for (key, call, target, image, name) in specs.iter().filter(|s| s.1.allocates() && sessions)
+        {
             let Some(start) = image.file_offset(name) else {
                 continue;
             };
@@ -250,7 +251,10 @@ impl Profiler {
         // Otherwise return probes first, so that no call is seen entering
         // without its return hooked.
         for (_, call, target, image, name) in specs.iter().filter(|s| {
-            s.1.allocates() && with_returns && which.allocations && !in_session.contains(s.0.as_str())
+            s.1.allocates()
+                && with_returns
+                && which.allocations
+                && !in_session.contains(s.0.as_str())
         }) {
             if !self.first_probe(pid, image, name, true) {
                 continue;
@@ -265,7 +269,9 @@ impl Profiler {
                 library: target.label(),
             });
         }
-        for (_, call, target, image, name) in specs.iter().filter(|s| !in_session.contains(s.0.as_str())) {
+        for (_, call, target, image, name) in
+            specs.iter().filter(|s| !in_session.contains(s.0.as_str()))
+        {
             if !self.first_probe(pid, image, name, false) {
                 tracing::info!(pid, symbol = %name, library = %target.path, "alias of a function already hooked; not hooked again");
                 continue;
