@@ -1076,6 +1076,10 @@ mod tests {
         let shims = rust_shims(&exe);
         assert_eq!(shims.len(), 4, "{shims:?}");
         assert!(shims.contains(&(v0("__rust_realloc"), Call::RustRealloc)));
+        // This test program is a Rust executable: its own shims are found.
+        let me = std::env::current_exe().unwrap();
+        let own = elf::defined_symbols(&me, true, |n, _| rust_shim(n).is_some());
+        assert_eq!(rust_shims(&own).len(), 4, "{own:?}");
         // Without its dealloc, no shim is hooked (its frees would be missed).
         assert!(rust_shims(&exe[..1]).is_empty());
         assert!(rust_shims(&[]).is_empty());
