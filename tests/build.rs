@@ -96,9 +96,14 @@ fn main() {
         .expect("run gcc");
     assert!(status.success(), "gcc failed linking libjemalloc.a");
     // A program carrying its own allocator: je_-prefixed beside glibc's
-    // malloc, and unprefixed (it is the program's malloc).
+    // malloc, under a prefix of its own (acme_), and unprefixed (it is the
+    // program's malloc).
     println!("cargo:rerun-if-changed=fixtures/vendored.c");
-    for (name, prefix) in [("vendored-je", "je_"), ("vendored-plain", "")] {
+    for (name, prefix) in [
+        ("vendored-je", "je_"),
+        ("vendored-acme", "acme_"),
+        ("vendored-plain", ""),
+    ] {
         let status = Command::new("gcc")
             .args(["-O0", "-g", "-fno-omit-frame-pointer", "-Wall"])
             .arg(format!("-DPREFIX={prefix}"))
