@@ -206,10 +206,10 @@ fn main() {
 /// The Rust fixtures of `rust_alloc.rs` (`fixtures/rust/`, its own cargo
 /// workspace): `rust-jemalloc`, `rust-mimalloc`, `rust-system`, built in
 /// release with `debug = 1`, and `rust-jemalloc-lto` (fat LTO), into
-/// `target/rust-fixtures` (kept between
-/// builds: jemalloc's C build is the slow part) and copied here. Offline
-/// once its crates are in cargo's cache (`Cargo.lock` pins them); the
-/// first build fetches them from crates.io.
+/// `target/rust-fixtures` (kept between builds: jemalloc's C build is the
+/// slow part, about 3 minutes in all on a 2-core VM) and copied here.
+/// Offline once its crates are in cargo's cache (`Cargo.lock` pins them);
+/// the first build fetches them from crates.io.
 fn rust_fixtures(out: &std::path::Path) {
     let manifest_dir =
         PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));

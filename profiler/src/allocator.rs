@@ -333,7 +333,7 @@ pub fn plan_for_command(exe: &Path, ld_preload: Option<&str>) -> Result<AttachPl
 /// What [`prefixed`] finds in a command's executable before it runs: its
 /// allocator families and Rust's allocator shims.
 fn carried(exe: &Path) -> Vec<Library> {
-    let symbols = elf::defined_symbols(exe, true, |n, global| {
+    let symbols = elf::defined_symbols(exe, true, MAX_MEMBERS, |n, global| {
         (global && is_family_member(n)) || rust_shim(n).is_some()
     });
     carried_in(&exe.display().to_string(), exe, &symbols)
@@ -617,13 +617,18 @@ pub fn prefixed(pid: u32, maps: &[Mapping], hooked: &[&str]) -> Vec<Library> {
         // may be in its static table only. Families are global functions
         // (static glibc's local `_int_malloc(arena, size)` is not one); the
         // shims are local once LTO has inlined them.
-        let symbols = elf::defined_symbols(&open_path, is_exe, |n, global| {
+        let symbols = elf::defined_symbols(&open_path, is_exe, MAX_MEMBERS, |n, global| {
             (global && is_family_member(n)) || (is_exe && rust_shim(n).is_some())
         });
         found.extend(carried_in(&m.path, &open_path, &symbols));
     }
     found
 }
+
+/// At most this many candidate names are read from one file: a target's
+/// file is not trusted to be small (a large C program has thousands of
+/// `*_free`s).
+const MAX_MEMBERS: usize = 1 << 16;
 
 /// The members of an allocator family, each `PREFIX` + one of these.
 const MEMBERS: [&str; 11] = [
@@ -676,7 +681,9 @@ fn is_family_member(name: &str) -> bool {
 /// file's plain `malloc` (glibc's `__libc_malloc`) is that allocator under
 /// another name, not another one. Sorted.
 pub fn families(symbols: &[(String, u64)]) -> Vec<String> {
-    let defined = |name: &str| symbols.iter().find(|(n, _)| n == name).map(|&(_, a)| a);
+    let by_name: std::collections::HashMap<&str, u64> =
+        symbols.iter().map(|(n, a)| (n.as_str(), *a)).collect();
+    let defined = |name: &str| by_name.get(name).copied();
     let plain_malloc = defined("malloc");
     let has = |prefix: &str, member: &str| defined(&format!("{prefix}{member}")).is_some();
     let frees = |prefix: &str| FREES.iter().any(|&f| has(prefix, f));
@@ -1078,7 +1085,7 @@ mod tests {
         assert!(shims.contains(&(v0("__rust_realloc"), Call::RustRealloc)));
         // This test program is a Rust executable: its own shims are found.
         let me = std::env::current_exe().unwrap();
-        let own = elf::defined_symbols(&me, true, |n, _| rust_shim(n).is_some());
+        let own = elf::defined_symbols(&me, true, MAX_MEMBERS, |n, _| rust_shim(n).is_some());
         assert_eq!(rust_shims(&own).len(), 4, "{own:?}");
         // Without its dealloc, no shim is hooked (its frees would be missed).
         assert!(rust_shims(&exe[..1]).is_empty());

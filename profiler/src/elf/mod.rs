@@ -17,10 +17,11 @@ pub fn build_id(path: &Path) -> Option<String> {
 /// symbols and, with `all`, its static symbol table too (an executable's
 /// own functions are only there). An unreadable or non-ELF file has none.
 /// The file may be a target's: `object` reads it within its bounds, and
-/// only what `keep` accepts is copied out.
+/// only what `keep` accepts is copied out, at most `limit` symbols.
 pub fn defined_symbols(
     path: &Path,
     all: bool,
+    limit: usize,
     keep: impl Fn(&str, bool) -> bool,
 ) -> Vec<(String, u64)> {
     use object::{Object, ObjectSymbol};
@@ -42,6 +43,7 @@ pub fn defined_symbols(
             let name = s.name().ok()?;
             keep(name, s.is_global()).then(|| (name.to_string(), s.address()))
         })
+        .take(limit)
         .collect()
 }
 
