@@ -691,7 +691,12 @@ pub fn families(symbols: &[(String, u64)]) -> Vec<String> {
         .iter()
         .filter_map(|(name, addr)| {
             let prefix = name.strip_suffix("malloc")?;
+            // A C identifier's characters only: the prefix comes from a
+            // target's file and ends up in probe names and `-v` lines.
             let shaped = !prefix.is_empty()
+                && prefix
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_')
                 && frees(prefix)
                 && (KNOWN_PREFIXES.contains(&prefix)
                     || ALLOCATOR_ONLY.iter().any(|&m| has(prefix, m)))
@@ -732,8 +737,13 @@ const RUST_SHIMS: [(&str, Call); 4] = [
 /// with the compiler).
 pub fn rust_shim(symbol: &str) -> Option<Call> {
     RUST_SHIMS.iter().find_map(|&(shim, call)| {
+        // v0 names are made of `[A-Za-z0-9_]` (and what heapbpf prints of
+        // a target's symbols stays so).
         let mangled = || {
-            symbol.starts_with("_RNvC")
+            symbol
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_')
+                && symbol.starts_with("_RNvC")
                 && symbol.ends_with(&format!("7___rustc{}_{shim}", shim.len()))
         };
         (symbol == shim || mangled()).then_some(call)
@@ -1024,6 +1034,13 @@ mod tests {
         ]);
         assert!(families(&redis).is_empty());
         assert!(families(&symbols(&[("g_malloc", 1), ("g_free", 2)])).is_empty());
+        // A target's file does not choose what heapbpf prints.
+        let hostile = symbols(&[
+            ("\x1b[2Jmalloc", 1),
+            ("\x1b[2Jfree", 2),
+            ("\x1b[2Jposix_memalign", 3),
+        ]);
+        assert!(families(&hostile).is_empty());
         // A malloc without a free is no family; the plain names are not one
         // (the prefix is empty).
         assert!(families(&symbols(&[("je_malloc", 1), ("je_calloc", 2)])).is_empty());
@@ -1072,6 +1089,7 @@ mod tests {
         assert_eq!(rust_shim(&v0("__rust_alloc_error_handler")), None);
         assert_eq!(rust_shim("_RNvCs123_5mycrate12___rust_alloc"), None);
         assert_eq!(rust_shim("my__rust_alloc"), None);
+        assert_eq!(rust_shim("_RNvCs\x1b[2J_7___rustc12___rust_alloc"), None);
 
         let exe = symbols(&[
             (&v0("__rust_alloc"), 0x10),
