@@ -334,7 +334,7 @@ pub fn plan_for_command(exe: &Path, ld_preload: Option<&str>) -> Result<AttachPl
 /// allocator families and Rust's allocator shims.
 fn carried(exe: &Path) -> Vec<Library> {
     let symbols = elf::defined_symbols(exe, true, MAX_MEMBERS, |n, global| {
-        (global && is_family_member(n)) || rust_shim(n).is_some()
+        (global && is_family_member(n)) || is_rust_shim_symbol(n)
     });
     carried_in(&exe.display().to_string(), exe, &symbols)
 }
@@ -618,7 +618,7 @@ pub fn prefixed(pid: u32, maps: &[Mapping], hooked: &[&str]) -> Vec<Library> {
         // (static glibc's local `_int_malloc(arena, size)` is not one); the
         // shims are local once LTO has inlined them.
         let symbols = elf::defined_symbols(&open_path, is_exe, MAX_MEMBERS, |n, global| {
-            (global && is_family_member(n)) || (is_exe && rust_shim(n).is_some())
+            (global && is_family_member(n)) || (is_exe && is_rust_shim_symbol(n))
         });
         found.extend(carried_in(&m.path, &open_path, &symbols));
     }
@@ -736,40 +736,66 @@ const RUST_SHIMS: [(&str, Call); 4] = [
 /// crate (`_RNvCsfLfy6EI15iL_7___rustc12___rust_alloc`; the hash changes
 /// with the compiler).
 pub fn rust_shim(symbol: &str) -> Option<Call> {
-    RUST_SHIMS.iter().find_map(|&(shim, call)| {
-        // v0 names are made of `[A-Za-z0-9_]` (and what heapbpf prints of
-        // a target's symbols stays so).
-        let mangled = || {
-            symbol
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_')
-                && symbol.starts_with("_RNvC")
-                && symbol.ends_with(&format!("7___rustc{}_{shim}", shim.len()))
-        };
-        (symbol == shim || mangled()).then_some(call)
-    })
+    RUST_SHIMS
+        .iter()
+        .find_map(|&(shim, call)| is_rustc_item(symbol, shim).then_some(call))
 }
+
+/// Whether `symbol` is the compiler-made item `item` (`__rust_alloc`,
+/// `__rdl_dealloc`): plain, or v0-mangled under the `__rustc` crate.
+fn is_rustc_item(symbol: &str, item: &str) -> bool {
+    // v0 names are made of `[A-Za-z0-9_]` (and what heapbpf prints of a
+    // target's symbols stays so).
+    let mangled = || {
+        symbol
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_')
+            && symbol.starts_with("_RNvC")
+            && symbol.ends_with(&format!("7___rustc{}_{item}", item.len()))
+    };
+    symbol == item || mangled()
+}
+
+/// Whether `symbol` is one [`rust_shims`] looks at.
+fn is_rust_shim_symbol(symbol: &str) -> bool {
+    rust_shim(symbol).is_some() || is_rustc_item(symbol, SYSTEM_DEALLOC)
+}
+
+/// The System allocator's dealloc, which the shim calls when the program
+/// sets no `#[global_allocator]` (and the linker keeps only then): it ends
+/// in the C library's `free`, which is hooked in every plan.
+const SYSTEM_DEALLOC: &str = "__rdl_dealloc";
 
 /// Rust's allocator shims among an executable's symbols (name, address),
 /// by their own names: all of them when it has `__rust_alloc` and
 /// `__rust_dealloc`, else none (not a Rust program, or stripped: the shims
-/// are local to the executable, in its static symbol table only).
+/// are in the static symbol table only). On the System allocator
+/// (`__rdl_dealloc` present) `__rust_dealloc` is left out: the `free` it
+/// calls sees each free, one trap instead of two.
 pub fn rust_shims(symbols: &[(String, u64)]) -> Vec<(String, Call)> {
     let mut shims: Vec<(String, Call)> = Vec::new();
-    for &(shim, _) in &RUST_SHIMS {
-        if let Some((name, _)) = symbols
-            .iter()
-            .find(|(n, _)| n.ends_with(shim) && rust_shim(n).is_some())
-        {
-            shims.push((name.clone(), rust_shim(name).unwrap_or(Call::Size0)));
+    for &(shim, call) in &RUST_SHIMS {
+        if let Some((name, _)) = symbols.iter().find(|(n, _)| is_rustc_item(n, shim)) {
+            shims.push((name.clone(), call));
         }
     }
-    let has = |shim: &str| shims.iter().any(|(n, _)| n.ends_with(shim));
-    if has("__rust_alloc") && has("__rust_dealloc") {
-        shims
-    } else {
-        Vec::new()
+    let has = |call: Call| shims.iter().any(|&(_, c)| c == call);
+    if !has(Call::Size0) || !has(Call::Free) {
+        return Vec::new();
     }
+    if symbols
+        .iter()
+        .any(|(n, _)| is_rustc_item(n, SYSTEM_DEALLOC))
+    {
+        shims.retain(|&(_, c)| c != Call::Free);
+    }
+    shims
+}
+
+/// Whether Rust's frees are hooked at `__rust_dealloc` (else in the `free`
+/// the System allocator calls).
+pub fn hooks_rust_dealloc(lib: &Library) -> bool {
+    lib.rust_shims.iter().any(|&(_, c)| c == Call::Free)
 }
 
 /// What `-v` says of a plan: which library serves which calls, and how
@@ -788,11 +814,16 @@ pub fn describe(plan: &AttachPlan) -> Vec<String> {
     }
     for lib in &plan.extra {
         if lib.is_rust_shims() {
+            let frees = if hooks_rust_dealloc(lib) {
+                "Rust frees at __rust_dealloc"
+            } else {
+                "Rust frees in the C library's free (the System allocator's)"
+            };
             lines.push(format!(
-                "allocator: Rust allocator shims hooked in {}: Rust allocations and frees \
-                 are counted there, with the Rust caller as frames[0]; the allocator calls a \
-                 shim makes are nested and not counted again; other code's calls count in \
-                 the allocators above",
+                "allocator: Rust allocator shims hooked in {}: Rust allocations are counted \
+                 there, with the Rust caller as frames[0]; the allocator calls a shim makes \
+                 are nested and not counted again; {frees}; other code's calls count in the \
+                 allocators above",
                 escape(&lib.path)
             ));
         } else {
@@ -1101,10 +1132,16 @@ mod tests {
         let shims = rust_shims(&exe);
         assert_eq!(shims.len(), 4, "{shims:?}");
         assert!(shims.contains(&(v0("__rust_realloc"), Call::RustRealloc)));
+        assert!(shims.contains(&(v0("__rust_dealloc"), Call::Free)));
+        // On the System allocator its free is hooked, not __rust_dealloc.
+        let system = [exe.clone(), symbols(&[(&v0("__rdl_dealloc"), 0x60)])].concat();
+        let shims = rust_shims(&system);
+        assert_eq!(shims.len(), 3, "{shims:?}");
+        assert!(!shims.iter().any(|(_, c)| *c == Call::Free));
         // This test program is a Rust executable: its own shims are found.
         let me = std::env::current_exe().unwrap();
-        let own = elf::defined_symbols(&me, true, MAX_MEMBERS, |n, _| rust_shim(n).is_some());
-        assert_eq!(rust_shims(&own).len(), 4, "{own:?}");
+        let own = elf::defined_symbols(&me, true, MAX_MEMBERS, |n, _| is_rust_shim_symbol(n));
+        assert_eq!(rust_shims(&own).len(), 3, "{own:?}");
         // Without its dealloc, no shim is hooked (its frees would be missed).
         assert!(rust_shims(&exe[..1]).is_empty());
         assert!(rust_shims(&[]).is_empty());

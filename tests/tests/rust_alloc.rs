@@ -209,6 +209,13 @@ fn check_rust_only(fixture: &str, family: &str) {
     assert_eq!(t["allocations"], RUST_ALLOCATIONS, "{fixture}");
     assert_eq!(t["frees"], CHURN + 1, "{fixture}: the churn and the seed");
     assert_shims_chosen(&stderr, &exe);
+    // A #[global_allocator]'s frees are seen at the shim.
+    assert!(
+        stderr
+            .iter()
+            .any(|l| l.contains("Rust frees at __rust_dealloc")),
+        "{stderr:#?}"
+    );
     if !family.is_empty() {
         // The allocator family inside the executable, found by its shape.
         assert!(
@@ -273,6 +280,13 @@ fn rust_on_the_system_allocator_with_c_code() {
     assert_eq!(t["allocations"], RUST_ALLOCATIONS + 3 + C_CHURN);
     assert_eq!(t["frees"], CHURN + 1 + C_CHURN);
     assert_shims_chosen(&stderr, &fixture_path(fixture));
+    // The System allocator's frees are seen in glibc's free alone.
+    assert!(
+        stderr
+            .iter()
+            .any(|l| l.contains("Rust frees in the C library's free")),
+        "{stderr:#?}"
+    );
     assert!(
         stderr
             .iter()
