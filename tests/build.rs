@@ -97,9 +97,14 @@ fn main() {
         .expect("run gcc");
     assert!(status.success(), "gcc failed linking libjemalloc.a");
     // A program carrying its own allocator: je_-prefixed beside glibc's
-    // malloc, and unprefixed (it is the program's malloc).
+    // malloc, under a prefix of its own (acme_), and unprefixed (it is the
+    // program's malloc).
     println!("cargo:rerun-if-changed=fixtures/vendored.c");
-    for (name, prefix) in [("vendored-je", "je_"), ("vendored-plain", "")] {
+    for (name, prefix) in [
+        ("vendored-je", "je_"),
+        ("vendored-acme", "acme_"),
+        ("vendored-plain", ""),
+    ] {
         let status = Command::new("gcc")
             .args(["-O0", "-g", "-fno-omit-frame-pointer", "-Wall"])
             .arg(format!("-DPREFIX={prefix}"))
@@ -177,6 +182,7 @@ fn main() {
     hardening_fixtures(&out);
     java_fixture(&out);
     debuginfo_fixtures(&out);
+    rust_fixtures(&out);
     // The program exec_a execs, linked against musl: another C library
     // than the one heapbpf hooked before the exec.
     let status = Command::new("musl-gcc")
@@ -327,4 +333,81 @@ fn debuginfo_fixtures(out: &std::path::Path) {
         "libdebuginfo.so",
         "libdebuginfo-stripped.so",
     ]));
+}
+
+/// The Rust fixtures of `rust_alloc.rs` (`fixtures/rust/`, its own cargo
+/// workspace): `rust-jemalloc`, `rust-mimalloc`, `rust-system`, built in
+/// release with `debug = 1`, and `rust-jemalloc-lto` (fat LTO), into
+/// `target/rust-fixtures` (kept between builds: jemalloc's C build is the
+/// slow part, about 3 minutes in all on a 2-core VM) and copied here.
+/// Offline once its crates are in cargo's cache (`Cargo.lock` pins them);
+/// the first build fetches them from crates.io.
+fn rust_fixtures(out: &std::path::Path) {
+    let manifest_dir =
+        PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
+    let dir = manifest_dir.join("fixtures/rust");
+    for f in ["Cargo.toml", "Cargo.lock", "build.rs", "src"] {
+        println!("cargo:rerun-if-changed=fixtures/rust/{f}");
+    }
+    let target = manifest_dir.join("../target/rust-fixtures");
+    let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let build = |args: &[&str], offline: bool| {
+        let mut cmd = Command::new(&cargo);
+        cmd.current_dir(&dir)
+            .args(["build", "--locked"])
+            .args(args)
+            .arg("--target-dir")
+            .arg(&target);
+        if offline {
+            cmd.arg("--offline");
+        }
+        // Not this build's settings: the fixtures are a program of their own.
+        for var in [
+            "RUSTFLAGS",
+            "CARGO_ENCODED_RUSTFLAGS",
+            "CARGO_TARGET_DIR",
+            "CARGO_BUILD_TARGET",
+            "RUSTC_WRAPPER",
+            "RUSTC_WORKSPACE_WRAPPER",
+            "CARGO_MANIFEST_DIR",
+            "CARGO_PKG_NAME",
+        ] {
+            cmd.env_remove(var);
+        }
+        cmd.status().expect("run cargo for the Rust fixtures")
+    };
+    // Every allocator in release; jemalloc again with fat LTO, which
+    // inlines the shims into their callers.
+    let builds: [&[&str]; 2] = [
+        &["--release", "--bins", "--features", "jemalloc,mimalloc"],
+        &[
+            "--profile",
+            "release-lto",
+            "--bin",
+            "rust-jemalloc",
+            "--features",
+            "jemalloc",
+        ],
+    ];
+    for args in builds {
+        // Offline first (the crates are cached after the first build),
+        // else fetch them.
+        if !build(args, true).success() {
+            let status = build(args, false);
+            assert!(
+                status.success(),
+                "cargo build {args:?} failed for tests/fixtures/rust (its crates come from crates.io on the first build)"
+            );
+        }
+    }
+    for (built, name) in [
+        ("release/rust-jemalloc", "rust-jemalloc"),
+        ("release/rust-mimalloc", "rust-mimalloc"),
+        ("release/rust-system", "rust-system"),
+        ("release-lto/rust-jemalloc", "rust-jemalloc-lto"),
+    ] {
+        let built = target.join(built);
+        std::fs::copy(&built, out.join(name))
+            .unwrap_or_else(|e| panic!("copy {}: {e}", built.display()));
+    }
 }

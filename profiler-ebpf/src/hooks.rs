@@ -248,6 +248,12 @@ pub(crate) mod read {
         Call::realloc(arg(ctx, 1).wrapping_mul(arg(ctx, 2)), arg(ctx, 0))
     }
 
+    /// Rust's `__rust_realloc(ptr, old_size, align, new_size)`.
+    #[inline(always)]
+    pub(crate) fn rust_realloc(ctx: &ProbeContext) -> Call {
+        Call::realloc(arg(ctx, 3), arg(ctx, 0))
+    }
+
     #[inline(always)]
     pub(crate) fn posix_memalign(ctx: &ProbeContext) -> Call {
         Call::posix_memalign(arg(ctx, 2), arg(ctx, 0))
@@ -275,6 +281,7 @@ entry_programs! {
     calloc_enter => read::calloc;
     realloc_enter => read::realloc;
     reallocarray_enter => read::reallocarray;
+    rust_realloc_enter => read::rust_realloc;
     posix_memalign_enter => read::posix_memalign;
 }
 

@@ -112,5 +112,6 @@ session_programs! {
     calloc_session => read::calloc;
     realloc_session => read::realloc;
     reallocarray_session => read::reallocarray;
+    rust_realloc_session => read::rust_realloc;
     posix_memalign_session => read::posix_memalign;
 }

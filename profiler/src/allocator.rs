@@ -7,6 +7,11 @@
 //! applies. Nothing here names aya or the kernel; symbol tables are read
 //! through [`crate::elf`].
 //!
+//! Besides the allocator serving `malloc`, a target may carry allocator
+//! families under a prefix (found by their shape: [`families`]) and, in a
+//! Rust program, Rust's allocator shims ([`rust_shims`]); all are hooked,
+//! and a call nested in another hooked call counts once, at the outermost.
+//!
 //! Adding an allocator: a [`Choice`] (with its file-name test), its entry
 //! points in [`ENTRY_POINTS`], and whether its `malloc`/`calloc` are leaves
 //! ([`probe_cookie`]).
@@ -31,6 +36,9 @@ pub enum Call {
     Realloc,
     /// `reallocarray(ptr, n, size)`.
     ReallocArray,
+    /// Rust's `__rust_realloc(ptr, old_size, align, new_size)`: the new
+    /// size in the fourth argument.
+    RustRealloc,
     /// `posix_memalign(&out, align, size)`: the block is stored at `out`.
     PosixMemalign,
     /// Any other allocation with its size in the first argument (`valloc`,
@@ -58,6 +66,7 @@ impl Call {
             Call::Calloc | Call::Realloc => 0b011,
             Call::PosixMemalign => 0b101,
             Call::ReallocArray => 0b111,
+            Call::RustRealloc => 0b1001,
         }
     }
 
@@ -218,14 +227,18 @@ pub fn plan(info: &ProcessInfo, maps: &[Mapping], choice: &Choice) -> Result<Att
             },
         });
     }
+    let extra = if *choice == Choice::Auto {
+        let hooked: Vec<&str> = std::iter::once(chosen.path.as_str())
+            .chain(libc.as_ref().map(|l| l.path.as_str()))
+            .collect();
+        prefixed(pid, maps, &hooked)
+    } else {
+        Vec::new()
+    };
     Ok(AttachPlan {
         main: chosen,
         fallback: if *choice == Choice::Libc { None } else { libc },
-        extra: if *choice == Choice::Auto {
-            prefixed(pid, maps)
-        } else {
-            Vec::new()
-        },
+        extra,
     })
 }
 
@@ -281,7 +294,7 @@ pub fn plan_for_command(exe: &Path, ld_preload: Option<&str>) -> Result<AttachPl
         return Ok(AttachPlan {
             main,
             fallback: None,
-            extra: Vec::new(),
+            extra: carried(exe),
         });
     }
     let own_pid = std::process::id();
@@ -307,14 +320,41 @@ pub fn plan_for_command(exe: &Path, ld_preload: Option<&str>) -> Result<AttachPl
         Some(main) => AttachPlan {
             main,
             fallback: Some(libc),
-            extra: Vec::new(),
+            extra: carried(exe),
         },
         None => AttachPlan {
             main: libc,
             fallback: None,
-            extra: Vec::new(),
+            extra: carried(exe),
         },
     })
+}
+
+/// What [`prefixed`] finds in a command's executable before it runs: its
+/// allocator families and Rust's allocator shims.
+fn carried(exe: &Path) -> Vec<Library> {
+    let symbols = elf::defined_symbols(exe, true, MAX_MEMBERS, |n, global| {
+        (global && is_family_member(n)) || is_rust_shim_symbol(n)
+    });
+    carried_in(&exe.display().to_string(), exe, &symbols)
+}
+
+/// The allocator families and Rust's allocator shims among the symbols of
+/// the file at `path` (opened at `open_path`).
+fn carried_in(path: &str, open_path: &Path, symbols: &[(String, u64)]) -> Vec<Library> {
+    let lib = || Library::new(path.to_string(), open_path.to_path_buf());
+    let mut found: Vec<Library> = families(symbols)
+        .into_iter()
+        .map(|prefix| Library { prefix, ..lib() })
+        .collect();
+    let rust_shims = rust_shims(symbols);
+    if !rust_shims.is_empty() {
+        found.push(Library {
+            rust_shims,
+            ..lib()
+        });
+    }
+    found
 }
 
 /// The allocator library of a target, found through its memory map.
@@ -330,6 +370,9 @@ pub struct Library {
     /// It has `malloc` and no `free` (see [`own_never_freeing`]): its
     /// blocks live until the process exits.
     pub never_frees: bool,
+    /// Rust's allocator shims of this executable (see [`rust_shims`]), by
+    /// their symbol names: hooked instead of [`ENTRY_POINTS`].
+    pub rust_shims: Vec<(String, Call)>,
 }
 
 impl Library {
@@ -339,7 +382,14 @@ impl Library {
             open_path,
             prefix: String::new(),
             never_frees: false,
+            rust_shims: Vec::new(),
         }
+    }
+
+    /// Whether this stands for Rust's allocator shims of an executable
+    /// (hooked by their own names), not an allocator's entry points.
+    pub fn is_rust_shims(&self) -> bool {
+        !self.rust_shims.is_empty()
     }
 
     /// The name of `symbol` in this library.
@@ -369,12 +419,19 @@ impl Library {
         let path = std::fs::canonicalize(&self.open_path)
             .map(|p| p.display().to_string())
             .unwrap_or_else(|_| self.path.clone());
-        format!("{path}:{}", self.prefix)
+        let shims = if self.is_rust_shims() {
+            ":__rust_alloc"
+        } else {
+            ""
+        };
+        format!("{path}:{}{shims}", self.prefix)
     }
 
     /// How the `attached` line names it.
     pub fn label(&self) -> String {
-        if self.prefix.is_empty() {
+        if self.is_rust_shims() {
+            format!("{} (__rust_alloc & co)", self.path)
+        } else if self.prefix.is_empty() {
             self.path.clone()
         } else {
             format!("{} ({}*)", self.path, self.prefix)
@@ -535,10 +592,250 @@ fn own_never_freeing(pid: u32, maps: &[Mapping]) -> Option<Library> {
     (image.defines("malloc") && !image.defines("free")).then_some(lib)
 }
 
-/// Allocators a program carries besides the one that serves `malloc`: a
-/// jemalloc linked in with its `je_` prefix (as some programs vendor it).
-pub fn prefixed(pid: u32, maps: &[Mapping]) -> Vec<Library> {
-    own(pid, maps, "je_").into_iter().collect()
+/// Allocators a program carries besides the one that serves `malloc`
+/// (found by their shape, see [`families`]: a jemalloc vendored with its
+/// `je_` prefix, tikv-jemallocator's `_rjem_*`, mimalloc's `mi_*`, a
+/// project's own prefix), in its executable or in a library `plan` does
+/// not hook already (`hooked`: paths), then Rust's allocator shims of the
+/// executable ([`rust_shims`]). Nested hooked calls count once, at the
+/// outermost: a Rust allocation at its shim, not again in the
+/// `_rjem_mallocx` or `malloc` the shim calls; the family is hooked all
+/// the same, for its callers the shims do not see (shims inlined by LTO,
+/// C code).
+pub fn prefixed(pid: u32, maps: &[Mapping], hooked: &[&str]) -> Vec<Library> {
+    let mut found = Vec::new();
+    let exe = maps.iter().find(|m| m.is_file() && m.is_exec());
+    let mut seen: Vec<&str> = Vec::new();
+    for m in maps.iter().filter(|m| m.is_file() && m.is_exec()) {
+        let is_exe = exe.is_some_and(|e| e.path == m.path);
+        if seen.contains(&m.path.as_str()) || (!is_exe && hooked.contains(&m.path.as_str())) {
+            continue;
+        }
+        seen.push(&m.path);
+        let open_path = m.map_file(pid);
+        // A library's families are in its dynamic symbols; the executable's
+        // may be in its static table only. Families are global functions
+        // (static glibc's local `_int_malloc(arena, size)` is not one); the
+        // shims are local once LTO has inlined them.
+        let symbols = elf::defined_symbols(&open_path, is_exe, MAX_MEMBERS, |n, global| {
+            (global && is_family_member(n)) || (is_exe && is_rust_shim_symbol(n))
+        });
+        found.extend(carried_in(&m.path, &open_path, &symbols));
+    }
+    found
+}
+
+/// At most this many candidate names are read from one file: a target's
+/// file is not trusted to be small (a large C program has thousands of
+/// `*_free`s).
+const MAX_MEMBERS: usize = 1 << 16;
+
+/// The members of an allocator family, each `PREFIX` + one of these.
+const MEMBERS: [&str; 11] = [
+    "malloc",
+    "free",
+    "sdallocx",
+    "dallocx",
+    "calloc",
+    "realloc",
+    "mallocx",
+    "rallocx",
+    "posix_memalign",
+    "memalign",
+    "aligned_alloc",
+];
+
+/// How a family frees: `free`, or jemalloc's `sdallocx`/`dallocx` (a Rust
+/// program links only what its global allocator calls: tikv-jemallocator
+/// frees with `_rjem_sdallocx`, and has no `_rjem_free`).
+const FREES: [&str; 3] = ["free", "sdallocx", "dallocx"];
+
+/// Members only an allocator has, not a wrapper around one (redis's
+/// `zmalloc`, `zcalloc(size)`, `zfree`; glib's `g_malloc`): a family under a
+/// prefix heapbpf does not know needs one of them, so that a wrapper whose
+/// `calloc` or `realloc` takes other arguments is never read as one.
+const ALLOCATOR_ONLY: [&str; 6] = [
+    "posix_memalign",
+    "memalign",
+    "mallocx",
+    "rallocx",
+    "sdallocx",
+    "dallocx",
+];
+
+/// The prefixes allocators are linked under: jemalloc's `je_` (as vendored),
+/// tikv-jemallocator's `_rjem_`, mimalloc's `mi_`, gperftools' `tc_`.
+const KNOWN_PREFIXES: [&str; 4] = ["je_", "_rjem_", "mi_", "tc_"];
+
+fn is_family_member(name: &str) -> bool {
+    MEMBERS.iter().any(|m| name.ends_with(m)) || KNOWN_PREFIXES.iter().any(|p| name.starts_with(p))
+}
+
+/// The allocator families among the defined symbols of one file (name,
+/// address), by their shape: a `PREFIXmalloc` with one of its frees
+/// ([`FREES`]) under the same non-empty prefix, and, unless the prefix is a
+/// known one, a member only an allocator has ([`ALLOCATOR_ONLY`]). Under a
+/// known prefix, any allocating entry point of [`ENTRY_POINTS`] stands for
+/// `malloc`: the `mimalloc` crate calls `mi_malloc_aligned`, and the linker
+/// keeps no `mi_malloc` in a Rust program. A family whose `malloc` is the
+/// file's plain `malloc` (glibc's `__libc_malloc`) is that allocator under
+/// another name, not another one. Sorted.
+pub fn families(symbols: &[(String, u64)]) -> Vec<String> {
+    let by_name: std::collections::HashMap<&str, u64> =
+        symbols.iter().map(|(n, a)| (n.as_str(), *a)).collect();
+    let defined = |name: &str| by_name.get(name).copied();
+    let plain_malloc = defined("malloc");
+    let has = |prefix: &str, member: &str| defined(&format!("{prefix}{member}")).is_some();
+    let frees = |prefix: &str| FREES.iter().any(|&f| has(prefix, f));
+    let mut found: Vec<String> = symbols
+        .iter()
+        .filter_map(|(name, addr)| {
+            let prefix = name.strip_suffix("malloc")?;
+            // A C identifier's characters only: the prefix comes from a
+            // target's file and ends up in probe names and `-v` lines.
+            let shaped = !prefix.is_empty()
+                && prefix
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_')
+                && frees(prefix)
+                && (KNOWN_PREFIXES.contains(&prefix)
+                    || ALLOCATOR_ONLY.iter().any(|&m| has(prefix, m)))
+                && plain_malloc != Some(*addr);
+            shaped.then(|| prefix.to_string())
+        })
+        .collect();
+    for prefix in KNOWN_PREFIXES {
+        let allocates = || {
+            ENTRY_POINTS.iter().any(|p| {
+                p.call.allocates()
+                    && p.symbol.starts_with(prefix)
+                    && defined(p.symbol).is_some_and(|a| plain_malloc != Some(a))
+            })
+        };
+        if frees(prefix) && allocates() {
+            found.push(prefix.to_string());
+        }
+    }
+    found.sort();
+    found.dedup();
+    found
+}
+
+/// Rust's allocator shims: every Rust executable's allocations and frees
+/// go through them to its global allocator (`__rdl_*`, the System
+/// allocator's, by default; `__rg_*`, a `#[global_allocator]`'s).
+const RUST_SHIMS: [(&str, Call); 4] = [
+    ("__rust_alloc", Call::Size0),
+    ("__rust_alloc_zeroed", Call::Size0),
+    ("__rust_realloc", Call::RustRealloc),
+    ("__rust_dealloc", Call::Free),
+];
+
+/// Which of Rust's allocator shims `symbol` names, and its call: the plain
+/// name (rustc before 1.8x), or v0-mangled as an item of the `__rustc`
+/// crate (`_RNvCsfLfy6EI15iL_7___rustc12___rust_alloc`; the hash changes
+/// with the compiler).
+pub fn rust_shim(symbol: &str) -> Option<Call> {
+    RUST_SHIMS
+        .iter()
+        .find_map(|&(shim, call)| is_rustc_item(symbol, shim).then_some(call))
+}
+
+/// Whether `symbol` is the compiler-made item `item` (`__rust_alloc`,
+/// `__rdl_dealloc`): plain, or v0-mangled under the `__rustc` crate.
+fn is_rustc_item(symbol: &str, item: &str) -> bool {
+    // v0 names are made of `[A-Za-z0-9_]` (and what heapbpf prints of a
+    // target's symbols stays so).
+    let mangled = || {
+        symbol
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_')
+            && symbol.starts_with("_RNvC")
+            && symbol.ends_with(&format!("7___rustc{}_{item}", item.len()))
+    };
+    symbol == item || mangled()
+}
+
+/// Whether `symbol` is one [`rust_shims`] looks at.
+fn is_rust_shim_symbol(symbol: &str) -> bool {
+    rust_shim(symbol).is_some() || is_rustc_item(symbol, SYSTEM_DEALLOC)
+}
+
+/// The System allocator's dealloc, which the shim calls when the program
+/// sets no `#[global_allocator]` (and the linker keeps only then): it ends
+/// in the C library's `free`, which is hooked in every plan.
+const SYSTEM_DEALLOC: &str = "__rdl_dealloc";
+
+/// Rust's allocator shims among an executable's symbols (name, address),
+/// by their own names: all of them when it has `__rust_alloc` and
+/// `__rust_dealloc`, else none (not a Rust program, or stripped: the shims
+/// are in the static symbol table only). On the System allocator
+/// (`__rdl_dealloc` present) `__rust_dealloc` is left out: the `free` it
+/// calls sees each free, one trap instead of two.
+pub fn rust_shims(symbols: &[(String, u64)]) -> Vec<(String, Call)> {
+    let mut shims: Vec<(String, Call)> = Vec::new();
+    for &(shim, call) in &RUST_SHIMS {
+        if let Some((name, _)) = symbols.iter().find(|(n, _)| is_rustc_item(n, shim)) {
+            shims.push((name.clone(), call));
+        }
+    }
+    let has = |call: Call| shims.iter().any(|&(_, c)| c == call);
+    if !has(Call::Size0) || !has(Call::Free) {
+        return Vec::new();
+    }
+    if symbols
+        .iter()
+        .any(|(n, _)| is_rustc_item(n, SYSTEM_DEALLOC))
+    {
+        shims.retain(|&(_, c)| c != Call::Free);
+    }
+    shims
+}
+
+/// Whether Rust's frees are hooked at `__rust_dealloc` (else in the `free`
+/// the System allocator calls).
+pub fn hooks_rust_dealloc(lib: &Library) -> bool {
+    lib.rust_shims.iter().any(|&(_, c)| c == Call::Free)
+}
+
+/// What `-v` says of a plan: which library serves which calls, and how
+/// nested calls are counted.
+pub fn describe(plan: &AttachPlan) -> Vec<String> {
+    let mut lines = vec![format!(
+        "allocator: malloc & co hooked in {}",
+        escape(&plan.main.label())
+    )];
+    if let Some(f) = &plan.fallback {
+        lines.push(format!(
+            "allocator: what {} lacks hooked in {}",
+            escape(plan.main.file_name()),
+            escape(&f.label())
+        ));
+    }
+    for lib in &plan.extra {
+        if lib.is_rust_shims() {
+            let frees = if hooks_rust_dealloc(lib) {
+                "Rust frees at __rust_dealloc"
+            } else {
+                "Rust frees in the C library's free (the System allocator's)"
+            };
+            lines.push(format!(
+                "allocator: Rust allocator shims hooked in {}: Rust allocations are counted \
+                 there, with the Rust caller as frames[0]; the allocator calls a shim makes \
+                 are nested and not counted again; {frees}; other code's calls count in the \
+                 allocators above",
+                escape(&lib.path)
+            ));
+        } else {
+            lines.push(format!(
+                "allocator: the {}* family hooked in {} (calls nested in another hooked \
+                 call count once, at the outermost)",
+                escape(&lib.prefix),
+                escape(&lib.path)
+            ));
+        }
+    }
+    lines
 }
 
 /// The attach cookie of a probe on a `call` of `lib`: `malloc` and `calloc`
@@ -723,5 +1020,166 @@ mod tests {
         // A file name is enough for a mapped file.
         let p = plan(&info(), &m, &Choice::parse("libc.so.6").unwrap()).unwrap();
         assert_eq!(p.main.path, "/usr/lib/x86_64-linux-gnu/libc.so.6");
+    }
+
+    fn symbols(names: &[(&str, u64)]) -> Vec<(String, u64)> {
+        names.iter().map(|&(n, a)| (n.to_string(), a)).collect()
+    }
+
+    #[test]
+    fn families_are_found_by_their_shape() {
+        // tikv-jemallocator's jemalloc in a Rust executable: what its global
+        // allocator calls survives the linker, no `_rjem_free`.
+        let rjem = symbols(&[
+            ("_rjem_malloc", 1),
+            ("_rjem_mallocx", 2),
+            ("_rjem_calloc", 3),
+            ("_rjem_rallocx", 4),
+            ("_rjem_realloc", 5),
+            ("_rjem_sdallocx", 6),
+        ]);
+        assert_eq!(families(&rjem), ["_rjem_"]);
+        // A known prefix needs only malloc and a free (vendored.c's je_).
+        assert_eq!(
+            families(&symbols(&[("je_malloc", 1), ("je_free", 2)])),
+            ["je_"]
+        );
+        // A project's own prefix: with a member only an allocator has.
+        let own = symbols(&[
+            ("acme_malloc", 1),
+            ("acme_free", 2),
+            ("acme_posix_memalign", 3),
+            ("malloc", 9),
+        ]);
+        assert_eq!(families(&own), ["acme_"]);
+        // Two families in one file, sorted, each once.
+        let both = [rjem.clone(), own.clone()].concat();
+        assert_eq!(families(&both), ["_rjem_", "acme_"]);
+        // Wrappers are not allocators: redis's zcalloc takes one argument,
+        // glib's g_malloc calls malloc.
+        let redis = symbols(&[
+            ("zmalloc", 1),
+            ("zcalloc", 2),
+            ("zrealloc", 3),
+            ("zfree", 4),
+        ]);
+        assert!(families(&redis).is_empty());
+        assert!(families(&symbols(&[("g_malloc", 1), ("g_free", 2)])).is_empty());
+        // A target's file does not choose what heapbpf prints.
+        let hostile = symbols(&[
+            ("\x1b[2Jmalloc", 1),
+            ("\x1b[2Jfree", 2),
+            ("\x1b[2Jposix_memalign", 3),
+        ]);
+        assert!(families(&hostile).is_empty());
+        // A malloc without a free is no family; the plain names are not one
+        // (the prefix is empty).
+        assert!(families(&symbols(&[("je_malloc", 1), ("je_calloc", 2)])).is_empty());
+        // The `mimalloc` crate in a Rust program: no `mi_malloc` is linked.
+        let mi = symbols(&[
+            ("mi_malloc_aligned", 1),
+            ("mi_zalloc_aligned", 2),
+            ("mi_realloc_aligned", 3),
+            ("mi_free", 4),
+        ]);
+        assert_eq!(families(&mi), ["mi_"]);
+        // ... but a free alone is no family.
+        assert!(families(&symbols(&[("mi_free", 4)])).is_empty());
+        // libtcmalloc's tc_* are its malloc and free under other names.
+        let tc = symbols(&[("malloc", 1), ("free", 2), ("tc_malloc", 1), ("tc_free", 2)]);
+        assert!(families(&tc).is_empty());
+        assert!(families(&symbols(&[("malloc", 1), ("free", 2), ("memalign", 3)])).is_empty());
+        // glibc's own names for its malloc (aliases) are not another allocator.
+        let glibc = symbols(&[
+            ("malloc", 1),
+            ("free", 2),
+            ("__libc_malloc", 1),
+            ("__libc_free", 2),
+            ("__libc_memalign", 3),
+        ]);
+        assert!(families(&glibc).is_empty());
+    }
+
+    #[test]
+    fn rust_shims_by_any_of_their_names() {
+        // rustc 1.95: v0-mangled under its `__rustc` crate.
+        let v0 = |shim: &str| format!("_RNvCsfLfy6EI15iL_7___rustc{}_{shim}", shim.len());
+        assert_eq!(
+            v0("__rust_alloc"),
+            "_RNvCsfLfy6EI15iL_7___rustc12___rust_alloc"
+        );
+        assert_eq!(rust_shim(&v0("__rust_alloc")), Some(Call::Size0));
+        assert_eq!(rust_shim(&v0("__rust_alloc_zeroed")), Some(Call::Size0));
+        assert_eq!(rust_shim(&v0("__rust_realloc")), Some(Call::RustRealloc));
+        assert_eq!(rust_shim(&v0("__rust_dealloc")), Some(Call::Free));
+        // Older compilers: plain names.
+        assert_eq!(rust_shim("__rust_realloc"), Some(Call::RustRealloc));
+        // Not shims: the System allocator behind them, the error handler,
+        // a look-alike outside the `__rustc` crate.
+        assert_eq!(rust_shim(&v0("__rdl_alloc")), None);
+        assert_eq!(rust_shim(&v0("__rust_alloc_error_handler")), None);
+        assert_eq!(rust_shim("_RNvCs123_5mycrate12___rust_alloc"), None);
+        assert_eq!(rust_shim("my__rust_alloc"), None);
+        assert_eq!(rust_shim("_RNvCs\x1b[2J_7___rustc12___rust_alloc"), None);
+
+        let exe = symbols(&[
+            (&v0("__rust_alloc"), 0x10),
+            (&v0("__rust_dealloc"), 0x20),
+            (&v0("__rust_realloc"), 0x30),
+            (&v0("__rust_alloc_zeroed"), 0x40),
+            (&v0("__rdl_alloc"), 0x50),
+        ]);
+        let shims = rust_shims(&exe);
+        assert_eq!(shims.len(), 4, "{shims:?}");
+        assert!(shims.contains(&(v0("__rust_realloc"), Call::RustRealloc)));
+        assert!(shims.contains(&(v0("__rust_dealloc"), Call::Free)));
+        // On the System allocator its free is hooked, not __rust_dealloc.
+        let system = [exe.clone(), symbols(&[(&v0("__rdl_dealloc"), 0x60)])].concat();
+        let shims = rust_shims(&system);
+        assert_eq!(shims.len(), 3, "{shims:?}");
+        assert!(!shims.iter().any(|(_, c)| *c == Call::Free));
+        // This test program is a Rust executable: its own shims are found.
+        let me = std::env::current_exe().unwrap();
+        let own = elf::defined_symbols(&me, true, MAX_MEMBERS, |n, _| is_rust_shim_symbol(n));
+        assert_eq!(rust_shims(&own).len(), 3, "{own:?}");
+        // Without its dealloc, no shim is hooked (its frees would be missed).
+        assert!(rust_shims(&exe[..1]).is_empty());
+        assert!(rust_shims(&[]).is_empty());
+    }
+
+    #[test]
+    fn describe_says_what_serves_what() {
+        let lib = |path: &str| Library::new(path.into(), path.into());
+        let plan = AttachPlan {
+            main: lib("/usr/lib/x86_64-linux-gnu/libc.so.6"),
+            fallback: None,
+            extra: vec![
+                Library {
+                    prefix: "_rjem_".into(),
+                    ..lib("/srv/app")
+                },
+                Library {
+                    rust_shims: vec![("__rust_alloc".into(), Call::Size0)],
+                    ..lib("/srv/app")
+                },
+            ],
+        };
+        let lines = describe(&plan);
+        assert_eq!(lines.len(), 3, "{lines:?}");
+        assert!(lines[0].contains("hooked in /usr/lib/x86_64-linux-gnu/libc.so.6"));
+        assert!(
+            lines[1].contains("the _rjem_* family hooked in /srv/app"),
+            "{}",
+            lines[1]
+        );
+        assert!(
+            lines[2].contains("Rust allocator shims hooked in /srv/app"),
+            "{}",
+            lines[2]
+        );
+        assert!(lines[2].contains("frames[0]"));
+        // The shims are their own library to the attached line and to exec.
+        assert_eq!(plan.extra[1].label(), "/srv/app (__rust_alloc & co)");
+        assert_ne!(plan.extra[1].identity(), lib("/srv/app").identity());
     }
 }

@@ -223,6 +223,35 @@ impl Heapbpf {
         h
     }
 
+    /// `heapbpf attach PID...` as a user types it, without a single option
+    /// (default sampling, default formats): it runs in `out_dir`, where the
+    /// snapshots go by default; their paths are relative to it.
+    pub fn attach_plain(pids: &[u32], out_dir: &Path) -> Heapbpf {
+        let mut cmd = Command::new(heapbpf_bin());
+        cmd.arg("attach");
+        for p in pids {
+            cmd.arg(p.to_string());
+        }
+        let mut child = cmd
+            .current_dir(out_dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let err = lines_of(child.stderr.take().unwrap());
+        let mut h = Heapbpf {
+            child,
+            err,
+            stderr: Vec::new(),
+            stdin: None,
+        };
+        for &pid in pids {
+            h.wait_attached(pid);
+        }
+        h
+    }
+
     /// `heapbpf run [extra] -- command...`, exact unless `extra` says
     /// otherwise; the command's stdin is [`Heapbpf::send`]'s, its stdout is
     /// discarded.

@@ -689,6 +689,7 @@ fn assert_vendored(snap: &Value, glibc_seen: bool) {
         }
     );
     assert_eq!(site(snap, "vendored_grow"), exact(900, 3));
+    assert_eq!(site(snap, "vendored_aligned"), exact(700, 2));
     if glibc_seen {
         assert_eq!(site(snap, "glibc_site"), exact(300, 6));
     }
@@ -728,6 +729,19 @@ fn a_vendored_prefixed_allocator_beside_glibc() {
     let flag = format!("{exe}:je_");
     let (snap, attached) = vendored_snapshot("vendored-je", &["--allocator", &flag]);
     assert!(attached.contains(&format!("{exe} (je_*)")), "{attached}");
+    assert_vendored(&snap, true);
+}
+
+/// An allocator under a prefix heapbpf does not know (`acme_`), found by its
+/// shape (`acme_malloc`, `acme_free`, `acme_posix_memalign`) without
+/// `--allocator`, and hooked beside glibc's malloc.
+#[test]
+fn an_allocator_under_a_projects_own_prefix() {
+    require_root();
+    let exe = fixture_path("vendored-acme").to_string_lossy().into_owned();
+    let (snap, attached) = vendored_snapshot("vendored-acme", &[]);
+    assert!(attached.contains(&format!("{exe} (acme_*)")), "{attached}");
+    assert!(attached.contains("libc.so.6"), "{attached}");
     assert_vendored(&snap, true);
 }
 

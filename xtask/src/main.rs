@@ -159,6 +159,11 @@ pub fn bootstrap() -> Result<()> {
     if output(Command::new("g++").arg("--version")).is_none() {
         packages.push("g++");
     }
+    // tikv-jemalloc-sys, the Rust fixtures' jemalloc, builds with configure
+    // and make (tests/fixtures/rust).
+    if output(Command::new("make").arg("--version")).is_none() {
+        packages.push("make");
+    }
     // musl-gcc builds the fixture a test execs into another C library.
     if output(Command::new("which").arg("musl-gcc")).is_none() {
         packages.push("musl-tools");

@@ -467,6 +467,8 @@ pub mod names {
         pub const CALLOC_ENTER: &str = "calloc_enter";
         pub const REALLOC_ENTER: &str = "realloc_enter";
         pub const REALLOCARRAY_ENTER: &str = "reallocarray_enter";
+        /// Rust's `__rust_realloc(ptr, old_size, align, new_size)`.
+        pub const RUST_REALLOC_ENTER: &str = "rust_realloc_enter";
         pub const POSIX_MEMALIGN_ENTER: &str = "posix_memalign_enter";
         pub const FREE_ENTER: &str = "free_enter";
         /// The return program of every allocating entry program (uretprobe).
@@ -479,6 +481,7 @@ pub mod names {
         pub const CALLOC_SESSION: &str = "calloc_session";
         pub const REALLOC_SESSION: &str = "realloc_session";
         pub const REALLOCARRAY_SESSION: &str = "reallocarray_session";
+        pub const RUST_REALLOC_SESSION: &str = "rust_realloc_session";
         pub const POSIX_MEMALIGN_SESSION: &str = "posix_memalign_session";
         /// The stack walk, slot 0 of `UNWIND_PROGS` (tail-called, never
         /// attached).
@@ -502,6 +505,7 @@ pub mod names {
             CALLOC_ENTER,
             REALLOC_ENTER,
             REALLOCARRAY_ENTER,
+            RUST_REALLOC_ENTER,
             POSIX_MEMALIGN_ENTER,
             FREE_ENTER,
             ALLOC_RETURN,
@@ -511,6 +515,7 @@ pub mod names {
             CALLOC_SESSION,
             REALLOC_SESSION,
             REALLOCARRAY_SESSION,
+            RUST_REALLOC_SESSION,
             POSIX_MEMALIGN_SESSION,
             UNWIND_STEP,
             UNWIND_FINISH,

@@ -23,7 +23,7 @@ use super::{
     map_fd, programs, sys, AttachedProbe, Exec, Floor, ProbedTarget, Profiler, Which,
 };
 use crate::{
-    allocator::{self, AttachPlan, EntryPoint, Library, ENTRY_POINTS},
+    allocator::{self, AttachPlan, Call, Library, ENTRY_POINTS},
     elf::placement::Image,
     error::{Error, Result},
 };
@@ -114,14 +114,58 @@ impl Profiler {
             UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or(Error::NoSuchProcess { pid })?);
         let lib_image = Image::open(&lib.open_path);
         let fallback = fallback.map(|f| (f, Image::open(&f.open_path)));
-        let pick = |symbol: &str| -> Option<(&Library, &Image)> {
-            if lib_image.defines(&lib.name(symbol)) {
-                return Some((lib, &lib_image));
+        // Where `symbol` is hooked, and under which name: in `lib` with its
+        // prefix (or as it is, for an entry point that carries the prefix
+        // already: `mi_free` of a `mi_` family), else in the fallback.
+        let pick = |symbol: &str| -> Option<(&Library, &Image, String)> {
+            let name = lib.name(symbol);
+            if lib_image.defines(&name) {
+                return Some((lib, &lib_image, name));
+            }
+            if !lib.prefix.is_empty()
+                && symbol.starts_with(&lib.prefix)
+                && lib_image.defines(symbol)
+            {
+                return Some((lib, &lib_image, symbol.to_string()));
             }
             let (f, image) = fallback.as_ref()?;
-            image.defines(&f.name(symbol)).then_some((*f, image))
+            let name = f.name(symbol);
+            image.defines(&name).then_some((*f, image, name))
         };
-        if pick("malloc").is_none() || (pick("free").is_none() && !lib.never_frees) {
+        // Every function to hook: (what it is called by, its call, where it is, its name).
+        let specs: Vec<(String, Call, &Library, &Image, String)> = if lib.is_rust_shims() {
+            lib.rust_shims
+                .iter()
+                .filter(|(name, _)| lib_image.defines(name))
+                .map(|(name, call)| (name.clone(), *call, lib, &lib_image, name.clone()))
+                .collect()
+        } else {
+            ENTRY_POINTS
+                .iter()
+                .filter_map(|p| {
+                    let found = pick(p.symbol);
+                    if found.is_none() {
+                        tracing::info!(pid, symbol = p.symbol, "symbol not exported; not hooked");
+                    }
+                    let (target, image, name) = found?;
+                    Some((p.symbol.to_string(), p.call, target, image, name))
+                })
+                .collect()
+        };
+        let missing = if lib.is_rust_shims() {
+            specs.is_empty()
+        } else if !lib.prefix.is_empty() {
+            // A family found by its shape (see `allocator::families`).
+            let frees = specs.iter().any(|s| !s.1.allocates());
+            !specs.iter().any(|s| s.1.allocates()) || (!frees && !lib.never_frees)
+        } else {
+            // jemalloc in a Rust program frees with `sdallocx` only.
+            let frees = ["free", "sdallocx", "dallocx"]
+                .iter()
+                .any(|f| pick(f).is_some());
+            pick("malloc").is_none() || (!frees && !lib.never_frees)
+        };
+        if missing {
             // Its files are unreadable once it is gone: that is not a
             // library without malloc.
             if !crate::procfs::is_alive(pid) {
@@ -144,12 +188,14 @@ impl Profiler {
                     ),
                 });
             }
+            let what = if lib.is_rust_shims() {
+                "has no Rust allocator shims (__rust_alloc, __rust_dealloc)"
+            } else {
+                "does not export malloc and free"
+            };
             return Err(Error::NotTraceable {
                 pid,
-                why: format!(
-                    "{} does not export malloc and free",
-                    crate::lines::escape(&lib.path)
-                ),
+                why: format!("{} {what}", crate::lines::escape(&lib.path)),
             });
         }
         let return_program = if self.floor.is_some() {
@@ -162,33 +208,27 @@ impl Profiler {
         // Allocating functions as uprobe sessions where the kernel has them.
         let mut in_session = HashSet::new();
         let sessions = self.sessions.is_some() && which.allocations;
-        let session_specs = ENTRY_POINTS
-            .iter()
-            .filter(|p| p.call.allocates() && sessions);
-        for spec in session_specs {
-            let Some((target, image)) = pick(spec.symbol) else {
+        for (key, call, target, image, name) in specs.iter().filter(|s| s.1.allocates() && sessions)
+        {
+            let Some(start) = image.file_offset(name) else {
                 continue;
             };
-            let name = target.name(spec.symbol);
-            let Some(start) = image.file_offset(&name) else {
-                continue;
-            };
-            if self.is_hooked(pid, image, &name, false) {
+            if self.is_hooked(pid, image, name, false) {
                 // An alias of a function hooked already.
-                in_session.insert(spec.symbol);
+                in_session.insert(key.as_str());
                 continue;
             }
             let program = match self.floor {
                 Some(Floor::Entry) => programs::NOOP_SESSION_ENTRY,
                 Some(Floor::Return) => programs::NOOP_SESSION_RETURN,
-                None => match programs::session(spec.call) {
+                None => match programs::session(*call) {
                     Some(p) => p,
                     None => continue,
                 },
             };
-            let offset = probe_offset(spec, image, &name);
-            let cookie = allocator::probe_cookie(spec.call, target) | slot_tag;
-            match self.attach_session(program, &name, start + offset, cookie, target, pid) {
+            let offset = probe_offset(*call, image, name);
+            let cookie = allocator::probe_cookie(*call, target) | slot_tag;
+            match self.attach_session(program, name, start + offset, cookie, target, pid) {
                 Ok(()) => {}
                 Err(Error::Exited { pid }) => return Err(Error::Exited { pid }),
                 Err(e) => {
@@ -197,11 +237,11 @@ impl Profiler {
                     continue;
                 }
             }
-            self.first_probe(pid, image, &name, false);
-            self.first_probe(pid, image, &name, true);
-            in_session.insert(spec.symbol);
+            self.first_probe(pid, image, name, false);
+            self.first_probe(pid, image, name, true);
+            in_session.insert(key.as_str());
             attached.push(AttachedProbe {
-                symbol: name,
+                symbol: name.clone(),
                 offset,
                 is_return: false,
                 session: true,
@@ -210,43 +250,33 @@ impl Profiler {
         }
         // Otherwise return probes first, so that no call is seen entering
         // without its return hooked.
-        for spec in ENTRY_POINTS.iter().filter(|p| {
-            p.call.allocates()
+        for (_, call, target, image, name) in specs.iter().filter(|s| {
+            s.1.allocates()
                 && with_returns
                 && which.allocations
-                && !in_session.contains(p.symbol)
+                && !in_session.contains(s.0.as_str())
         }) {
-            let Some((target, image)) = pick(spec.symbol) else {
-                continue;
-            };
-            let name = target.name(spec.symbol);
-            if !self.first_probe(pid, image, &name, true) {
+            if !self.first_probe(pid, image, name, true) {
                 continue;
             }
-            let offset = probe_offset(spec, image, &name);
-            self.attach_one(return_program, &name, offset, slot_tag, target, scope, pid)?;
+            let offset = probe_offset(*call, image, name);
+            self.attach_one(return_program, name, offset, slot_tag, target, scope, pid)?;
             attached.push(AttachedProbe {
-                symbol: name,
+                symbol: name.clone(),
                 offset,
                 is_return: true,
                 session: false,
                 library: target.label(),
             });
         }
-        for spec in ENTRY_POINTS
-            .iter()
-            .filter(|p| !in_session.contains(p.symbol))
+        for (_, call, target, image, name) in
+            specs.iter().filter(|s| !in_session.contains(s.0.as_str()))
         {
-            let Some((target, image)) = pick(spec.symbol) else {
-                tracing::info!(pid, symbol = spec.symbol, "symbol not exported; not hooked");
-                continue;
-            };
-            let name = target.name(spec.symbol);
-            if !self.first_probe(pid, image, &name, false) {
+            if !self.first_probe(pid, image, name, false) {
                 tracing::info!(pid, symbol = %name, library = %target.path, "alias of a function already hooked; not hooked again");
                 continue;
             }
-            let wanted = if spec.call.allocates() {
+            let wanted = if call.allocates() {
                 which.allocations
             } else {
                 which.frees
@@ -254,16 +284,16 @@ impl Profiler {
             if !wanted {
                 continue;
             }
-            let offset = probe_offset(spec, image, &name);
+            let offset = probe_offset(*call, image, name);
             let program = if self.floor.is_some() {
                 programs::NOOP_ENTER
             } else {
-                programs::entry(spec.call)
+                programs::entry(*call)
             };
-            let cookie = allocator::probe_cookie(spec.call, target) | slot_tag;
-            self.attach_one(program, &name, offset, cookie, target, scope, pid)?;
+            let cookie = allocator::probe_cookie(*call, target) | slot_tag;
+            self.attach_one(program, name, offset, cookie, target, scope, pid)?;
             attached.push(AttachedProbe {
-                symbol: name,
+                symbol: name.clone(),
                 offset,
                 is_return: false,
                 session: false,
@@ -626,8 +656,8 @@ impl Profiler {
 
 /// Where the probe on `symbol` goes: on the first instruction the kernel
 /// emulates when that is safe (see [`placement`]), else at +0.
-fn probe_offset(spec: &EntryPoint, image: &Image, symbol: &str) -> u64 {
+fn probe_offset(call: Call, image: &Image, symbol: &str) -> u64 {
     image
-        .probe_point(symbol, spec.call.arguments_read(), spec.call.allocates())
+        .probe_point(symbol, call.arguments_read(), call.allocates())
         .unwrap_or(0)
 }

@@ -13,6 +13,7 @@ pub fn entry(call: Call) -> &'static str {
         Call::Calloc => CALLOC_ENTER,
         Call::Realloc => REALLOC_ENTER,
         Call::ReallocArray => REALLOCARRAY_ENTER,
+        Call::RustRealloc => RUST_REALLOC_ENTER,
         Call::PosixMemalign => POSIX_MEMALIGN_ENTER,
         Call::Size0 => ALLOC_SIZE0_ENTER,
         Call::Size1 => ALLOC_SIZE1_ENTER,
@@ -27,6 +28,7 @@ pub fn session(call: Call) -> Option<&'static str> {
         Call::Calloc => CALLOC_SESSION,
         Call::Realloc => REALLOC_SESSION,
         Call::ReallocArray => REALLOCARRAY_SESSION,
+        Call::RustRealloc => RUST_REALLOC_SESSION,
         Call::PosixMemalign => POSIX_MEMALIGN_SESSION,
         Call::Size0 => ALLOC_SIZE0_SESSION,
         Call::Size1 => ALLOC_SIZE1_SESSION,
@@ -34,11 +36,12 @@ pub fn session(call: Call) -> Option<&'static str> {
     })
 }
 
-const CALLS: [Call; 8] = [
+const CALLS: [Call; 9] = [
     Call::Malloc,
     Call::Calloc,
     Call::Realloc,
     Call::ReallocArray,
+    Call::RustRealloc,
     Call::PosixMemalign,
     Call::Size0,
     Call::Size1,
@@ -78,11 +81,11 @@ mod tests {
         let mut names = uprobes();
         names.sort_unstable();
         names.dedup();
-        assert_eq!(names.len(), 13);
+        assert_eq!(names.len(), 14);
         for c in CALLS {
             assert_eq!(session(c).is_some(), c.allocates(), "{c:?}");
         }
-        assert_eq!(sessions(false).len(), 7);
+        assert_eq!(sessions(false).len(), 8);
     }
 
     /// The programs and maps of heapbpf's object, by symbol: global

@@ -9,6 +9,41 @@ pub fn build_id(path: &Path) -> Option<String> {
     crate::debuginfo::ElfFacts::read(&std::fs::File::open(path).ok()?)?.build_id
 }
 
+/// The defined symbols of an ELF file that `keep` accepts (by name, and
+/// whether the symbol is global), with their addresses: its dynamic
+/// symbols and, with `all`, its static symbol table too (an executable's
+/// own functions are only there). An unreadable or non-ELF file has none.
+/// The file may be a target's: `object` reads it within its bounds, and
+/// only what `keep` accepts is copied out, at most `limit` symbols.
+pub fn defined_symbols(
+    path: &Path,
+    all: bool,
+    limit: usize,
+    keep: impl Fn(&str, bool) -> bool,
+) -> Vec<(String, u64)> {
+    use object::{Object, ObjectSymbol};
+    let Ok(file) = std::fs::File::open(path) else {
+        return Vec::new();
+    };
+    // SAFETY: a read-only private mapping of a file the target executes.
+    let Ok(data) = (unsafe { memmap2::Mmap::map(&file) }) else {
+        return Vec::new();
+    };
+    let Ok(elf) = object::File::parse(&*data) else {
+        return Vec::new();
+    };
+    let statics = all.then(|| elf.symbols()).into_iter().flatten();
+    elf.dynamic_symbols()
+        .chain(statics)
+        .filter(|s| s.is_definition() && s.address() != 0)
+        .filter_map(|s| {
+            let name = s.name().ok()?;
+            keep(name, s.is_global()).then(|| (name.to_string(), s.address()))
+        })
+        .take(limit)
+        .collect()
+}
+
 /// What an executable is, for finding its allocator when no allocator
 /// library is mapped, and for saying why there is none.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

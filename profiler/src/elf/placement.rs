@@ -14,8 +14,8 @@
 //!   its `.cold` part, other functions) lands between the entry and the
 //!   point (inclusive), so no call passes it twice; indirect jumps into a
 //!   function's first instructions are not something compilers emit;
-//! - the argument registers the probe's program reads (`rdi`, `rsi`, `rdx`)
-//!   are not written on the way;
+//! - the argument registers the probe's program reads (`rdi`, `rsi`, `rdx`,
+//!   `rcx`) are not written on the way;
 //! - for a probe that also takes the return (a return probe or a session),
 //!   nothing on the way moves the stack pointer: the kernel takes the
 //!   return address from the top of the stack when the probe hits, which is
@@ -32,8 +32,9 @@ use iced_x86::{
 /// Instructions looked at before giving up (the prefix is short in practice).
 const MAX_PREFIX: usize = 24;
 
-/// The registers of the first arguments (System V x86-64).
-const ARGUMENTS: [Register; 3] = [Register::RDI, Register::RSI, Register::RDX];
+/// The registers of the first arguments (System V x86-64); the fourth is
+/// `__rust_realloc`'s new size.
+const ARGUMENTS: [Register; 4] = [Register::RDI, Register::RSI, Register::RDX, Register::RCX];
 
 /// The offset for a probe on the function whose whole code is `code` (see
 /// the module doc); `reads`: the arguments its program reads (bit i for
@@ -365,6 +366,11 @@ mod tests {
         let mov = body(&[0x48, 0x89, 0xf7, 0xeb, 0x00]);
         assert_eq!(emulated_point(&mov, 0b001, false), None);
         assert_eq!(emulated_point(&mov, 0b010, false), Some(3));
+        // mov %rdx,%rcx; jmp: `__rust_realloc`'s new size (the fourth
+        // argument) is overwritten.
+        let mov = body(&[0x48, 0x89, 0xd1, 0xeb, 0x00]);
+        assert_eq!(emulated_point(&mov, 0b1001, false), None);
+        assert_eq!(emulated_point(&mov, 0b0001, false), Some(3));
         // sub $8,%rsp; je: fine for an entry-only probe, not with the return.
         let sub = body(&[0x48, 0x83, 0xec, 0x08, 0x74, 0x00]);
         assert_eq!(emulated_point(&sub, 1, false), Some(4));

@@ -247,6 +247,9 @@ impl Engine {
         let info = self.targets[i].info.clone();
         let pid = info.pid;
         let plan = allocator::plan(&info, maps, &self.cfg.allocator)?;
+        for line in allocator::describe(&plan) {
+            tracing::info!(pid, "{line}");
+        }
         let hooked: Vec<String> = plan.libraries().map(allocator::Library::identity).collect();
         let probes = if !rehook && same_files(&hooked, &self.targets[i].hooked) {
             // Probes are scoped to the process (bound to its leader

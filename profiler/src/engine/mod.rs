@@ -306,6 +306,9 @@ impl Engine {
                 return Err(e);
             }
         };
+        for line in allocator::describe(plan) {
+            tracing::info!(pid, "{line}");
+        }
         for p in &probes {
             let kind = if p.session {
                 " (session: entry, return when needed)"

@@ -341,21 +341,45 @@ impl Stack {
 }
 
 /// Drops leading frames that are the allocator's own front door: C++
-/// `operator new` where it calls the hooked `malloc` (libstdc++'s), so that
-/// `frames[0]` is the code that asked for memory. A stack made only of such
-/// frames is left alone.
+/// `operator new` where it calls the hooked `malloc` (libstdc++'s), and
+/// Rust's allocation API between a caller and the shim or allocator it
+/// reaches (see [`is_rust_allocator_front`]), so that `frames[0]` is the
+/// code that asked for memory. A stack made only of such frames is left
+/// alone.
 pub fn strip_allocator_frames(frames: &mut Vec<Frame>) {
     let front = frames
         .iter()
         .take_while(|f| {
-            f.function
-                .as_deref()
-                .is_some_and(|name| name.starts_with("operator new"))
+            f.function.as_deref().is_some_and(|name| {
+                name.starts_with("operator new") || is_rust_allocator_front(name)
+            })
         })
         .count();
     if front < frames.len() {
         frames.drain(..front);
     }
+}
+
+/// Rust's allocation API, which only passes a call on to the global
+/// allocator (mostly inlined into its caller): `alloc::alloc::alloc` & co,
+/// `Global`'s `Allocator` methods, the shims and the System allocator's
+/// functions (`__rustc::__rust_alloc`, `__rustc::__rdl_alloc`,
+/// `std::sys::alloc::...`), and any `GlobalAlloc` implementation
+/// (`<tikv_jemallocator::Jemalloc as core::alloc::global::GlobalAlloc>::alloc`),
+/// seen when the shims are inlined (LTO) and the allocator underneath is the
+/// hooked call. Collections (`RawVec`, `Box::new`) are the caller's code and
+/// stay.
+pub fn is_rust_allocator_front(function: &str) -> bool {
+    [
+        "alloc::alloc::",
+        "<alloc::alloc::Global",
+        "__rustc::",
+        "std::sys::alloc::",
+    ]
+    .iter()
+    .any(|p| function.starts_with(p))
+        || (function.starts_with('<')
+            && function.contains(" as core::alloc::global::GlobalAlloc>::"))
 }
 
 /// Functions where a stack legitimately ends: the program's and the
@@ -454,6 +478,42 @@ mod tests {
         let mut plain = vec![f("leak"), f("operator new(unsigned long)")];
         strip_allocator_frames(&mut plain);
         assert_eq!(plain.len(), 2);
+    }
+
+    #[test]
+    fn rusts_allocation_api_is_not_the_allocation_site() {
+        // `std::alloc::alloc` inlined into the caller of `__rust_alloc`.
+        let mut frames = vec![
+            f("alloc::alloc::alloc"),
+            f("<alloc::alloc::Global>::alloc_impl"),
+            f("<alloc::alloc::Global as core::alloc::Allocator>::allocate"),
+            f("alloc::raw_vec::RawVecInner<A>::try_allocate_in"),
+            f("app::handle"),
+        ];
+        strip_allocator_frames(&mut frames);
+        assert_eq!(
+            frames[0].function.as_deref(),
+            Some("alloc::raw_vec::RawVecInner<A>::try_allocate_in")
+        );
+        // Shims inlined by LTO: the global allocator calls the hooked
+        // `_rjem_mallocx` from the caller's code.
+        let mut lto = vec![
+            f("<tikv_jemallocator::Jemalloc as core::alloc::global::GlobalAlloc>::alloc"),
+            f("__rustc::__rg_alloc"),
+            f("alloc::alloc::alloc"),
+            f("app::leak"),
+        ];
+        strip_allocator_frames(&mut lto);
+        assert_eq!(lto[0].function.as_deref(), Some("app::leak"));
+        // Nothing but the API: left alone; the API further out: kept.
+        let mut only = vec![f("alloc::alloc::alloc")];
+        strip_allocator_frames(&mut only);
+        assert_eq!(only.len(), 1);
+        let mut plain = vec![f("app::leak"), f("alloc::alloc::alloc")];
+        strip_allocator_frames(&mut plain);
+        assert_eq!(plain.len(), 2);
+        assert!(!is_rust_allocator_front("alloc::boxed::Box<T>::new"));
+        assert!(!is_rust_allocator_front("allocate_session"));
     }
 
     #[test]
