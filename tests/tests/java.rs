@@ -183,17 +183,32 @@ fn direct_buffers_and_unsafe_memory_are_named_down_to_the_java_method() {
 fn a_jvm_in_its_own_namespaces_is_named_from_its_own_perf_map() {
     require_root();
     let dir = TempDir::new("java-ns");
+    // The JVM's class path as `java()` has it, but in its own /tmp: the
+    // checkout (and so the classes) may itself be under /tmp, which the
+    // tmpfs hides. The tmpfs is filled at a test-owned directory, then
+    // moved onto /tmp.
     let java = java();
     let mut inner = vec![java.get_program().to_str().unwrap().to_string()];
-    inner.extend(java.get_args().map(|a| a.to_str().unwrap().to_string()));
+    let mut args: Vec<String> = java
+        .get_args()
+        .map(|a| a.to_str().unwrap().to_string())
+        .collect();
+    let cp = args.iter().position(|a| a == "-cp").unwrap() + 1;
+    let classes = std::mem::replace(&mut args[cp], "/tmp/classes".into());
+    inner.extend(args);
+    let stage = dir.path().join("jvm-tmp");
+    std::fs::create_dir(&stage).unwrap();
     let mut cmd = Command::new("unshare");
     cmd.args(["--mount", "--pid", "--fork", "--propagation", "private"])
         .args([
             "sh",
             "-c",
-            "mount -t tmpfs heapbpf-java-tmp /tmp && exec \"$@\"",
+            "set -e; mount -t tmpfs heapbpf-java-tmp \"$1\"; cp -r \"$2\" \"$1/classes\"; \
+             mount --move \"$1\" /tmp; shift 2; exec \"$@\"",
             "sh",
         ])
+        .arg(&stage)
+        .arg(&classes)
         .args(inner);
     let mut fx = Fixture::from_command(&mut cmd, |unshare, own_pid| {
         assert_eq!(own_pid, 1, "the JVM should be pid 1 of its namespace");
